@@ -1,0 +1,1 @@
+"""pagedllm: a high-throughput LLM inference and serving engine."""

@@ -1,0 +1,88 @@
+"""The attention backend interface: metadata for one mixed batch, and the per-layer impl."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes one step's flat batch of tokens to every attention layer.
+
+    Requests lie one after another in the flat token dimension. Request i owns query tokens
+    ``query_start_loc[i]:query_start_loc[i+1]``; those are the last tokens of its context,
+    whose total length (cached prefix + new tokens) is ``seq_lens[i]``. Its KV lives in the
+    blocks ``block_table[i, :ceil(seq_lens[i] / block_size)]``; token t of the flat batch is
+    written to slot ``slot_mapping[t]`` (= block_id * block_size + offset; -1 = padding, skip).
+    Prefill chunks (query length > 1, with or without a cached prefix) and decodes (query
+    length 1) share one batch and one backend call.
+    """
+
+    num_actual_tokens: int  # real tokens; tensors may be padded past this (CUDA graphs)
+    num_reqs: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # int32 [num_reqs + 1], on the model's device
+    seq_lens: torch.Tensor  # int32 [num_reqs], on the model's device
+    block_table: torch.Tensor  # int32 [num_reqs, max_blocks_per_req], on the model's device
+    slot_mapping: torch.Tensor  # int64 [num_tokens], on the model's device
+    query_start_loc_cpu: torch.Tensor  # int32 [num_reqs + 1] on the CPU
+    seq_lens_cpu: torch.Tensor  # int32 [num_reqs] on the CPU
+    is_decode_only: bool = False  # every request has query length 1
+
+
+class AttentionImpl(ABC):
+    """One attention layer's computation over a paged KV cache."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        sliding_window: int | None = None,
+    ) -> None:
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads
+        self.sliding_window = sliding_window
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
+        """Write key/value into kv_cache at metadata.slot_mapping, then attend causally."""
+
+
+class AttentionBackend(ABC):
+    """A named family of attention implementations (e.g. TORCH_SDPA, TRITON_ATTN)."""
+
+    name: str = ""
+
+    @staticmethod
+    @abstractmethod
+    def is_available(device: str) -> bool:
+        """True when this backend can run on the device (packages importable, hardware)."""
+
+    @staticmethod
+    @abstractmethod
+    def get_impl_cls() -> type[AttentionImpl]: ...
+
+    @staticmethod
+    def supports_cuda_graphs() -> bool:
+        return False
+
+    @staticmethod
+    def kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_size: int
+    ) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, num_kv_heads, head_size)

@@ -1,0 +1,394 @@
+"""Engine configuration: frozen dataclasses built and validated once by `EngineArgs`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pagedllm.utils import parse_bytes
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "gguf")
+RUNNERS = ("auto", "generate", "pooling")
+DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
+
+
+def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype | None, device: str) -> torch.dtype:
+    """Turn a user dtype ("auto", "bfloat16", torch.float16, ...) into a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16.")
+        return dtype
+    if not isinstance(dtype, str):
+        raise ValueError(f"dtype must be a string or torch.dtype, got {type(dtype).__name__}.")
+    key = dtype.lower().removeprefix("torch.")
+    if key == "auto":
+        if device == "cpu":
+            return torch.float32
+        # GPUs run in bf16 unless the checkpoint asks for fp16.
+        return torch.float16 if config_dtype == torch.float16 else torch.bfloat16
+    if key not in _DTYPES:
+        raise ValueError(
+            f"Unknown dtype {dtype!r}. Use one of: auto, float32, float16, bfloat16."
+        )
+    return _DTYPES[key]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What model is served and how its weights and tokenizer are found."""
+
+    model: str
+    model_path: str  # local folder or .gguf file the loader reads
+    tokenizer: str
+    hf_config: Any  # transformers.PretrainedConfig
+    architecture: str
+    dtype: torch.dtype
+    max_model_len: int
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    trust_remote_code: bool = False
+    load_format: str = "auto"
+    seed: int = 0
+    served_model_name: str = ""
+    runner: str = "generate"
+    max_logprobs: int = 20
+    chat_template: str | None = None
+    sliding_window: int | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.hf_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        head_dim = getattr(self.hf_config, "head_dim", None)
+        return head_dim or self.hf_config.hidden_size // self.num_attention_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: block size and how much memory the blocks may take."""
+
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step limits of continuous batching."""
+
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "cpu"
+    attention_backend: str | None = None
+    enforce_eager: bool = False
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: DeviceConfig
+    disable_log_stats: bool = False
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class EngineArgs:
+    """All user-facing engine knobs, named as in vLLM. `create_engine_config` validates them."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    trust_remote_code: bool = False
+    download_dir: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    load_format: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | str | None = None
+    num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = False
+    attention_backend: str | None = None
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    served_model_name: str | None = None
+    runner: str = "auto"
+    max_logprobs: int = 20
+    disable_log_stats: bool = False
+    chat_template: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- CLI
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add the engine flags (vLLM spelling) to an argparse parser."""
+        g = parser.add_argument_group("engine")
+        g.add_argument("--tokenizer", help="Tokenizer folder or hub id (default: the model's).")
+        g.add_argument("--revision", help="Model revision (branch, tag or commit) on the hub.")
+        g.add_argument("--tokenizer-revision", help="Tokenizer revision on the hub.")
+        g.add_argument("--trust-remote-code", action="store_true",
+                       help="Allow custom code from the model repository (tokenizer/config).")
+        g.add_argument("--download-dir", help="Where hub downloads go (default: the HF cache).")
+        g.add_argument("--dtype", default="auto",
+                       help="auto, float32, float16 or bfloat16 (auto: fp32 on CPU, bf16 on GPU).")
+        g.add_argument("--seed", type=int, default=0, help="Global random seed.")
+        g.add_argument("--max-model-len", type=int,
+                       help="Longest prompt + output in tokens (default: from the model config).")
+        g.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+                       help="Weight format; 'dummy' makes random weights (benchmarks).")
+        g.add_argument("--device", default="auto", help="auto, cpu or cuda.")
+        g.add_argument("--block-size", type=int, default=16, help="Tokens per KV cache block.")
+        g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="Fraction of GPU memory the engine may use (weights + KV cache).")
+        g.add_argument("--kv-cache-memory-bytes", default=None,
+                       help="KV cache size in bytes (e.g. 4GiB); overrides the utilization rule.")
+        g.add_argument("--num-gpu-blocks-override", type=int,
+                       help="Fix the number of KV cache blocks (testing).")
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=True, help="Reuse KV blocks of shared prompt prefixes.")
+        g.add_argument("--max-num-seqs", type=int, help="Most requests in one step.")
+        g.add_argument("--max-num-batched-tokens", type=int, help="Most tokens in one step.")
+        g.add_argument("--enforce-eager", action="store_true", help="Disable CUDA graphs.")
+        g.add_argument("--attention-backend",
+                       help="TRITON_ATTN, TORCH_SDPA, FLASH_ATTN or FLASHINFER.")
+        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                       help="Number of GPUs (or CPU processes) to shard the model over.")
+        g.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
+                       help="How tensor-parallel workers run: processes (mp) or Ray actors.")
+        g.add_argument("--runner", default="auto", choices=RUNNERS,
+                       help="generate (text generation) or pooling (embeddings); auto picks.")
+        g.add_argument("--max-logprobs", type=int, default=20,
+                       help="Largest number of logprobs a request may ask for.")
+        g.add_argument("--disable-log-stats", action="store_true",
+                       help="Do not log periodic throughput statistics.")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+
+    # ------------------------------------------------------------- config
+    def create_engine_config(self) -> EngineConfig:
+        """Validate every knob once and resolve the model; raises ValueError with a fix."""
+        from pagedllm.models.loader.resolve import resolve_model
+        from pagedllm.models.registry import resolve_architecture
+
+        self._validate_scalars()
+        device = self._resolve_device()
+        resolved = resolve_model(
+            self.model,
+            revision=self.revision,
+            trust_remote_code=self.trust_remote_code,
+            download_dir=self.download_dir,
+            load_format=self.load_format,
+        )
+        hf_config = resolved.hf_config
+        runner, architecture = resolve_architecture(hf_config, self.runner)
+        config_dtype = _config_dtype(hf_config)
+        dtype = resolve_dtype(self.dtype, config_dtype, device)
+        if device == "cpu" and dtype == torch.float16:
+            raise ValueError("float16 is not supported on CPU; use dtype='float32' or 'bfloat16'.")
+
+        derived_len = _derived_max_model_len(hf_config)
+        max_model_len = self.max_model_len or derived_len
+        if self.max_model_len is not None and self.max_model_len > derived_len:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} is larger than the model's maximum "
+                f"context ({derived_len}, from max_position_embeddings); pass a value "
+                f"<= {derived_len}."
+            )
+        sliding_window = getattr(hf_config, "sliding_window", None)
+        if not getattr(hf_config, "use_sliding_window", True):
+            sliding_window = None
+
+        model = ModelConfig(
+            model=self.model,
+            model_path=resolved.path,
+            tokenizer=self.tokenizer or resolved.tokenizer_path,
+            hf_config=hf_config,
+            architecture=architecture,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            revision=self.revision,
+            tokenizer_revision=self.tokenizer_revision,
+            trust_remote_code=self.trust_remote_code,
+            load_format=resolved.load_format,
+            seed=self.seed,
+            served_model_name=self.served_model_name or self.model,
+            runner=runner,
+            max_logprobs=self.max_logprobs,
+            chat_template=self.chat_template,
+            sliding_window=sliding_window if isinstance(sliding_window, int) else None,
+        )
+        kv_bytes = self.kv_cache_memory_bytes
+        if isinstance(kv_bytes, str):
+            kv_bytes = parse_bytes(kv_bytes)
+        if kv_bytes is None and device == "cpu":
+            kv_bytes = int(os.environ.get("PAGEDLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_BYTES))
+        cache = CacheConfig(
+            block_size=self.block_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_bytes,
+            num_gpu_blocks_override=self.num_gpu_blocks_override,
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
+        max_num_seqs = self.max_num_seqs or (256 if device != "cpu" else 128)
+        max_batched = self.max_num_batched_tokens or (8192 if device != "cpu" else 2048)
+        if max_batched < max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_batched}) must be >= max_num_seqs "
+                f"({max_num_seqs}) so every running request can decode each step."
+            )
+        scheduler = SchedulerConfig(
+            max_num_batched_tokens=max_batched,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+        )
+        parallel = ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            distributed_executor_backend=self.distributed_executor_backend,
+        )
+        attention_backend = self.attention_backend or os.environ.get("PAGEDLLM_ATTENTION_BACKEND")
+        device_config = DeviceConfig(
+            device=device,
+            attention_backend=attention_backend.upper() if attention_backend else None,
+            enforce_eager=self.enforce_eager,
+        )
+        return EngineConfig(
+            model=model,
+            cache=cache,
+            scheduler=scheduler,
+            parallel=parallel,
+            device=device_config,
+            disable_log_stats=self.disable_log_stats,
+        )
+
+    def _validate_scalars(self) -> None:
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError("model must be a non-empty string: a local folder, a .gguf file "
+                             "or a hub id such as 'Qwen/Qwen2.5-0.5B-Instruct'.")
+        _check_int("block_size", self.block_size, 1)
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(
+                f"block_size={self.block_size} is not supported; use 8, 16, 32, 64 or 128."
+            )
+        if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]."
+            )
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                     "num_gpu_blocks_override"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, 1)
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
+        _check_int("max_logprobs", self.max_logprobs, 0)
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(
+                f"Unknown load_format {self.load_format!r}; use one of {', '.join(LOAD_FORMATS)}."
+            )
+        if self.runner not in RUNNERS:
+            raise ValueError(f"Unknown runner {self.runner!r}; use one of {', '.join(RUNNERS)}.")
+        if self.distributed_executor_backend not in (None, "mp", "ray"):
+            raise ValueError(
+                f"Unknown distributed_executor_backend {self.distributed_executor_backend!r}; "
+                "use 'mp' or 'ray'."
+            )
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+
+    def _resolve_device(self) -> str:
+        device = (self.device or "auto").lower()
+        if device == "auto":
+            return default_device()
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(
+                    "device='cuda' was asked for but no CUDA device is available; "
+                    "use device='cpu'."
+                )
+            return "cuda"
+        if device != "cpu":
+            raise ValueError(f"Unknown device {self.device!r}; use 'auto', 'cpu' or 'cuda'.")
+        return device
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+
+
+def _config_dtype(hf_config: Any) -> torch.dtype | None:
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        return _DTYPES.get(dtype)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _derived_max_model_len(hf_config: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
