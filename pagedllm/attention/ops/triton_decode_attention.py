@@ -1,0 +1,264 @@
+"""Paged decode attention (one query token per request) with split-K flash-decoding.
+
+Grid ``(batch, num_kv_heads, num_splits)``: each program loads the ``GROUP = Hq // Hkv`` query
+heads of its KV head as one ``[G_PAD, D]`` tile (the M dimension of ``tl.dot``), so each K/V
+tile is read once per KV head, and walks its split's share of the context. With more than one
+split, partial outputs + log-sum-exp go to a scratch buffer and a reduce kernel merges them.
+
+The grid depends only on the (padded) batch size and constants, the kernels read sequence
+lengths on the device only, and rows with ``seq_len == 0`` write zeros: CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedllm.attention.ops.triton_prefill_attention import LOG2E, _attend_tile
+
+MAX_SPLITS = 16
+
+
+@triton.jit
+def _decode_kernel(
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    qk_scale,
+    window,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_c_blk,
+    stride_c_slot,
+    stride_c_h,
+    stride_bt,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    SLIDING: tl.constexpr,
+    DIRECT: tl.constexpr,
+):
+    """Program (request, kv head, split): attention of GROUP heads over one context split."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = 0
+    if SLIDING:
+        start = tl.maximum(seq_len - window, 0)
+    ctx = tl.maximum(seq_len - start, 0)
+    chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+    lo = start + split * chunk
+    hi = tl.minimum(lo + chunk, seq_len)
+    full_end = lo + tl.maximum((hi - lo) // BLOCK_N, 0) * BLOCK_N
+
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    row_valid = offs_g < GROUP
+    head = kvh * GROUP + offs_g
+    dmask = offs_d[None, :] < HEAD_DIM
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_valid[:, None] & dmask,
+        other=0.0,
+    )
+    qpos = tl.zeros([G_PAD], dtype=tl.int32) + seq_len - 1
+
+    acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    m_i = tl.zeros([G_PAD], dtype=tl.float32) - 1.0e30
+    bt_row = block_table_ptr + b * stride_bt
+    kv_head_off = kvh * stride_c_h
+    for n0 in range(lo, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, n0, hi, qpos, window,
+            qk_scale, kv_head_off, stride_c_blk, stride_c_slot,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, False, False,
+        )
+    for n0 in range(full_end, hi, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, n0, hi, qpos, window,
+            qk_scale, kv_head_off, stride_c_blk, stride_c_slot,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, False, False,
+        )
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    st_mask = row_valid[:, None] & dmask
+    if DIRECT:
+        tl.store(
+            out_ptr + b.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=st_mask,
+        )
+    else:
+        # part_out [B, Hq, S, D_PAD] fp32, part_lse [B, Hq, S] fp32 (log2 domain).
+        row = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + head) * num_splits + split
+        tl.store(part_out_ptr + row[:, None] * D_PAD + offs_d[None, :], out, mask=st_mask)
+        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=row_valid)
+
+
+@triton.jit
+def _reduce_kernel(
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    num_splits,
+    num_heads,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    S_PAD: tl.constexpr,
+):
+    """Program (request, head): merge the split partials by their log-sum-exp weights."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    smask = offs_s < num_splits
+    row0 = (b.to(tl.int64) * num_heads + h) * num_splits
+    lse = tl.load(part_lse_ptr + row0 + offs_s, mask=smask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)
+    w_sum = tl.sum(w, 0)
+    parts = tl.load(
+        part_out_ptr + (row0 + offs_s)[:, None] * D_PAD + offs_d[None, :],
+        mask=smask[:, None] & (w[:, None] > 0.0),
+        other=0.0,
+    )
+    out = tl.sum(parts * w[:, None], 0) / tl.where(w_sum > 0.0, w_sum, 1.0)
+    tl.store(
+        out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
+
+
+def default_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
+    """Splits so the grid holds about two programs per SM slot; depends on shapes only."""
+    if device.type == "cuda":
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        num_sms = 132
+    work = max(batch * num_kv_heads, 1)
+    return max(1, min(MAX_SPLITS, triton.cdiv(4 * num_sms, work)))
+
+
+def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) tuned for H100."""
+    if dtype == torch.float32:
+        return 32, 4, 2
+    if head_dim <= 128:
+        return 64, 4, 3
+    return 32, 4, 2
+
+
+def decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Decode attention: query ``[B, Hq, D]`` (token i = request i), seq_lens int32 ``[>= B]``.
+
+    kv_cache ``[2, num_blocks, block_size, Hkv, D]`` (already holding the new token), block_table
+    int32 ``[>= B, max_blocks]``. Rows with ``seq_len == 0`` get zeros. No host sync, grid fixed
+    by ``B`` and ``num_splits`` (default from ``B``, Hkv and the SM count): graph capturable.
+    """
+    batch, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    assert num_heads % num_kv_heads == 0
+    if out is None:
+        out = torch.empty_like(query)
+    if batch == 0:
+        return out
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    assert out.stride(-1) == 1 and kv_cache.stride(-1) == 1 and block_table.stride(-1) == 1
+    group = num_heads // num_kv_heads
+    g_pad = max(16, triton.next_power_of_2(group))
+    d_pad = triton.next_power_of_2(head_dim)
+    cfg_n, cfg_w, cfg_s = _decode_config(head_dim, query.dtype)
+    if num_splits is None:
+        num_splits = default_num_splits(batch, num_kv_heads, query.device)
+    num_splits = max(1, int(num_splits))
+    direct = num_splits == 1
+    if direct:
+        part_out = out
+        part_lse = out
+    else:
+        part_out = torch.empty(
+            (batch, num_heads, num_splits, d_pad), dtype=torch.float32, device=query.device
+        )
+        part_lse = torch.empty(
+            (batch, num_heads, num_splits), dtype=torch.float32, device=query.device
+        )
+    window = int(sliding_window) if sliding_window else 0
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        out,
+        part_out,
+        part_lse,
+        query,
+        kv_cache[0],
+        kv_cache[1],
+        block_table,
+        seq_lens,
+        scale * LOG2E,
+        window,
+        num_splits,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        block_table.stride(0),
+        GROUP=group,
+        G_PAD=g_pad,
+        BLOCK_N=block_n or cfg_n,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim,
+        D_PAD=d_pad,
+        SLIDING=window > 0,
+        DIRECT=direct,
+        num_warps=num_warps or cfg_w,
+        num_stages=num_stages or cfg_s,
+    )
+    if not direct:
+        _reduce_kernel[(batch, num_heads)](
+            out,
+            part_out,
+            part_lse,
+            num_splits,
+            num_heads,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            D_PAD=d_pad,
+            S_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out
