@@ -27,7 +27,8 @@ RUNNERS = ("auto", "generate", "pooling")
 DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
 
 
-def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype | None, device: str) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype | None,
+                  device: str) -> torch.dtype:
     """Turn a user dtype ("auto", "bfloat16", torch.float16, ...) into a torch dtype."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
@@ -282,8 +283,6 @@ class EngineArgs:
         kv_bytes = self.kv_cache_memory_bytes
         if isinstance(kv_bytes, str):
             kv_bytes = parse_bytes(kv_bytes)
-        if kv_bytes is None and device == "cpu":
-            kv_bytes = int(os.environ.get("PAGEDLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_BYTES))
         cache = CacheConfig(
             block_size=self.block_size,
             gpu_memory_utilization=self.gpu_memory_utilization,

@@ -1,0 +1,121 @@
+"""TORCH_SDPA: the reference attention backend in plain torch; runs on CPU and CUDA.
+
+Decodes of a batch are gathered from their blocks and attended together; prefill chunks
+(with or without a cached prefix) are attended one request at a time with SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pagedllm.attention.backends.abstract import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadata,
+)
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Scatter key/value rows into the paged cache at their slots (-1 = padding, skipped)."""
+    n = slot_mapping.shape[0]
+    key, value = key[:n], value[:n]
+    if n and bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    num_kv_heads, head_size = key.shape[1], key.shape[2]
+    kv_cache[0].view(-1, num_kv_heads, head_size).index_copy_(0, slot_mapping, key)
+    kv_cache[1].view(-1, num_kv_heads, head_size).index_copy_(0, slot_mapping, value)
+
+
+def _causal_mask(q_len: int, kv_len: int, window: int | None, device: torch.device
+                 ) -> torch.Tensor:
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
+    k_pos = torch.arange(kv_len, device=device).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+class TorchSDPAImpl(AttentionImpl):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        out = torch.zeros_like(query)
+        qsl = metadata.query_start_loc_cpu.tolist()
+        seq_lens = metadata.seq_lens_cpu.tolist()
+        q_lens = [qsl[i + 1] - qsl[i] for i in range(metadata.num_reqs)]
+        decodes = [i for i, n in enumerate(q_lens) if n == 1]
+        if len(decodes) > 1:
+            self._decode(query, kv_cache, metadata, decodes, qsl, seq_lens, out)
+            decodes_done = set(decodes)
+        else:
+            decodes_done = set()
+        block_size = kv_cache.shape[2]
+        for i in range(metadata.num_reqs):
+            if i in decodes_done or q_lens[i] == 0:
+                continue
+            start, end, kv_len = qsl[i], qsl[i + 1], seq_lens[i]
+            num_blocks = -(-kv_len // block_size)
+            blocks = metadata.block_table[i, :num_blocks].long()
+            k = kv_cache[0, blocks].flatten(0, 1)[:kv_len]  # [kv_len, Hkv, D]
+            v = kv_cache[1, blocks].flatten(0, 1)[:kv_len]
+            out[start:end] = self._attend(query[start:end], k, v)
+        return out
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of q [n, Hq, D] (the last n positions) over k/v [L, Hkv, D]."""
+        group = self.num_heads // self.num_kv_heads
+        q_len, kv_len = q.shape[0], k.shape[0]
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if q_len == kv_len and self.sliding_window is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            mask = _causal_mask(q_len, kv_len, self.sliding_window, q.device)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return o.transpose(0, 1)
+
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
+                rows: list[int], qsl: list[int], seq_lens: list[int], out: torch.Tensor) -> None:
+        """Attend all single-token queries at once over their gathered, padded contexts."""
+        device = query.device
+        block_size = kv_cache.shape[2]
+        lens = torch.tensor([seq_lens[i] for i in rows], device=device)
+        max_len = int(max(seq_lens[i] for i in rows))
+        num_blocks = -(-max_len // block_size)
+        row_idx = torch.tensor(rows, device=device)
+        tables = md.block_table[row_idx, :num_blocks].long()  # [R, nb]
+        r = len(rows)
+        k = kv_cache[0, tables].view(r, num_blocks * block_size, self.num_kv_heads, -1)
+        v = kv_cache[1, tables].view(r, num_blocks * block_size, self.num_kv_heads, -1)
+        tok = torch.tensor([qsl[i] for i in rows], device=device)
+        q = query[tok]  # [R, Hq, D]
+        group = self.num_heads // self.num_kv_heads
+        q = q.view(r, self.num_kv_heads, group, -1)
+        # scores [R, Hkv, G, L]
+        scores = torch.einsum("rhgd,rlhd->rhgl", q.float(), k.float()) * self.scale
+        pos = torch.arange(num_blocks * block_size, device=device)
+        valid = pos.unsqueeze(0) < lens.unsqueeze(1)
+        if self.sliding_window is not None:
+            valid &= pos.unsqueeze(0) > (lens.unsqueeze(1) - 1 - self.sliding_window)
+        scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        probs = scores.softmax(-1)
+        o = torch.einsum("rhgl,rlhd->rhgd", probs, v.float())
+        out[tok] = o.reshape(r, self.num_heads, -1).to(out.dtype)
+
+
+class TorchSDPABackend(AttentionBackend):
+    name = "TORCH_SDPA"
+
+    @staticmethod
+    def is_available(device: str) -> bool:
+        return True
+
+    @staticmethod
+    def get_impl_cls() -> type[AttentionImpl]:
+        return TorchSDPAImpl

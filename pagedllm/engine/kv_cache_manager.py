@@ -1,0 +1,188 @@
+"""Paged KV cache bookkeeping: a block pool with ref counts, LRU free list and prefix cache.
+
+Blocks hold `block_size` tokens of K/V for every layer. A request owns a list of blocks (its
+block table). With prefix caching, every full block is named by a hash of (parent hash,
+its token ids); a later request with the same prefix takes those blocks by ref count instead
+of recomputing them. Freed blocks keep their hash until evicted (least recently used first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pagedllm.engine.request import Request
+from pagedllm.utils import cdiv
+
+_ROOT_HASH = b"pagedllm"
+
+
+def hash_block(parent: bytes | None, token_ids: Iterable[int]) -> bytes:
+    """Hash of a full block, chained on its parent block's hash."""
+    h = hashlib.sha256(parent or _ROOT_HASH)
+    h.update(",".join(map(str, token_ids)).encode())
+    return h.digest()
+
+
+@dataclass(eq=False)
+class KVBlock:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: bytes | None = None
+
+
+class BlockPool:
+    """All KV blocks, the free queue (LRU order) and the hash -> cached block map."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool) -> None:
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        # Free blocks, least recently freed first: evicted from the front.
+        self.free_queue: OrderedDict[int, KVBlock] = OrderedDict(
+            (b.block_id, b) for b in self.blocks
+        )
+        self.cached: dict[bytes, KVBlock] = {}
+        self.num_evictions = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def num_cached_free_blocks(self) -> int:
+        return sum(1 for b in self.free_queue.values() if b.block_hash is not None)
+
+    def get_new_blocks(self, n: int) -> list[KVBlock]:
+        if n > len(self.free_queue):
+            raise RuntimeError(f"asked for {n} blocks, {len(self.free_queue)} free")
+        out = []
+        for _ in range(n):
+            _, block = self.free_queue.popitem(last=False)
+            if block.block_hash is not None:
+                if self.cached.get(block.block_hash) is block:
+                    del self.cached[block.block_hash]
+                block.block_hash = None
+                self.num_evictions += 1
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def touch(self, blocks: Iterable[KVBlock]) -> None:
+        """Take a reference on cached blocks (removing them from the free queue)."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                del self.free_queue[block.block_id]
+            block.ref_cnt += 1
+
+    def free_blocks(self, blocks: Iterable[KVBlock]) -> None:
+        """Drop a reference; blocks reaching zero join the free queue's tail (MRU end)."""
+        for block in blocks:
+            block.ref_cnt -= 1
+            assert block.ref_cnt >= 0, "block freed twice"
+            if block.ref_cnt == 0:
+                self.free_queue[block.block_id] = block
+
+    def lookup(self, block_hash: bytes) -> KVBlock | None:
+        return self.cached.get(block_hash)
+
+    def cache_block(self, block: KVBlock, block_hash: bytes) -> None:
+        if block.block_hash is not None:
+            return
+        block.block_hash = block_hash
+        self.cached.setdefault(block_hash, block)
+
+    def reset_prefix_cache(self) -> bool:
+        if len(self.free_queue) != self.num_blocks:
+            return False
+        for block in self.blocks:
+            block.block_hash = None
+        self.cached.clear()
+        return True
+
+
+class KVCacheManager:
+    """Allocates and frees the blocks of requests; finds prefix-cache hits."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.prefix_queries = 0  # tokens looked up in the prefix cache
+        self.prefix_hits = 0  # tokens found there
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    def _update_hashes(self, request: Request) -> None:
+        """Extend request.block_hashes over every full block of its known tokens."""
+        hashes = request.block_hashes
+        tokens = request.all_token_ids
+        bs = self.block_size
+        for i in range(len(hashes), len(tokens) // bs):
+            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs]))
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Longest cached prefix of the request, in whole blocks; never its last token."""
+        if not self.enable_caching:
+            return [], 0
+        self._update_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVBlock] = []
+        for block_hash in request.block_hashes[:max_blocks]:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        self.prefix_queries += request.num_tokens
+        self.prefix_hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       computed_blocks: list[KVBlock] | None = None) -> list[KVBlock] | None:
+        """Give the request room for num_new_tokens more tokens (after any cached prefix
+        in computed_blocks). Returns the new blocks, or None when too few are free."""
+        computed_blocks = computed_blocks or []
+        blocks = self.req_blocks.get(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        total = num_computed + num_new_tokens
+        num_needed = cdiv(total, self.block_size) - len(blocks) - len(computed_blocks)
+        # Cached blocks held only by the free queue count as free but would be taken.
+        num_evictable_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if num_needed > self.pool.num_free_blocks - num_evictable_hits:
+            return None
+        if computed_blocks:
+            self.pool.touch(computed_blocks)
+        new_blocks = self.pool.get_new_blocks(max(num_needed, 0))
+        blocks = blocks + computed_blocks + new_blocks
+        self.req_blocks[request.request_id] = blocks
+        if self.enable_caching:
+            self._cache_full_blocks(request, blocks, total)
+        return new_blocks
+
+    def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], total: int) -> None:
+        """Register the blocks that are full once this step's tokens are computed."""
+        self._update_hashes(request)
+        num_full = min(total // self.block_size, len(request.block_hashes))
+        for i in range(num_full):
+            if blocks[i].block_hash is None:
+                self.pool.cache_block(blocks[i], request.block_hashes[i])
+
+    def free(self, request: Request) -> None:
+        """Return a request's blocks, tail first (so its tail is evicted before its head)."""
+        blocks = self.req_blocks.pop(request.request_id, [])
+        self.pool.free_blocks(reversed(blocks))
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, [])]
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()

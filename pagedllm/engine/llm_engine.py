@@ -1,0 +1,167 @@
+"""LLMEngine: the synchronous step loop tying scheduler, model runner and outputs together."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pagedllm.config import EngineArgs, EngineConfig
+from pagedllm.engine.input_processor import (
+    PromptType,
+    eos_token_ids,
+    load_tokenizer,
+    tokenize_prompt,
+)
+from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.engine.scheduler import Scheduler
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.utils import cdiv
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    """Accepts requests, runs scheduler steps on the model, and returns RequestOutputs."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        start = time.perf_counter()
+        self.config = config
+        self.model_config = config.model
+        if config.model.runner != "generate":
+            raise ValueError(
+                f"{config.model.architecture} was loaded with runner="
+                f"{config.model.runner!r}; text generation needs runner='generate'."
+            )
+        self.tokenizer = load_tokenizer(config.model)
+        self.eos_token_id, self.extra_eos_ids = eos_token_ids(config.model, self.tokenizer)
+        from pagedllm.worker.executor import make_executor
+
+        self.executor = make_executor(config)
+        num_blocks = self.executor.determine_num_blocks()
+        self._check_kv_capacity(num_blocks)
+        self.executor.allocate_kv_cache(num_blocks)
+        self.executor.warm_up()
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.num_blocks = num_blocks
+        self._finished_by_abort: list[Request] = []
+        logger.info(
+            "Engine ready in %.1f s: model %s on %s, %d KV blocks of %d tokens "
+            "(max concurrency %.1f requests of %d tokens)",
+            time.perf_counter() - start, config.model.model, config.device.device, num_blocks,
+            config.cache.block_size,
+            num_blocks * config.cache.block_size / config.model.max_model_len,
+            config.model.max_model_len)
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
+        return cls(engine_args.create_engine_config())
+
+    def _check_kv_capacity(self, num_blocks: int) -> None:
+        needed = cdiv(self.model_config.max_model_len, self.config.cache.block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"The KV cache has room for {num_blocks} blocks "
+                f"({num_blocks * self.config.cache.block_size} tokens), fewer than one request of "
+                f"max_model_len={self.model_config.max_model_len} needs ({needed} blocks). Raise "
+                "gpu_memory_utilization or kv_cache_memory_bytes, or lower max_model_len."
+            )
+
+    # ------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    arrival_time: float | None = None,
+                    prompt_token_ids: list[int] | None = None,
+                    prompt_text: str | None = None) -> None:
+        """Queue a request (n > 1 becomes n child sequences sharing the prompt's blocks)."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(
+                f"sampling_params must be a SamplingParams, got {type(params).__name__}."
+            )
+        if request_id in self.output_processor.parents:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        if prompt_token_ids is None:
+            prompt_text, prompt_token_ids = tokenize_prompt(
+                prompt, self.tokenizer, self.model_config, params)
+        self.prepare_params(params)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        n = params.best_of or params.n
+        child_ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+        self.output_processor.add_request(request_id, prompt_text, prompt_token_ids, params,
+                                          child_ids, arrival)
+        for i, cid in enumerate(child_ids):
+            child_params = params
+            if n > 1 and params.seed is not None:
+                child_params = params.clone()
+                child_params.seed = params.seed + i
+            self.scheduler.add_request(Request(
+                cid, prompt_token_ids, child_params, self.eos_token_id, arrival,
+                max_total_tokens=self.model_config.max_model_len))
+
+    def prepare_params(self, params: SamplingParams) -> None:
+        """Fill engine-known parts of the params (extra EOS ids, bad words) and check
+        limits that depend on the model."""
+        params._all_stop_token_ids |= self.extra_eos_ids
+        vocab = self.model_config.vocab_size
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            for tid in getattr(params, name) or []:
+                if tid >= vocab:
+                    raise ValueError(f"{name} holds {tid}, outside the vocabulary of {vocab}.")
+        for tid in params.logit_bias or {}:
+            if not 0 <= tid < vocab:
+                raise ValueError(f"logit_bias token {tid} is outside the vocabulary of {vocab}.")
+        max_lp = self.model_config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > max_lp:
+                raise ValueError(f"{name}={value} is more than max_logprobs={max_lp}.")
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        """Stop requests now and free their KV blocks."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for rid in request_ids:
+            children = self.output_processor.children_of(rid)
+            self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
+            self.output_processor.abort(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.output_processor.parents)
+
+    # ------------------------------------------------------------ step
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, and return outputs of requests that progressed."""
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            return []
+        sampled = self.executor.execute(sched_out)
+        updated = self.scheduler.update(sched_out, sampled)
+        outputs, stop_hits = self.output_processor.process(updated, [])
+        if stop_hits:
+            self.scheduler.finish_requests(stop_hits, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def get_stats(self) -> dict[str, Any]:
+        s = self.scheduler.stats()
+        return {
+            "num_running": s.num_running,
+            "num_waiting": s.num_waiting,
+            "num_free_blocks": s.num_free_blocks,
+            "num_total_blocks": s.num_total_blocks,
+            "num_cached_blocks": s.num_cached_free_blocks,
+            "kv_cache_usage": s.kv_usage,
+            "prefix_cache_queries": s.prefix_queries,
+            "prefix_cache_hits": s.prefix_hits,
+            "num_preemptions": s.num_preemptions,
+        }
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.kv.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,158 @@
+"""LLM: the offline Python API (`LLM(model).generate(prompts, SamplingParams(...))`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pagedllm.config import EngineArgs
+from pagedllm.engine.input_processor import PromptType
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+ChatMessage = dict[str, Any]
+
+
+class LLM:
+    """An engine for offline batched inference.
+
+    `LLM()` with no model serves the embedded default model (SmolLM2-135M-Instruct).
+    Keyword arguments are the engine arguments of vLLM (dtype, max_model_len, block_size,
+    gpu_memory_utilization, enable_prefix_caching, device, ...).
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        names = {f.name for f in dataclasses.fields(EngineArgs)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(
+                f"Unknown LLM argument(s): {', '.join(unknown)}. Valid arguments: "
+                f"{', '.join(sorted(names - {'extra', 'model'}))}."
+            )
+        self.engine_args = EngineArgs(model=model, **kwargs)
+        config = self.engine_args.create_engine_config()
+        self.model_config = config.model
+        if config.model.runner == "pooling":
+            from pagedllm.engine.pooling_engine import PoolingEngine
+
+            self.engine: Any = PoolingEngine(config)
+        else:
+            from pagedllm.engine.llm_engine import LLMEngine
+
+            self.engine = LLMEngine(config)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    # ------------------------------------------------------------ generate
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate completions for one prompt or a batch; outputs come in input order."""
+        if self.model_config.runner != "generate":
+            raise ValueError(
+                "This model was loaded as a pooling (embedding) model; use LLM.embed() or "
+                "LLM.encode(), or load a generative model."
+            )
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"Got {len(params_list)} SamplingParams for {len(prompts)} prompts; pass "
+                    "one SamplingParams or exactly one per prompt."
+                )
+        return self._run(prompts, params_list, use_tqdm)
+
+    def _run(self, prompts: list[PromptType], params_list: list[SamplingParams],
+             use_tqdm: bool) -> list[RequestOutput]:
+        ids = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                if not isinstance(params, SamplingParams):
+                    raise ValueError("sampling_params must be SamplingParams objects.")
+                params = params.clone()
+                params.output_kind = RequestOutputKind.FINAL_ONLY
+                rid = str(next(self._counter))
+                self.engine.add_request(rid, prompt, params)
+                ids.append(rid)
+        except Exception:
+            self.engine.abort_request(ids)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            self.engine.abort_request([rid for rid in ids if rid not in results])
+            raise
+        finally:
+            bar.close()
+        return [results[rid] for rid in ids]
+
+    # ------------------------------------------------------------ chat
+    def chat(
+        self,
+        messages: list[ChatMessage] | list[list[ChatMessage]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """Render conversations with the chat template, then generate."""
+        from pagedllm.entrypoints.chat_utils import render_chat
+
+        conversations = (
+            [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        )
+        prompts: list[PromptType] = [
+            {"prompt_token_ids": render_chat(
+                self.get_tokenizer(), conv, chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message)}
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    # ------------------------------------------------------------ pooling
+    def encode(self, prompts: PromptType | Sequence[PromptType], pooling_params: Any = None,
+               use_tqdm: bool = True) -> list[Any]:
+        if self.model_config.runner != "pooling":
+            raise ValueError(
+                "encode()/embed() need a pooling model; load it with runner='pooling' (or an "
+                "embedding model such as a sentence-transformers folder)."
+            )
+        return self.engine.encode(prompts, pooling_params, use_tqdm=use_tqdm)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType], pooling_params: Any = None,
+              use_tqdm: bool = True) -> list[Any]:
+        from pagedllm.outputs import EmbeddingRequestOutput
+
+        return [EmbeddingRequestOutput.from_base(o)
+                for o in self.encode(prompts, pooling_params, use_tqdm)]
+
+    def reset_prefix_cache(self) -> bool:
+        return self.engine.reset_prefix_cache()
+
+    def get_stats(self) -> dict[str, Any]:
+        return self.engine.get_stats()

@@ -1,0 +1,100 @@
+"""Rotary position embeddings (neox / rotate-half style) with llama3, linear and dynamic scaling."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "dynamic")
+
+
+def rope_parameters(hf_config: Any) -> dict[str, Any]:
+    """Read rope settings from either `rope_theta`/`rope_scaling` or transformers-5
+    `rope_parameters`, returning one dict with at least rope_type and rope_theta."""
+    params: dict[str, Any] = {}
+    new_style = getattr(hf_config, "rope_parameters", None)
+    if isinstance(new_style, dict):
+        params.update(new_style)
+    scaling = getattr(hf_config, "rope_scaling", None)
+    if isinstance(scaling, dict):
+        for key, value in scaling.items():
+            params.setdefault(key, value)
+    if "rope_theta" not in params:
+        params["rope_theta"] = getattr(hf_config, "rope_theta", None) or 10000.0
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    params["rope_type"] = rope_type
+    return params
+
+
+def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
+    factor = p["factor"]
+    low_freq_factor = p.get("low_freq_factor", 1.0)
+    high_freq_factor = p.get("high_freq_factor", 4.0)
+    old_len = p.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_len / low_freq_factor
+    high_freq_wavelen = old_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rotary embeddings to flat q/k of shape [num_tokens, heads * head_dim]."""
+
+    def __init__(self, head_dim: int, max_position: int, hf_config: Any,
+                 rotary_dim: int | None = None) -> None:
+        super().__init__()
+        p = rope_parameters(hf_config)
+        rope_type = p["rope_type"]
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope_type {rope_type!r} is not supported; supported: "
+                f"{', '.join(SUPPORTED_ROPE_TYPES)}."
+            )
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim or head_dim
+        base = float(p["rope_theta"])
+        positions = torch.arange(max_position, dtype=torch.float32)
+        orig_max = getattr(hf_config, "max_position_embeddings", max_position)
+        if rope_type == "dynamic" and max_position > orig_max:
+            # Static NTK scaling for the longest context served; shorter contexts configured
+            # within the original window keep the plain frequencies, as HF does there.
+            factor = p["factor"]
+            scale = (factor * max_position / orig_max) - (factor - 1)
+            base = base * scale ** (self.rotary_dim / (self.rotary_dim - 2))
+        inv_freq = _default_inv_freq(base, self.rotary_dim)
+        if rope_type == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, p)
+        elif rope_type == "linear":
+            positions = positions / p["factor"]
+        freqs = torch.outer(positions, inv_freq)
+        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
+        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        x = x.view(num_tokens, -1, self.head_dim)
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
+        x1, x2 = rot.chunk(2, dim=-1)
+        c = cos.to(x.dtype)
+        s = sin.to(x.dtype)
+        out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        if rest.shape[-1]:
+            out = torch.cat((out, rest), dim=-1)
+        return out.reshape(num_tokens, -1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos_cache.index_select(0, positions).unsqueeze(1)
+        sin = self.sin_cache.index_select(0, positions).unsqueeze(1)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -1,0 +1,53 @@
+"""Vocabulary-parallel token embedding and LM head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.distributed.group import SINGLE_PROCESS, TensorParallelGroup
+from pagedllm.utils import cdiv
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (the vocabulary) are split across ranks."""
+
+    def __init__(self, vocab_size: int, hidden_size: int,
+                 tp: TensorParallelGroup = SINGLE_PROCESS) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.rows_per_rank = cdiv(vocab_size, tp.world_size)
+        self.vocab_start = tp.rank * self.rows_per_rank
+        self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size),
+                                   requires_grad=False)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: int | str | None = None) -> None:
+        if loaded.shape[1] != param.shape[1] or loaded.shape[0] < self.vocab_size:
+            raise ValueError(
+                f"Embedding tensor has shape {tuple(loaded.shape)}, expected "
+                f"({self.vocab_size}, {param.shape[1]}): the weights do not match config.json."
+            )
+        rows = min(self.rows_per_rank, loaded.shape[0] - self.vocab_start)
+        param.data.zero_()
+        param.data[:rows].copy_(loaded[self.vocab_start:self.vocab_start + rows])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        mask = (local < 0) | (local >= self.rows_per_rank)
+        out = F.embedding(local.masked_fill(mask, 0), self.weight)
+        out.masked_fill_(mask.unsqueeze(-1), 0)
+        return self.tp.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Output projection to the vocabulary; each rank computes its slice of the logits."""
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden_states, self.weight)
+        logits = self.tp.all_gather(logits)
+        return logits[..., : self.vocab_size]

@@ -1,0 +1,57 @@
+"""Build a model on its device and fill its weights from the checkpoint format."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from pagedllm.attention.backends.abstract import AttentionImpl
+from pagedllm.config import ModelConfig
+from pagedllm.distributed.group import SINGLE_PROCESS, TensorParallelGroup
+from pagedllm.models.loader.weights import init_dummy_weights, iterate_pt, iterate_safetensors
+from pagedllm.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(model_config: ModelConfig, attn_impl: type[AttentionImpl] | None,
+               device: torch.device, tp: TensorParallelGroup = SINGLE_PROCESS) -> nn.Module:
+    """Instantiate the registered class for the architecture and load its weights."""
+    start = time.perf_counter()
+    cls = get_model_class(model_config.architecture)
+    with _default_dtype(model_config.dtype), device:
+        if hasattr(cls, "compute_logits"):  # decoders (also when used as embedders)
+            model = cls(model_config.hf_config, attn_impl, model_config.max_model_len,
+                        model_config.sliding_window, tp)
+        else:  # encoder-only models attend without a paged KV cache
+            model = cls(model_config.hf_config)
+    fmt = model_config.load_format
+    if fmt == "dummy":
+        init_dummy_weights(model, model_config.seed)
+    elif fmt == "gguf":
+        from pagedllm.models.loader.gguf_loader import iterate_gguf_weights
+
+        model.load_weights(iterate_gguf_weights(model_config.model_path))
+    elif fmt == "pt":
+        model.load_weights(iterate_pt(model_config.model_path))
+    else:
+        model.load_weights(iterate_safetensors(model_config.model_path))
+    model.eval()
+    logger.info("Loaded %s (%s, %s) in %.2f s", model_config.architecture, fmt,
+                str(model_config.dtype).removeprefix("torch."), time.perf_counter() - start)
+    return model

@@ -1,0 +1,48 @@
+"""Executors run the model runner(s): in this process, or one process per TP rank."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.scheduler import SchedulerOutput
+
+
+class Executor(Protocol):
+    def determine_num_blocks(self) -> int: ...
+    def allocate_kv_cache(self, num_blocks: int) -> None: ...
+    def warm_up(self) -> None: ...
+    def execute(self, out: SchedulerOutput) -> dict[str, int]: ...
+    def shutdown(self) -> None: ...
+
+
+class UniProcExecutor:
+    """One model runner in the engine's own process."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from pagedllm.worker.model_runner import ModelRunner
+
+        self.runner = ModelRunner(config)
+
+    def determine_num_blocks(self) -> int:
+        return self.runner.determine_num_blocks()
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def warm_up(self) -> None:
+        self.runner.warm_up()
+
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        return self.runner.execute(out)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    if config.parallel.tensor_parallel_size == 1:
+        return UniProcExecutor(config)
+    raise ValueError(
+        "tensor_parallel_size > 1 is not available yet; use tensor_parallel_size=1."
+    )

@@ -1,0 +1,212 @@
+"""Runs the model for one scheduled step: builds the flat batch, calls the model, samples."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from pagedllm.attention.backends.abstract import AttentionBackend, AttentionMetadata
+from pagedllm.attention.selector import get_attention_backend
+from pagedllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from pagedllm.distributed.group import SINGLE_PROCESS, TensorParallelGroup
+from pagedllm.engine.scheduler import SchedulerOutput
+from pagedllm.models.loader.model_loader import load_model
+from pagedllm.sampling_params import SamplingType
+from pagedllm.utils import cdiv, parse_bytes
+from pagedllm.worker.sampler import Sampler, SamplingMetadata
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Owns the model and the KV cache tensors of one device (one tensor-parallel rank)."""
+
+    def __init__(self, config: EngineConfig, tp: TensorParallelGroup = SINGLE_PROCESS) -> None:
+        self.config = config
+        self.tp = tp
+        self.device = config.device.torch_device
+        if self.device.type == "cuda" and tp.world_size > 1:
+            self.device = torch.device("cuda", tp.rank)
+        self.block_size = config.cache.block_size
+        self.backend: type[AttentionBackend] = get_attention_backend(
+            config.device.attention_backend, config.device.device)
+        logger.info("Attention backend: %s", self.backend.name)
+        self.model = load_model(config.model, self.backend.get_impl_cls(), self.device, tp)
+        self.dtype = config.model.dtype
+        self.sampler = Sampler()
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+        self._generators: dict[str, torch.Generator] = {}
+
+    # ------------------------------------------------------------ KV cache
+    def kv_heads_per_rank(self) -> int:
+        return self.model.layers[0].self_attn.num_kv_heads
+
+    def bytes_per_block(self) -> int:
+        mc = self.config.model
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * mc.num_layers * self.block_size * self.kv_heads_per_rank() * mc.head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        """How many KV blocks fit: fixed override, a byte budget, or GPU memory profiling."""
+        cache = self.config.cache
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        if cache.kv_cache_memory_bytes is not None:
+            return cache.kv_cache_memory_bytes // self.bytes_per_block()
+        if self.device.type == "cpu":
+            # Default CPU budget (PAGEDLLM_CPU_KVCACHE_SPACE bytes, 4 GiB), but no more blocks
+            # than max_num_seqs full-length requests could ever use.
+            budget = parse_bytes(os.environ.get("PAGEDLLM_CPU_KVCACHE_SPACE",
+                                                str(DEFAULT_CPU_KV_CACHE_BYTES)))
+            sched = self.config.scheduler
+            useful = sched.max_num_seqs * cdiv(sched.max_model_len, self.block_size)
+            return min(budget // self.bytes_per_block(), useful)
+        return self._profile_gpu_blocks()
+
+    def _profile_gpu_blocks(self) -> int:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.profile_run()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.cache.gpu_memory_utilization - peak - used_by_others
+        num_blocks = int(budget // self.bytes_per_block())
+        logger.info("Memory profile: peak %.2f GiB of %.2f GiB; KV cache gets %.2f GiB",
+                    peak / 2**30, total / 2**30, max(budget, 0) / 2**30)
+        return max(num_blocks, 0)
+
+    def profile_run(self) -> None:
+        """A forward pass at max_num_batched_tokens, to measure peak activation memory."""
+        n = self.config.scheduler.max_num_batched_tokens
+        num_reqs = min(self.config.scheduler.max_num_seqs, n)
+        per_req = [n // num_reqs + (1 if i < n % num_reqs else 0) for i in range(num_reqs)]
+        mc = self.config.model
+        dummy_cache = [torch.zeros(self.backend.kv_cache_shape(
+            cdiv(max(per_req), self.block_size) * num_reqs, self.block_size,
+            self.kv_heads_per_rank(), mc.head_dim), dtype=self.dtype, device=self.device)
+            for _ in range(1)] * mc.num_layers
+        qsl = np.concatenate([[0], np.cumsum(per_req)]).astype(np.int32)
+        blocks_per = cdiv(max(per_req), self.block_size)
+        table = np.arange(num_reqs * blocks_per, dtype=np.int32).reshape(num_reqs, blocks_per)
+        positions = np.concatenate([np.arange(k) for k in per_req])
+        req_idx = np.repeat(np.arange(num_reqs), per_req)
+        slots = table[req_idx, positions // self.block_size] * self.block_size + (
+            positions % self.block_size)
+        md = self._metadata(qsl, np.array(per_req, dtype=np.int32), table, slots, n)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            hidden = self.model(ids, torch.from_numpy(positions).to(self.device), dummy_cache, md)
+            logits = self.model.compute_logits(hidden[qsl[1:] - 1])
+            del hidden, logits
+        del dummy_cache
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        mc = self.config.model
+        shape = self.backend.kv_cache_shape(num_blocks, self.block_size,
+                                            self.kv_heads_per_rank(), mc.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(mc.num_layers)]
+        self.num_blocks = num_blocks
+
+    # ------------------------------------------------------------ step
+    def _metadata(self, qsl: np.ndarray, seq_lens: np.ndarray, table: np.ndarray,
+                  slots: np.ndarray, num_tokens: int) -> AttentionMetadata:
+        dev = self.device
+        qsl_t = torch.from_numpy(qsl)
+        seq_t = torch.from_numpy(seq_lens)
+        q_lens = np.diff(qsl)
+        return AttentionMetadata(
+            num_actual_tokens=num_tokens,
+            num_reqs=len(seq_lens),
+            max_query_len=int(q_lens.max()) if len(q_lens) else 0,
+            max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0,
+            query_start_loc=qsl_t.to(dev, non_blocking=True),
+            seq_lens=seq_t.to(dev, non_blocking=True),
+            block_table=torch.from_numpy(table).to(dev, non_blocking=True),
+            slot_mapping=torch.from_numpy(slots.astype(np.int64)).to(dev, non_blocking=True),
+            query_start_loc_cpu=qsl_t,
+            seq_lens_cpu=seq_t,
+            is_decode_only=bool(len(q_lens)) and bool((q_lens == 1).all()),
+        )
+
+    def prepare_inputs(self, out: SchedulerOutput) -> tuple[
+            torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        items = out.scheduled
+        num_reqs = len(items)
+        q_lens = np.fromiter((it.num_tokens for it in items), dtype=np.int32, count=num_reqs)
+        starts = np.fromiter((it.start for it in items), dtype=np.int32, count=num_reqs)
+        qsl = np.zeros(num_reqs + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=qsl[1:])
+        num_tokens = int(qsl[-1])
+        seq_lens = starts + q_lens
+        max_blocks = max(len(it.block_ids) for it in items)
+        table = np.zeros((num_reqs, max_blocks), dtype=np.int32)
+        token_ids = []
+        for i, it in enumerate(items):
+            table[i, : len(it.block_ids)] = it.block_ids
+            token_ids.extend(it.request.all_token_ids[it.start:it.start + it.num_tokens])
+        req_idx = np.repeat(np.arange(num_reqs), q_lens)
+        positions = np.arange(num_tokens) - np.repeat(qsl[:-1], q_lens) + np.repeat(starts,
+                                                                                      q_lens)
+        slots = table[req_idx, positions // self.block_size].astype(np.int64) * (
+            self.block_size) + positions % self.block_size
+        md = self._metadata(qsl, seq_lens.astype(np.int32), table, slots, num_tokens)
+        input_ids = torch.tensor(token_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        pos = torch.from_numpy(positions).to(self.device, non_blocking=True)
+        sample_rows = [int(qsl[i + 1]) - 1 for i, it in enumerate(items) if it.samples]
+        return input_ids, pos, md, sample_rows
+
+    def _sampling_metadata(self, requests: list[Any]) -> SamplingMetadata:
+        params = [r.sampling_params for r in requests]
+        all_greedy = all(p.sampling_type == SamplingType.GREEDY for p in params)
+        dev = self.device
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32,
+                                   device=dev)
+        vocab = self.config.model.vocab_size
+        top_k = top_p = min_p = None
+        if any(p.top_k > 0 for p in params):
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
+        if any(p.top_p < 1.0 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+        if any(p.min_p > 0.0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+        generators = {}
+        for row, req in enumerate(requests):
+            seed = req.sampling_params.seed
+            if seed is not None and req.sampling_params.sampling_type != SamplingType.GREEDY:
+                gen = self._generators.get(req.request_id)
+                if gen is None:
+                    gen = torch.Generator(device=dev).manual_seed(seed)
+                    self._generators[req.request_id] = gen
+                generators[row] = gen
+        return SamplingMetadata(temperature, top_k, top_p, min_p, all_greedy, generators)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        """Run one step; returns request id -> sampled token for requests that sample."""
+        for rid in out.finished_ids:
+            self._generators.pop(rid, None)
+        if out.is_empty:
+            return {}
+        input_ids, positions, md, sample_rows = self.prepare_inputs(out)
+        hidden = self.model(input_ids, positions, self.kv_caches, md)
+        if not sample_rows:
+            return {}
+        sampling_reqs = [it.request for it in out.scheduled if it.samples]
+        logits = self.model.compute_logits(hidden[sample_rows])
+        sampled, _ = self.sampler(logits, self._sampling_metadata(sampling_reqs))
+        ids = sampled.tolist()
+        return {req.request_id: tok for req, tok in zip(sampling_reqs, ids)}
+
+    def warm_up(self) -> None:
+        """Nothing to capture on CPU; CUDA graph capture hooks in here."""
+        start = time.perf_counter()
+        logger.debug("Warm-up took %.2f s", time.perf_counter() - start)

@@ -1,0 +1,78 @@
+"""Batched sampling: greedy, temperature, top-k, top-p, min-p and per-request seeds.
+
+All rows are processed together on the logits' device; only requests with a seed get their
+own generator, so a seeded request draws the same numbers whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_EPS = 1e-5
+
+
+@dataclass
+class SamplingMetadata:
+    temperature: torch.Tensor  # [R] float32; 0 = greedy
+    top_k: torch.Tensor | None  # [R] int64; vocab size = off
+    top_p: torch.Tensor | None  # [R] float32; 1 = off
+    min_p: torch.Tensor | None  # [R] float32; 0 = off
+    all_greedy: bool
+    generators: dict[int, torch.Generator]  # row -> generator of seeded requests
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
+                      top_p: torch.Tensor | None) -> torch.Tensor:
+    """Mask (to -inf) logits outside each row's top-k and nucleus top-p set."""
+    if top_k is None and top_p is None:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        # Keep the last k of the ascending order.
+        kth = (vocab - top_k.clamp(1, vocab)).unsqueeze(1)
+        threshold = sorted_logits.gather(1, kth)
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < threshold, float("-inf"))
+    if top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        cum = probs.cumsum(dim=-1)
+        remove = cum <= (1 - top_p.unsqueeze(1))
+        remove[:, -1] = False  # always keep the most likely token
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """Sample one id per row: argmax(p / q) with q ~ Exp(1) is a draw from p."""
+    q = torch.empty_like(probs)
+    if len(generators) < probs.shape[0]:
+        q.exponential_()
+    for row, gen in generators.items():
+        q[row].exponential_(generator=gen)
+    return probs.div(q).argmax(dim=-1)
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> tuple[
+            torch.Tensor, torch.Tensor]:
+        """Returns (sampled ids [R], final logprobs [R, V] of the sampling distribution)."""
+        logits = logits.float()
+        if md.all_greedy:
+            return logits.argmax(dim=-1), logits
+        greedy = logits.argmax(dim=-1)
+        temp = md.temperature.clamp(min=_EPS).unsqueeze(1)
+        logits = logits / temp
+        if md.min_p is not None:
+            logits = apply_min_p(logits, md.min_p)
+        logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
+        probs = logits.softmax(dim=-1)
+        sampled = random_sample(probs, md.generators)
+        return torch.where(md.temperature < _EPS, greedy, sampled), logits
