@@ -544,8 +544,8 @@ def iterate_gguf_weights(
     ``lm_head.weight`` is yielded only when the file has an ``output.weight`` tensor
     (otherwise the config says ``tie_word_embeddings=True``).
     """
-    ckpt = _open(path)
-    yield from ckpt.iter_weights(dtype=dtype)
+    ckpt = _open(path)  # opened eagerly so that a bad file raises here, not on first next()
+    return ckpt.iter_weights(dtype=dtype)
 
 
 def load_gguf_tokenizer(path: str | os.PathLike[str] | GGUFCheckpoint) -> PreTrainedTokenizerFast:
