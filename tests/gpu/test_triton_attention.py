@@ -209,7 +209,7 @@ def test_reshape_and_cache() -> None:
     from pagedllm.attention.ops.triton_reshape_and_cache import reshape_and_cache
 
     for dtype, hkv, d, bs in [(torch.float16, 8, 128, 16), (torch.bfloat16, 2, 64, 32),
-                              (torch.float32, 3, 80, 16)]:  # fmt: skip
+                              (torch.float32, 3, 80, 16)]:
         num_blocks, t = 40, 50
         key = torch.randn(t, hkv, d, device="cuda", dtype=dtype)
         value = torch.randn(t, hkv, d, device="cuda", dtype=dtype)
@@ -245,7 +245,7 @@ def test_prefill_mixed_batch(
 ) -> None:
     query_lens, seq_lens = _mixed_batch(8192, seed=hq * 31 + d)
     err = _run_prefill_case(query_lens, seq_lens, hq, hkv, d, bs, dtype, window, "cuda",
-                            seed=hq + hkv + d + bs, pad_tokens=5)  # fmt: skip
+                            seed=hq + hkv + d + bs, pad_tokens=5)
     assert err < TOL, err
 
 
@@ -254,7 +254,7 @@ def test_prefill_long_chunk_and_odd_head_dim() -> None:
     err = _run_prefill_case([1024, 1], [8024, 3], 8, 2, 128, 16, torch.bfloat16, None, "cuda", 1)
     assert err < TOL, err
     err = _run_prefill_case([33, 1, 70], [100, 9, 70], 4, 2, 80, 16, torch.float16, None,
-                            "cuda", 2)  # fmt: skip
+                            "cuda", 2)
     assert err < TOL, err
 
 
@@ -275,10 +275,10 @@ DECODE_CASES = [
 def test_decode(
     hq: int, hkv: int, d: int, bs: int, dtype: torch.dtype, window: int | None,
     splits: int | None,
-) -> None:  # fmt: skip
+) -> None:
     seq_lens = [1, 8192, 0, 17, 4096, 63, 64, 65, 1000, 0, 2049]
     err = _run_decode_case(seq_lens, hq, hkv, d, bs, dtype, window, splits, "cuda",
-                           seed=hq * 7 + d)  # fmt: skip
+                           seed=hq * 7 + d)
     assert err < TOL, err
 
 
@@ -390,7 +390,7 @@ def run_interpreter_smoke() -> None:
     assert err < TOL, ("prefill window", err)
     for splits in (1, 3):
         err = _run_decode_case([1, 0, 37, 100], 4, 1, 32, 4, torch.float32, None, splits,
-                               "cpu", 2)  # fmt: skip
+                               "cpu", 2)
         assert err < TOL, ("decode", splits, err)
     err = _run_decode_case([50, 9], 8, 2, 32, 8, torch.float32, 10, 2, "cpu", 3)
     assert err < TOL, ("decode window", err)

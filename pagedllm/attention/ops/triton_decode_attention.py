@@ -15,7 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.attention.ops.triton_prefill_attention import LOG2E, _attend_tile
+from pagedllm.attention.ops.triton_prefill_attention import (
+    LOG2E,
+    _attend_range,
+    interpreting,
+)
 
 MAX_SPLITS = 16
 
@@ -49,6 +53,7 @@ def _decode_kernel(
     D_PAD: tl.constexpr,
     SLIDING: tl.constexpr,
     DIRECT: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Program (request, kv head, split): attention of GROUP heads over one context split."""
     b = tl.program_id(0)
@@ -81,18 +86,16 @@ def _decode_kernel(
     m_i = tl.zeros([G_PAD], dtype=tl.float32) - 1.0e30
     bt_row = block_table_ptr + b * stride_bt
     kv_head_off = kvh * stride_c_h
-    for n0 in range(lo, full_end, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, n0, hi, qpos, window,
-            qk_scale, kv_head_off, stride_c_blk, stride_c_slot,
-            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, False, False,
-        )
-    for n0 in range(full_end, hi, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, n0, hi, qpos, window,
-            qk_scale, kv_head_off, stride_c_blk, stride_c_slot,
-            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, False, False,
-        )
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, lo, full_end, hi, qpos, window,
+        qk_scale, kv_head_off, stride_c_blk, stride_c_slot,
+        BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, False, False, INTERPRET,
+    )
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, full_end, hi, hi, qpos, window,
+        qk_scale, kv_head_off, stride_c_blk, stride_c_slot,
+        BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, False, False, INTERPRET,
+    )
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -244,6 +247,7 @@ def decode_attention(
         D_PAD=d_pad,
         SLIDING=window > 0,
         DIRECT=direct,
+        INTERPRET=interpreting(),
         num_warps=num_warps or cfg_w,
         num_stages=num_stages or cfg_s,
     )

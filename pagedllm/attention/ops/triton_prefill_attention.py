@@ -8,6 +8,8 @@ K/V tile is read once per KV head group. Programs find their request by a binary
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -85,6 +87,57 @@ def _attend_tile(
 
 
 @triton.jit
+def _attend_range(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_row_ptr,
+    lo,
+    hi,
+    kv_end,
+    qpos,
+    window,
+    qk_scale,
+    kv_head_off,
+    stride_c_blk,
+    stride_c_slot,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SLIDING: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """_attend_tile over the key tiles starting at lo, lo + BLOCK_N, ... < hi.
+
+    Compiled: a pipelined ``for range`` loop. Under the interpreter, a ``while`` loop, since
+    its program ids are 1-element arrays that newer numpy refuses as ``range`` bounds.
+    """
+    if INTERPRET:
+        n0 = lo
+        while n0 < hi:
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0, kv_end, qpos,
+                window, qk_scale, kv_head_off, stride_c_blk, stride_c_slot,
+                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, MASK, CAUSAL, SLIDING,
+            )
+            n0 += BLOCK_N
+    else:
+        for n0 in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row_ptr, n0, kv_end, qpos,
+                window, qk_scale, kv_head_off, stride_c_blk, stride_c_slot,
+                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, MASK, CAUSAL, SLIDING,
+            )
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _prefill_kernel(
     out_ptr,
     q_ptr,
@@ -112,6 +165,7 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     SLIDING: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Program (query block, kv head): causal attention of BLOCK_Q tokens x GROUP heads."""
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
@@ -164,27 +218,24 @@ def _prefill_kernel(
     if SLIDING:
         kv_lo = tl.maximum(first_pos - window + 1, 0)
         kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
-        for n0 in range(kv_lo, kv_end, BLOCK_N):
-            acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, n0, kv_end, qpos, window,
-                qk_scale, kv_head_off, stride_c_blk, stride_c_slot,
-                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, True, True,
-            )
+        acc, l_i, m_i = _attend_range(
+            acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, kv_lo, kv_end, kv_end, qpos,
+            window, qk_scale, kv_head_off, stride_c_blk, stride_c_slot,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, True, True, INTERPRET,
+        )
     else:
         # Keys < full_end are visible to every row of this block: no masking needed.
         full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
-        for n0 in range(0, full_end, BLOCK_N):
-            acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, n0, kv_end, qpos, window,
-                qk_scale, kv_head_off, stride_c_blk, stride_c_slot,
-                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, True, False,
-            )
-        for n0 in range(full_end, kv_end, BLOCK_N):
-            acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, n0, kv_end, qpos, window,
-                qk_scale, kv_head_off, stride_c_blk, stride_c_slot,
-                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, True, False,
-            )
+        acc, l_i, m_i = _attend_range(
+            acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, 0, full_end, kv_end, qpos,
+            window, qk_scale, kv_head_off, stride_c_blk, stride_c_slot,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, True, False, INTERPRET,
+        )
+        acc, l_i, m_i = _attend_range(
+            acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, full_end, kv_end, kv_end, qpos,
+            window, qk_scale, kv_head_off, stride_c_blk, stride_c_slot,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, True, False, INTERPRET,
+        )
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -193,6 +244,11 @@ def _prefill_kernel(
         out.to(out_ptr.dtype.element_ty),
         mask=row_valid[:, None] & dmask,
     )
+
+
+def interpreting() -> bool:
+    """True when kernels run under the Triton interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -276,6 +332,7 @@ def prefill_attention(
         HEAD_DIM=head_dim,
         D_PAD=triton.next_power_of_2(head_dim),
         SLIDING=window > 0,
+        INTERPRET=interpreting(),
         num_warps=num_warps or cfg_w,
         num_stages=num_stages or cfg_s,
     )
