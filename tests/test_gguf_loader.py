@@ -423,6 +423,30 @@ def test_synthetic_qwen2_names_shapes_values(tmp_path: Path) -> None:
     assert cfg.head_dim == 16  # no key_length / dimension_count: hidden // heads
 
 
+def test_synthetic_qwen3_qk_norm_and_head_dim(tmp_path: Path) -> None:
+    """Qwen3: per-head q/k norms, head_dim (32) != hidden / heads (16), no biases."""
+    model = _tiny_hf_model("qwen3", head_dim=32)
+    rng = np.random.default_rng(3)
+    state = {
+        k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.state_dict().items()
+    }
+    assert "model.layers.1.self_attn.k_norm.weight" in state
+    meta = _arch_metadata("qwen3", model.config)
+    path = _write_gguf(
+        tmp_path / "qwen3.gguf", "qwen3", meta, {_gguf_name(k): (v, None) for k, v in state.items()}
+    )
+    ours = dict(iterate_gguf_weights(path))
+    assert set(ours) == set(state)
+    for name, tensor in ours.items():
+        assert np.array_equal(tensor.numpy(), state[name]), name
+    cfg = gguf_to_hf_config(path)
+    assert cfg.architectures == ["Qwen3ForCausalLM"] and cfg.model_type == "qwen3"
+    assert cfg.head_dim == 32  # inferred from the q tensor: no attention.key_length here
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (4, 2)
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        load_gguf_tokenizer(path)
+
+
 def test_synthetic_llama_permutation_roundtrip(tmp_path: Path) -> None:
     """HF weights -> llama.cpp-permuted GGUF -> our loader gives the HF weights back."""
     model = _tiny_hf_model("llama")

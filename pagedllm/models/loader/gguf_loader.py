@@ -487,7 +487,12 @@ def gguf_to_hf_config(path: str | os.PathLike[str] | GGUFCheckpoint) -> Pretrain
     n_heads = int(get("attention.head_count"))
     n_kv = get("attention.head_count_kv")
     n_kv = n_heads if n_kv is None else int(n_kv)
-    head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // n_heads
+    head_dim = get("attention.key_length")
+    q_info = ckpt.tensor_by_name.get("blk.0.attn_q.weight")
+    if head_dim is None and q_info is not None:
+        head_dim = q_info.shape[0] // n_heads  # exact, even where head_dim != hidden / heads
+    if head_dim is None:
+        head_dim = get("rope.dimension_count") or hidden // n_heads
     theta = float(get("rope.freq_base", 10000.0))
     vocab_size = get("vocab_size")
     if vocab_size is None:
@@ -553,6 +558,8 @@ def load_gguf_tokenizer(path: str | os.PathLike[str] | GGUFCheckpoint) -> PreTra
     from transformers import AutoTokenizer
 
     ckpt = _open(path)
+    if not ckpt.get("tokenizer.ggml.tokens"):
+        raise ValueError(f"GGUF file {str(ckpt.path)!r} has no tokenizer (tokenizer.ggml.tokens)")
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path.parent), gguf_file=ckpt.path.name)
     template = ckpt.get("tokenizer.chat_template")
     if template:
