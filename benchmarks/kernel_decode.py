@@ -74,9 +74,9 @@ def run_decode(args: argparse.Namespace, copy_gbs: float) -> list[tuple[str, flo
 
     configs: list[dict[str, int | None]] = [{}]
     if args.sweep:
-        for bn, w, st in [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3),
-                          (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3), (32, 2, 4)]:
-            for splits in (1, 2, 4, 8):
+        for bn, w, st in [(32, 2, 4), (32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3),
+                          (128, 8, 3)]:
+            for splits in (1, 2, 4):
                 configs.append(dict(block_n=bn, num_warps=w, num_stages=st, num_splits=splits))
     rows = []
     for cfg in configs:
@@ -155,9 +155,8 @@ def run_prefill(args: argparse.Namespace) -> None:
     rows = []
     configs: list[dict[str, int]] = [{}]
     if args.sweep:
-        for bm, bn, w, st in [(128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2),
-                              (128, 128, 8, 3), (64, 64, 4, 3), (256, 64, 8, 2),
-                              (128, 32, 4, 3)]:
+        for bm, bn, w, st in [(128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 4),
+                              (256, 64, 8, 3), (256, 128, 8, 2), (64, 128, 4, 3)]:
             configs.append(dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st))
     for cfg in configs:
         try:

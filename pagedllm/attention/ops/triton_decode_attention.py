@@ -153,13 +153,21 @@ def _reduce_kernel(
 
 
 def default_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
-    """Splits so the grid holds about two programs per SM slot; depends on shapes only."""
+    """Split count from shapes only (graph-safe): fill about one wave of resident programs.
+
+    No split once (request, kv head) pairs already fill half a wave (about 4 resident
+    programs per SM); otherwise as many splits as keep the grid within one wave. On H100,
+    a grid slightly over one wave costs ~10% (tail), so never round up.
+    """
     if device.type == "cuda":
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         num_sms = 132
+    slots = 4 * num_sms
     work = max(batch * num_kv_heads, 1)
-    return max(1, min(MAX_SPLITS, triton.cdiv(4 * num_sms, work)))
+    if 2 * work > slots:
+        return 1
+    return max(1, min(MAX_SPLITS, slots // work))
 
 
 def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:

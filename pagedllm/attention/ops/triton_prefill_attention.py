@@ -70,7 +70,7 @@ def _attend_tile(
         dmask = offs_d[None, :] < HEAD_DIM
         k = tl.load(k_cache_ptr + kv_off, mask=dmask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=dmask, other=0.0)
-    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    qk = tl.dot(q, tl.trans(k))
     if MASK:
         valid = nmask[None, :]
         if CAUSAL:
@@ -78,9 +78,10 @@ def _attend_tile(
         if SLIDING:
             valid = valid & (offs_n[None, :] > qpos[:, None] - window)
         qk = tl.where(valid, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # m is kept in the scaled (log2) domain; scale and max subtraction fuse into one FMA.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_new
@@ -258,7 +259,7 @@ def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, i
     if head_dim <= 64:
         return 128, 64, 4, 3
     if head_dim <= 128:
-        return 128, 64, 8, 3
+        return 128, 128, 8, 3
     return 64, 32, 4, 2
 
 
