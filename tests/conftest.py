@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random models of real architectures, saved as HF folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Small shapes shared by every architecture; the init range is raised from HF's 0.02 so
+# that greedy choices are not near-ties that rounding could flip.
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
+ARCH_OVERRIDES = {
+    "llama": {},
+    "qwen2": {"tie_word_embeddings": True},
+    "qwen3": {"head_dim": 16},
+    "mistral": {"sliding_window": 64},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """make(arch) -> folder of a tiny random model of that architecture (cached)."""
+    from model_utils import make_tiny_model
+
+    cache: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny_{arch}")
+            cache[arch] = make_tiny_model(folder, arch, **{**TINY, **ARCH_OVERRIDES[arch]})
+        return cache[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory) -> str:
+    return tiny_model_factory("llama")
+
+
+def assert_pool_whole(llm) -> None:
+    """Every KV block is free (possibly still holding a cached prefix): nothing leaked."""
+    kv = llm.engine.scheduler.kv
+    assert not kv.req_blocks, f"requests still hold blocks: {list(kv.req_blocks)}"
+    assert kv.pool.num_free_blocks == kv.pool.num_blocks
+    assert all(b.ref_cnt == 0 for b in kv.pool.blocks)

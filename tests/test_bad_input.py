@@ -1,0 +1,107 @@
+"""Every user-facing entry point rejects bad input with a ValueError that says how to fix it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    return LLM(tiny_llama, device="cpu", max_model_len=128)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"max_tokens": 0}, "max_tokens must be >= 1"),
+    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"top_p": 0.0}, "top_p must be in (0, 1]"),
+    ({"top_p": 1.5}, "top_p must be in (0, 1]"),
+    ({"top_k": -2}, "top_k must be >= -1"),
+    ({"min_p": 2.0}, "min_p must be in [0, 1]"),
+    ({"n": 0}, "n must be >= 1"),
+    ({"presence_penalty": 3.0}, "presence_penalty must be in [-2, 2]"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens (5) must be <= max_tokens (2)"),
+    ({"temperature": "hot"}, "temperature must be a number"),
+    ({"stop": [""]}, "stop must be"),
+])
+def test_sampling_params_rejects(kwargs, needle):
+    with pytest.raises(ValueError) as e:
+        SamplingParams(**kwargs)
+    assert needle in str(e.value)
+
+
+def test_empty_prompt(llm):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate("", SamplingParams(max_tokens=4), use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate({"prompt_token_ids": []}, SamplingParams(max_tokens=4), use_tqdm=False)
+
+
+def test_prompt_longer_than_max_model_len(llm):
+    with pytest.raises(ValueError, match=r"200 tokens, but max_model_len is 128"):
+        llm.generate({"prompt_token_ids": [5] * 200}, SamplingParams(max_tokens=4),
+                     use_tqdm=False)
+
+
+def test_token_id_out_of_vocab(llm):
+    with pytest.raises(ValueError, match="out of range"):
+        llm.generate({"prompt_token_ids": [1, 10**6]}, use_tqdm=False)
+
+
+def test_mismatched_params_list(llm):
+    with pytest.raises(ValueError, match="one per prompt"):
+        llm.generate(["a", "b"], [SamplingParams(), SamplingParams(), SamplingParams()],
+                     use_tqdm=False)
+
+
+def test_bad_request_leaves_engine_usable(llm):
+    with pytest.raises(ValueError):
+        llm.generate(["fine prompt", ""], SamplingParams(max_tokens=4), use_tqdm=False)
+    out = llm.generate("fine prompt", SamplingParams(max_tokens=4), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    assert not llm.engine.scheduler.kv.req_blocks
+
+
+def test_unknown_architecture(tiny_llama, tmp_path):
+    folder = tmp_path / "weird"
+    folder.mkdir()
+    for name in os.listdir(tiny_llama):
+        (folder / name).write_bytes((open(os.path.join(tiny_llama, name), "rb")).read())
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["FancyNewForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="not supported. Supported architectures: .*Llama"):
+        LLM(str(folder), device="cpu")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ValueError, match="has no config.json"):
+        LLM(str(tmp_path), device="cpu")
+
+
+def test_missing_folder():
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM("/nonexistent/model/folder", device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"dtype": "float64"}, "Unknown dtype"),
+    ({"block_size": 12}, "block_size=12 is not supported"),
+    ({"max_model_len": 100000}, "larger than the model's maximum context"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization=1.5 must be in (0, 1]"),
+    ({"device": "tpu"}, "Unknown device"),
+    ({"load_format": "onnx"}, "Unknown load_format"),
+    ({"max_num_seqs": 0}, "max_num_seqs must be >= 1"),
+    ({"attention_backend": "MAGIC"}, "Available here: TORCH_SDPA"),
+    ({"num_gpu_blocks_override": 2}, "fewer than one request of max_model_len"),
+    ({"not_an_arg": 1}, "Unknown LLM argument"),
+])
+def test_engine_args_rejected(tiny_llama, kwargs, needle):
+    with pytest.raises(ValueError) as e:
+        LLM(tiny_llama, device=kwargs.pop("device", "cpu"), **kwargs)
+    assert needle in str(e.value)
