@@ -1,0 +1,200 @@
+"""POST /v1/chat/completions: messages rendered by the chat template, streaming or not."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from pagedllm.entrypoints.openai.chat_utils import message_text, render_chat
+from pagedllm.entrypoints.openai.errors import BadRequestError, OpenAIError
+from pagedllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatMessageOut,
+    DeltaMessage,
+    UsageInfo,
+)
+from pagedllm.entrypoints.openai.serving_base import (
+    SSE_DONE,
+    OpenAIServing,
+    Prompt,
+    SSEResponse,
+    cancel_on_disconnect,
+    merge_async_iterators,
+    sse,
+    sse_error,
+)
+from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class OpenAIServingChat(OpenAIServing):
+    """Renders the conversation, runs one engine request (n choices) and shapes the reply."""
+
+    request_id_prefix = "chatcmpl"
+
+    def __init__(self, engine: Any, models: OpenAIServingModels,
+                 chat_template: str | None = None) -> None:
+        super().__init__(engine, models)
+        self.chat_template = chat_template
+
+    def render(self, request: Any) -> str:
+        """The prompt text of a chat (or chat tokenize) request."""
+        return render_chat(
+            self.tokenizer,
+            request.messages,
+            chat_template=request.chat_template or self.chat_template,
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            tools=request.tools,
+            documents=request.documents,
+            chat_template_kwargs=request.chat_template_kwargs,
+        )
+
+    async def create_chat_completion(self, request: ChatCompletionRequest,
+                                     raw_request: Request | None = None) -> Response:
+        model_name = self.check_common(request)
+        if isinstance(request.tool_choice, dict) or request.tool_choice not in (
+                None, "none", "auto"):
+            raise BadRequestError("Only tool_choice 'none' and 'auto' are supported; tool call "
+                                  "parsing is not implemented yet.", param="tool_choice")
+        num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        self.check_logprobs(num_logprobs, "top_logprobs")
+        text = self.render(request)
+        prompt = self.make_prompt(self.tokenize(text, request.add_special_tokens), text,
+                                  "messages", request.truncate_prompt_tokens)
+        if request.max_completion_tokens is not None:
+            max_tokens, param = request.max_completion_tokens, "max_completion_tokens"
+        else:
+            max_tokens, param = request.max_tokens, "max_tokens"
+        stream = bool(request.stream)
+        params = self.sampling_params(
+            request,
+            max_tokens=self.resolve_max_tokens(len(prompt.token_ids), max_tokens, param),
+            logprobs=num_logprobs,
+            stream=stream,
+        )
+        role = "assistant" if request.add_generation_prompt else request.messages[-1].role
+        echo = ""
+        if request.echo and request.messages[-1].role == role:
+            echo = message_text(request.messages[-1])
+        request_id = self.request_id(raw_request, request)
+        created = int(time.time())
+        if stream:
+            return SSEResponse(self._stream(request, model_name, request_id, created, prompt,
+                                            params, role, echo))
+        work = self._full(request, model_name, request_id, created, prompt, params, role, echo)
+        response = await (cancel_on_disconnect(raw_request, work) if raw_request else work)
+        if response is None:  # client went away
+            return Response(status_code=499)
+        return JSONResponse(response.model_dump(mode="json"))
+
+    # ------------------------------------------------------------------ non-streaming
+    async def _full(self, request: ChatCompletionRequest, model_name: str, request_id: str,
+                    created: int, prompt: Prompt, params: SamplingParams, role: str,
+                    echo: str) -> ChatCompletionResponse:
+        final = None
+        merged = merge_async_iterators(self.generate(prompt, params, request_id))
+        try:
+            async for _, output in merged:
+                final = output
+        finally:
+            await merged.aclose()
+            if final is None or not final.finished:
+                await self.abort([request_id])
+        if final is None:
+            raise RuntimeError(f"The engine returned no output for request {request_id}.")
+        choices = []
+        completion_tokens = 0
+        for out in sorted(final.outputs, key=lambda o: o.index):
+            completion_tokens += len(out.token_ids)
+            choices.append(ChatCompletionResponseChoice(
+                index=out.index,
+                message=ChatMessageOut(role=role, content=echo + out.text),
+                logprobs=(self.chat_logprobs(out.token_ids, out.logprobs,
+                                             request.top_logprobs or 0)
+                          if request.logprobs else None),
+                finish_reason=out.finish_reason,
+                stop_reason=out.stop_reason,
+            ))
+        prompt_tokens = len(final.prompt_token_ids or prompt.token_ids)
+        return ChatCompletionResponse(
+            id=request_id,
+            created=created,
+            model=model_name,
+            choices=choices,
+            usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                            total_tokens=prompt_tokens + completion_tokens),
+        )
+
+    # ------------------------------------------------------------------ streaming
+    async def _stream(self, request: ChatCompletionRequest, model_name: str, request_id: str,
+                      created: int, prompt: Prompt, params: SamplingParams, role: str,
+                      echo: str) -> AsyncIterator[str]:
+        n = request.n
+        finished = [False] * n
+        completion_tokens = [0] * n
+        prompt_tokens = len(prompt.token_ids)
+        options = request.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = bool(include_usage and options and options.continuous_usage_stats)
+        done = False
+
+        def usage() -> UsageInfo:
+            total = sum(completion_tokens)
+            return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=total,
+                             total_tokens=prompt_tokens + total)
+
+        def chunk(index: int, delta: DeltaMessage, **fields: Any) -> str:
+            return sse(ChatCompletionStreamResponse(
+                id=request_id, created=created, model=model_name,
+                choices=[ChatCompletionResponseStreamChoice(index=index, delta=delta, **fields)],
+                usage=usage() if continuous else None,
+            ), include_usage)
+
+        merged = merge_async_iterators(self.generate(prompt, params, request_id))
+        try:
+            for i in range(n):
+                yield chunk(i, DeltaMessage(role=role, content=""))
+                if echo:
+                    yield chunk(i, DeltaMessage(content=echo))
+            async for _, output in merged:
+                done = output.finished
+                for out in output.outputs:
+                    i = out.index
+                    if finished[i]:
+                        continue
+                    completion_tokens[i] += len(out.token_ids)
+                    if not out.text and not out.token_ids and out.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if request.logprobs:
+                        logprobs = self.chat_logprobs(out.token_ids, out.logprobs,
+                                                      request.top_logprobs or 0)
+                    yield chunk(i, DeltaMessage(content=out.text), logprobs=logprobs,
+                                finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+                    if out.finish_reason is not None:
+                        finished[i] = True
+            if include_usage:
+                yield sse(ChatCompletionStreamResponse(id=request_id, created=created,
+                                                       model=model_name, choices=[],
+                                                       usage=usage()), include_usage)
+        except Exception as e:
+            if not isinstance(e, OpenAIError):
+                logger.exception("Chat stream %s failed", request_id)
+            yield sse_error(e)
+        finally:
+            await merged.aclose()
+            if not done:
+                await self.abort([request_id])
+        yield SSE_DONE

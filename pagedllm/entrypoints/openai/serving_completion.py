@@ -1,0 +1,204 @@
+"""POST /v1/completions: prompts as text or token ids, streaming or not, n, echo."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from pagedllm.entrypoints.openai.errors import BadRequestError, OpenAIError
+from pagedllm.entrypoints.openai.protocol import (
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionResponseStreamChoice,
+    CompletionStreamResponse,
+    UsageInfo,
+)
+from pagedllm.entrypoints.openai.serving_base import (
+    SSE_DONE,
+    OpenAIServing,
+    Prompt,
+    SSEResponse,
+    cancel_on_disconnect,
+    merge_async_iterators,
+    sse,
+    sse_error,
+)
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    """Turns a CompletionRequest into engine requests (one per prompt) and back."""
+
+    request_id_prefix = "cmpl"
+
+    async def create_completion(self, request: CompletionRequest,
+                                raw_request: Request | None = None) -> Response:
+        model_name = self.check_common(request)
+        if request.suffix is not None:
+            raise BadRequestError("suffix is not supported.", param="suffix")
+        self.check_logprobs(request.logprobs, "logprobs")
+        prompts = self._prompts(request)
+        stream = bool(request.stream)
+        params = [
+            self.sampling_params(
+                request,
+                max_tokens=self.resolve_max_tokens(len(p.token_ids), request.max_tokens),
+                logprobs=request.logprobs,
+                stream=stream,
+            )
+            for p in prompts
+        ]
+        request_id = self.request_id(raw_request, request)
+        engine_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        created = int(time.time())
+        if stream:
+            return SSEResponse(self._stream(request, model_name, request_id, created,
+                                            prompts, params, engine_ids))
+        work = self._full(request, model_name, request_id, created, prompts, params, engine_ids)
+        response = await (cancel_on_disconnect(raw_request, work) if raw_request else work)
+        if response is None:  # client went away
+            return Response(status_code=499)
+        return JSONResponse(response.model_dump(mode="json"))
+
+    # ------------------------------------------------------------------ prompts
+    def _prompts(self, request: CompletionRequest) -> list[Prompt]:
+        raw = request.prompt
+        truncate = request.truncate_prompt_tokens
+        if isinstance(raw, str):
+            items: list[Any] = [raw]
+        elif not raw:
+            raise BadRequestError("prompt must not be empty.", param="prompt")
+        elif all(isinstance(x, int) for x in raw):
+            items = [raw]
+        else:
+            items = list(raw)
+        prompts = []
+        for item in items:
+            if isinstance(item, str):
+                ids = self.tokenize(item, request.add_special_tokens)
+                prompts.append(self.make_prompt(ids, item, "prompt", truncate))
+            else:
+                prompts.append(self.make_prompt(list(item), None, "prompt", truncate))
+        return prompts
+
+    def _text(self, request: CompletionRequest, prompt: Prompt, text: str) -> str:
+        return self.prompt_text(prompt) + text if request.echo else text
+
+    # ------------------------------------------------------------------ non-streaming
+    async def _full(self, request: CompletionRequest, model_name: str, request_id: str,
+                    created: int, prompts: list[Prompt], params: list[SamplingParams],
+                    engine_ids: list[str]) -> CompletionResponse:
+        finals: list[Any] = [None] * len(prompts)
+        unfinished = set(engine_ids)
+        streams = [self.generate(p, sp, rid) for p, sp, rid in zip(prompts, params, engine_ids,
+                                                                   strict=True)]
+        try:
+            async for i, output in merge_async_iterators(*streams):
+                finals[i] = output
+                if output.finished:
+                    unfinished.discard(engine_ids[i])
+        finally:
+            await self.abort(sorted(unfinished))
+
+        choices: list[CompletionResponseChoice] = []
+        prompt_tokens = completion_tokens = 0
+        for i, (prompt, final) in enumerate(zip(prompts, finals, strict=True)):
+            if final is None:
+                raise RuntimeError(f"The engine returned no output for request {engine_ids[i]}.")
+            prompt_tokens += len(final.prompt_token_ids or prompt.token_ids)
+            for out in sorted(final.outputs, key=lambda o: o.index):
+                completion_tokens += len(out.token_ids)
+                offset = len(self.prompt_text(prompt)) if request.echo else 0
+                choices.append(CompletionResponseChoice(
+                    index=i * request.n + out.index,
+                    text=self._text(request, prompt, out.text),
+                    logprobs=(self.completion_logprobs(out.token_ids, out.logprobs,
+                                                       request.logprobs, offset)
+                              if request.logprobs is not None else None),
+                    finish_reason=out.finish_reason,
+                    stop_reason=out.stop_reason,
+                ))
+        return CompletionResponse(
+            id=request_id,
+            created=created,
+            model=model_name,
+            choices=choices,
+            usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                            total_tokens=prompt_tokens + completion_tokens),
+        )
+
+    # ------------------------------------------------------------------ streaming
+    async def _stream(self, request: CompletionRequest, model_name: str, request_id: str,
+                      created: int, prompts: list[Prompt], params: list[SamplingParams],
+                      engine_ids: list[str]) -> AsyncIterator[str]:
+        n = request.n
+        num_choices = len(prompts) * n
+        finished = [False] * num_choices
+        echoed = [False] * num_choices
+        text_offset = [0] * num_choices
+        completion_tokens = [0] * num_choices
+        prompt_tokens = sum(len(p.token_ids) for p in prompts)
+        options = request.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = bool(include_usage and options and options.continuous_usage_stats)
+        unfinished = set(engine_ids)
+
+        def usage() -> UsageInfo:
+            done = sum(completion_tokens)
+            return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=done,
+                             total_tokens=prompt_tokens + done)
+
+        streams = [self.generate(p, sp, rid) for p, sp, rid in zip(prompts, params, engine_ids,
+                                                                   strict=True)]
+        merged = merge_async_iterators(*streams)
+        try:
+            async for i, output in merged:
+                if output.finished:
+                    unfinished.discard(engine_ids[i])
+                for out in output.outputs:
+                    idx = i * n + out.index
+                    if finished[idx]:
+                        continue
+                    text = out.text
+                    if request.echo and not echoed[idx]:
+                        text = self.prompt_text(prompts[i]) + text
+                        text_offset[idx] = len(self.prompt_text(prompts[i]))
+                        echoed[idx] = True
+                    completion_tokens[idx] += len(out.token_ids)
+                    if not text and not out.token_ids and out.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if request.logprobs is not None:
+                        logprobs = self.completion_logprobs(out.token_ids, out.logprobs,
+                                                            request.logprobs, text_offset[idx])
+                        text_offset[idx] += len(out.text)
+                    chunk = CompletionStreamResponse(
+                        id=request_id, created=created, model=model_name,
+                        choices=[CompletionResponseStreamChoice(
+                            index=idx, text=text, logprobs=logprobs,
+                            finish_reason=out.finish_reason, stop_reason=out.stop_reason)],
+                        usage=usage() if continuous else None,
+                    )
+                    yield sse(chunk, include_usage)
+                    if out.finish_reason is not None:
+                        finished[idx] = True
+            if include_usage:
+                yield sse(CompletionStreamResponse(id=request_id, created=created,
+                                                   model=model_name, choices=[], usage=usage()),
+                          include_usage)
+        except Exception as e:
+            if not isinstance(e, OpenAIError):
+                logger.exception("Completion stream %s failed", request_id)
+            yield sse_error(e)
+        finally:
+            await merged.aclose()
+            await self.abort(sorted(unfinished))
+        yield SSE_DONE
