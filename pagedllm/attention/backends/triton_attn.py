@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from pagedllm.attention.backends.abstract import (
@@ -82,7 +80,9 @@ class TritonAttentionBackend(AttentionBackend):
         """True on a CUDA device with triton importable."""
         if not str(device).startswith("cuda"):
             return False
-        if importlib.util.find_spec("triton") is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
             return False
         return torch.cuda.is_available()
 
