@@ -15,7 +15,12 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from pagedllm.models.bert import BertEmbeddingModel, BertModel  # noqa: E402
+from pagedllm.models.bert import (  # noqa: E402
+    BertEmbeddingModel,
+    BertModel,
+    _AttentionMetadata,
+    _group_by_length,
+)
 from pagedllm.models.pooling import Pooler, PoolingType  # noqa: E402
 from pagedllm.pooling_params import PoolingParams  # noqa: E402
 
@@ -165,9 +170,9 @@ def _randomize(model: torch.nn.Module) -> None:
 
 
 def _compare_with_hf(hf_model: torch.nn.Module, cfg: object, folder: str, lo: int,
-                     use_types: bool) -> None:
+                     use_types: bool, lens: list[int] | None = None) -> None:
     gen = torch.Generator().manual_seed(1)
-    lens = [5, 1, 17, 9, 30]
+    lens = lens or [5, 1, 17, 9, 30]
     seqs = [torch.randint(lo, cfg.vocab_size, (n,), generator=gen).tolist() for n in lens]
     types = [torch.randint(0, cfg.type_vocab_size, (n,), generator=gen) for n in lens]
     ours = BertModel(cfg).eval()
@@ -193,6 +198,21 @@ def test_tiny_bert_matches_hf(tmp_path: pytest.TempPathFactory) -> None:
     saved = transformers.AutoConfig.from_pretrained(str(tmp_path))
     _compare_with_hf(hf, saved, str(tmp_path), lo=0, use_types=True)
     _compare_with_hf(hf, saved, str(tmp_path), lo=0, use_types=False)
+    # Many lengths: attention runs in several padded groups, results come back in order.
+    lens = [3, 60, 1, 7, 7, 64, 2, 33, 7, 50, 12, 64, 1, 40, 5, 20, 8, 9, 10, 61]
+    meta = _AttentionMetadata(lens, torch.device("cpu"))
+    assert len(meta.groups) > 1 and meta.scatter is not None
+    _compare_with_hf(hf, saved, str(tmp_path), lo=0, use_types=True, lens=lens)
+    _compare_with_hf(hf, saved, str(tmp_path), lo=0, use_types=True, lens=[16] * 4)
+
+
+def test_group_by_length() -> None:
+    assert _group_by_length([4, 4, 4], 16384) == [3]
+    assert _group_by_length([1], 16384) == [1]
+    # Far apart lengths are split, close ones kept together; groups cover everything.
+    ends = _group_by_length([1, 2, 2, 3, 200, 200, 201], 1000)
+    assert ends[-1] == 7 and 4 in ends
+    assert _group_by_length([1, 2, 3, 200], 10**12) == [4]
 
 
 def test_tiny_bert_masked_lm_checkpoint_loads(tmp_path: pytest.TempPathFactory) -> None:

