@@ -478,15 +478,6 @@ def test_concurrent_streams_and_aborts_free_blocks(server, llm):
     assert elapsed < 240
 
 
-def test_non_streaming_disconnect_aborts(server):
-    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": MAX_MODEL_LEN - 16,
-            "ignore_eos": True, "n": 4}
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.url_for("v1/completions"), json=body, timeout=0.3)
-    stats = server.wait_idle(timeout=15)
-    assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
-
-
 # --------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("body,param", [
     ({"prompt": PROMPT, "temperature": -1}, "temperature"),
@@ -633,13 +624,42 @@ def test_api_key(key_server, model_path):
     assert good.models.list().data
 
 
-# --------------------------------------------------------------------------- faults
-class _FaultyEngine:
-    """Wraps AsyncLLM; `generate` raises a RuntimeError while `fail` is set."""
+# --------------------------------------------------------------------------- in-process
+class _SpyEngine:
+    """Wraps a real AsyncLLM for in-process tests.
+
+    Records which request ids reach the engine core's `abort_request`, counts the tokens
+    each request generated (streaming uses DELTA outputs), can slow each engine step down,
+    and makes `generate` raise a RuntimeError while `fail` is set (a real server fault).
+    """
 
     def __init__(self, engine) -> None:
         self._engine = engine
         self.fail = False
+        self.step_delay = 0.0
+        self.aborted: list[str] = []
+        self.tokens: dict[str, int] = {}
+        self.finished: dict[str, list[str | None]] = {}
+        core = engine.engine
+        step, abort = core.step, core.abort_request
+
+        def spy_step():
+            if self.step_delay:
+                time.sleep(self.step_delay)
+            outputs = step()
+            for out in outputs:
+                self.tokens[out.request_id] = self.tokens.get(out.request_id, 0) + sum(
+                    len(c.token_ids) for c in out.outputs)
+                if out.finished:
+                    self.finished[out.request_id] = [c.finish_reason for c in out.outputs]
+            return outputs
+
+        def spy_abort(request_ids):
+            ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+            self.aborted.extend(ids)
+            return abort(request_ids)
+
+        core.step, core.abort_request = spy_step, spy_abort
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
@@ -651,7 +671,9 @@ class _FaultyEngine:
             yield out
 
 
-def test_server_fault_gives_500_and_engine_survives(model_path):
+@pytest.fixture(scope="module")
+def inproc(model_path):
+    """(ThreadServer, _SpyEngine): build_app around a real AsyncLLM in this process."""
     import argparse
 
     from pagedllm.config import EngineArgs
@@ -659,32 +681,105 @@ def test_server_fault_gives_500_and_engine_survives(model_path):
     from pagedllm.entrypoints.openai.api_server import build_app
 
     engine = AsyncLLM.from_engine_args(EngineArgs(
-        model=model_path, device="cpu", max_model_len=128, num_gpu_blocks_override=64))
-    faulty = _FaultyEngine(engine)
+        model=model_path, device="cpu", max_model_len=MAX_MODEL_LEN,
+        num_gpu_blocks_override=NUM_BLOCKS))
+    spy = _SpyEngine(engine)
     args = argparse.Namespace(served_model_name=["m"], api_key="k2", chat_template=None)
     try:
-        with ThreadServer(build_app(faulty, args), api_key="k2") as srv:
-            client = srv.get_client()
-            faulty.fail = True
-            with pytest.raises(openai.InternalServerError) as e:
-                client.completions.create(model="m", prompt=PROMPT, max_tokens=4)
-            assert e.value.body["type"] == "InternalServerError"
-            assert "injected" not in e.value.body["message"]  # details stay in the log
-            resp = _post(srv, "v1/chat/completions", {"model": "m", "messages": MESSAGES,
-                                                      "stream": True, "max_tokens": 4})
-            assert resp.status_code == 200
-            events = _sse_events(resp)
-            error = json.loads(events[-2])["error"]
-            assert error["code"] == 500 and error["type"] == "InternalServerError"
-            faulty.fail = False
-            assert httpx.get(srv.url_for("health")).status_code == 200
-            out = client.completions.create(model="m", prompt=PROMPT, max_tokens=3,
-                                            extra_body=NO_EOS)
-            assert out.usage.completion_tokens == 3
-            stats = srv.wait_idle()
-            assert stats["num_free_blocks"] == stats["num_total_blocks"]
+        with ThreadServer(build_app(spy, args), api_key="k2") as srv:
+            yield srv, spy
     finally:
         engine.shutdown()
+
+
+async def _close_some_streams(srv, n_total: int, n_close: int, max_tokens: int) -> list[int]:
+    client = srv.get_async_client()
+
+    async def run(i: int) -> int:
+        stream = await client.completions.create(
+            model="m", prompt=f"Request {i}", max_tokens=max_tokens, stream=True,
+            extra_body=NO_EOS, extra_headers={"X-Request-Id": f"r{i}"})
+        seen = 0
+        async for chunk in stream:
+            seen += len(chunk.choices)
+            if i < n_close and seen >= 3:
+                await stream.close()
+                break
+        return seen
+
+    try:
+        return await asyncio.wait_for(
+            asyncio.gather(*(run(i) for i in range(n_total))), timeout=240)
+    finally:
+        await client.close()
+
+
+def test_closed_streams_are_aborted_in_the_engine(inproc):
+    srv, spy = inproc
+    spy.step_delay = 0.01  # 200 tokens take > 2 s: a closed stream cannot finish first
+    try:
+        seen = asyncio.run(_close_some_streams(srv, 32, 8, max_tokens=200))
+    finally:
+        spy.step_delay = 0.0
+    assert seen[:8] == [3] * 8
+    closed = {f"cmpl-r{i}-0" for i in range(8)}
+    assert closed <= set(spy.aborted)
+    for rid in closed:
+        assert rid not in spy.finished and spy.tokens.get(rid, 0) < 200, rid
+    for i in range(8, 32):
+        assert spy.finished[f"cmpl-r{i}-0"] == ["length"]
+        assert spy.tokens[f"cmpl-r{i}-0"] == 200
+    stats = srv.wait_idle(timeout=30)
+    assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
+
+
+def test_non_streaming_disconnect_is_aborted_in_the_engine(inproc):
+    srv, spy = inproc
+    spy.step_delay = 0.01
+    try:
+        body = {"model": "m", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True,
+                "n": 3, "request_id": "gone"}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.url_for("v1/completions"), json=body, headers=srv.headers(),
+                       timeout=0.5)
+        stats = srv.wait_idle(timeout=10)
+    finally:
+        spy.step_delay = 0.0
+    assert "cmpl-gone-0" in spy.aborted
+    assert "cmpl-gone-0" not in spy.finished
+    assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
+
+
+def test_server_fault_gives_500_and_engine_survives(inproc):
+    srv, spy = inproc
+    client = srv.get_client()
+    spy.fail = True
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model="m", prompt=PROMPT, max_tokens=4)
+        assert e.value.body["type"] == "InternalServerError"
+        assert "injected" not in e.value.body["message"]  # details stay in the log
+        resp = _post(srv, "v1/chat/completions", {"model": "m", "messages": MESSAGES,
+                                                  "stream": True, "max_tokens": 4})
+        assert resp.status_code == 200
+        events = _sse_events(resp)
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == 500 and error["type"] == "InternalServerError"
+    finally:
+        spy.fail = False
+    assert httpx.get(srv.url_for("health")).status_code == 200
+    out = client.completions.create(model="m", prompt=PROMPT, max_tokens=3, extra_body=NO_EOS)
+    assert out.usage.completion_tokens == 3
+    stats = srv.wait_idle()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+def test_api_key_from_args(inproc):
+    srv, _ = inproc
+    assert srv.get_client().models.list().data[0].id == "m"
+    with pytest.raises(openai.AuthenticationError):
+        srv.get_client(api_key="k3").models.list()
+    assert httpx.get(srv.url_for("health")).status_code == 200
 
 
 # --------------------------------------------------------------------------- CLI

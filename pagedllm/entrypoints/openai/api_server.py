@@ -117,7 +117,11 @@ def _served_names(args: argparse.Namespace, engine: Any) -> list[str]:
         return list(names)
     config = engine.model_config
     name = getattr(config, "served_model_name", None) or getattr(config, "model", None)
-    return [name or "default"]
+    if not name:  # no model given: the engine serves its built-in default model
+        from pagedllm.models.loader.gguf_loader import DEFAULT_MODEL_NAME
+
+        name = DEFAULT_MODEL_NAME
+    return [name]
 
 
 def build_app(engine: Any, args: argparse.Namespace | None = None) -> FastAPI:
@@ -129,8 +133,8 @@ def build_app(engine: Any, args: argparse.Namespace | None = None) -> FastAPI:
     args = args if args is not None else argparse.Namespace()
     app = FastAPI(title="pagedllm OpenAI-compatible API", version=server_version())
     config = engine.model_config
-    models = OpenAIServingModels(_served_names(args, engine), getattr(config, "model", None),
-                                 int(config.max_model_len))
+    root = getattr(config, "model", None) or getattr(config, "model_path", None)
+    models = OpenAIServingModels(_served_names(args, engine), root, int(config.max_model_len))
     chat_template = load_chat_template(getattr(args, "chat_template", None))
     chat = OpenAIServingChat(engine, models, chat_template)
     app.state.engine = engine
@@ -300,7 +304,8 @@ def _describe(engine: Any, engine_args: Any) -> str:
         blocks = f"{stats.get('num_total_blocks')} KV blocks"
     except Exception:
         blocks = "unknown KV blocks"
-    return (f"model {getattr(config, 'model', None)!r} on {device}, {blocks}, "
+    model = getattr(config, "model", None) or getattr(config, "model_path", None)
+    return (f"model {model!r} on {device}, {blocks}, "
             f"max_model_len {config.max_model_len}")
 
 
@@ -311,10 +316,10 @@ def run_server(args: argparse.Namespace) -> int:
 
     try:
         engine_args = engine_args_from(args)
-    except ValueError as e:
-        logger.error("%s", e)
+        engine = AsyncLLM.from_engine_args(engine_args)
+    except ValueError as e:  # bad flags or model: say what to fix, no traceback
+        logger.error("Cannot start the engine: %s", e)
         return 2
-    engine = AsyncLLM.from_engine_args(engine_args)
     try:
         app = build_app(engine, args)
         config = uvicorn.Config(
