@@ -498,6 +498,8 @@ def test_concurrent_streams_and_aborts_free_blocks(server, llm):
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": PROMPT, "stream": False, "stream_options": {"include_usage": True}}, None),
     ({"prompt": PROMPT, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"prompt": PROMPT, "logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"prompt": PROMPT, "stop_token_ids": [99999]}, "stop_token_ids"),
     ({"prompt": PROMPT, "use_beam_search": True}, "use_beam_search"),
     ({"prompt": PROMPT, "suffix": "x"}, "suffix"),
     ({"prompt": PROMPT, "response_format": {"type": "json_object"}}, "response_format"),
@@ -772,6 +774,21 @@ def test_server_fault_gives_500_and_engine_survives(inproc):
     assert out.usage.completion_tokens == 3
     stats = srv.wait_idle()
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+def test_health_reports_a_dead_engine(inproc):
+    srv, spy = inproc
+
+    async def dead() -> None:
+        raise RuntimeError("engine loop died")
+
+    spy.check_health = dead
+    try:
+        err = _assert_error(httpx.get(srv.url_for("health")), 503)
+        assert "engine" in err["message"]
+    finally:
+        del spy.check_health
+    assert httpx.get(srv.url_for("health")).status_code == 200
 
 
 def test_api_key_from_args(inproc):

@@ -77,8 +77,7 @@ def render_chat(
     """
     if not messages:
         raise BadRequestError("messages must not be empty.", param="messages")
-    template = chat_template or getattr(tokenizer, "chat_template", None)
-    if not template:
+    if not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise BadRequestError(
             "This model has no chat template, so chat completions cannot be rendered. Start "
             "the server with --chat-template <file> or use /v1/completions.", param="messages")
@@ -90,7 +89,7 @@ def render_chat(
     try:
         text = tokenizer.apply_chat_template(
             to_conversation(messages),
-            chat_template=template,
+            chat_template=chat_template or None,  # None: the tokenizer's own template(s)
             tools=tools,
             documents=documents,
             add_generation_prompt=add_generation_prompt,

@@ -104,8 +104,9 @@ class OpenAIServing:
                     raise BadRequestError(f"logit_bias keys must be token ids, got {key!r}.",
                                           param="logit_bias")
                 self.check_token_id(int(key), "logit_bias")
-        for tid in request.allowed_token_ids or ():
-            self.check_token_id(tid, "allowed_token_ids")
+        for name in ("allowed_token_ids", "stop_token_ids"):
+            for tid in getattr(request, name) or ():
+                self.check_token_id(tid, name)
         if request.prompt_logprobs is not None and request.prompt_logprobs > self.max_logprobs:
             raise BadRequestError(
                 f"prompt_logprobs={request.prompt_logprobs} is more than this server allows "
