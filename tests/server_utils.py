@@ -94,7 +94,8 @@ class RemoteServer(_ServerBase):
             cmd += ["--model", model]
         cmd += ["--host", self.host, "--port", str(self.port)] + list(args or [])
         self.cmd = cmd
-        self._env = {**os.environ, "PYTHONPATH": REPO_ROOT, **(env or {})}
+        pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+        self._env = {**os.environ, "PYTHONPATH": pythonpath, **(env or {})}
         self._startup_timeout = startup_timeout
         self._log = tempfile.NamedTemporaryFile(prefix="pagedllm-server-", suffix=".log",
                                                 delete=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import pytest
 from model_utils import make_tiny_model
 from server_utils import REPO_ROOT, RemoteServer, ThreadServer
 
+# The tests run on CPU; PAGEDLLM_TEST_DEVICE=cuda runs the same servers on a GPU.
+DEVICE = os.environ.get("PAGEDLLM_TEST_DEVICE", "cpu")
 MODEL_NAME = "tiny-llama"
 MAX_MODEL_LEN = 256
 NUM_BLOCKS = 512
@@ -42,7 +45,7 @@ def model_path(tmp_path_factory) -> str:
 def server(model_path):
     srv = RemoteServer(model_path, [
         "--served-model-name", MODEL_NAME, "alias-name",
-        "--device", "cpu",
+        "--device", DEVICE,
         "--max-model-len", str(MAX_MODEL_LEN),
         "--num-gpu-blocks-override", str(NUM_BLOCKS),
         "--max-num-seqs", "64",
@@ -66,7 +69,7 @@ def client(server) -> openai.OpenAI:
 def llm(model_path):
     from pagedllm.entrypoints.llm import LLM
 
-    return LLM(model_path, device="cpu", max_model_len=MAX_MODEL_LEN,
+    return LLM(model_path, device=DEVICE, max_model_len=MAX_MODEL_LEN,
                num_gpu_blocks_override=128)
 
 
@@ -593,7 +596,7 @@ def test_unknown_fields_are_ignored(client):
 @pytest.fixture(scope="module")
 def key_server(model_path):
     # The key comes from the environment; the server runs through `python -m ...api_server`.
-    srv = RemoteServer(model_path, ["--device", "cpu", "--max-model-len", "128",
+    srv = RemoteServer(model_path, ["--device", DEVICE, "--max-model-len", "128",
                                     "--num-gpu-blocks-override", "64"],
                        module="pagedllm.entrypoints.openai.api_server",
                        env={"PAGEDLLM_API_KEY": "sk-test-key"}, api_key="sk-test-key")
@@ -683,7 +686,7 @@ def inproc(model_path):
     from pagedllm.entrypoints.openai.api_server import build_app
 
     engine = AsyncLLM.from_engine_args(EngineArgs(
-        model=model_path, device="cpu", max_model_len=MAX_MODEL_LEN,
+        model=model_path, device=DEVICE, max_model_len=MAX_MODEL_LEN,
         num_gpu_blocks_override=NUM_BLOCKS))
     spy = _SpyEngine(engine)
     args = argparse.Namespace(served_model_name=["m"], api_key="k2", chat_template=None)
