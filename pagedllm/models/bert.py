@@ -105,7 +105,7 @@ class _AttentionMetadata:
         if all(n == longest for n in seq_lens):
             self.groups.append((len(seq_lens), longest, None))
             return
-        call_cost = 16384 if device.type == "cpu" else 65536
+        call_cost = 65536 if device.type == "cpu" else 131072
         order = sorted(range(len(seq_lens)), key=seq_lens.__getitem__)
         sorted_lens = [seq_lens[i] for i in order]
         starts = [0] * len(seq_lens)
