@@ -70,6 +70,7 @@ class ModelConfig:
     max_logprobs: int = 20
     chat_template: str | None = None
     sliding_window: int | None = None
+    skip_tokenizer_init: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -175,6 +176,7 @@ class EngineArgs:
     max_logprobs: int = 20
     disable_log_stats: bool = False
     chat_template: str | None = None
+    skip_tokenizer_init: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- CLI
@@ -218,6 +220,8 @@ class EngineArgs:
                        help="generate (text generation) or pooling (embeddings); auto picks.")
         g.add_argument("--max-logprobs", type=int, default=20,
                        help="Largest number of logprobs a request may ask for.")
+        g.add_argument("--skip-tokenizer-init", action="store_true",
+                       help="Do not load a tokenizer: prompts must be token ids, no text out.")
         g.add_argument("--disable-log-stats", action="store_true",
                        help="Do not log periodic throughput statistics.")
         return parser
@@ -279,6 +283,7 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             chat_template=self.chat_template,
             sliding_window=sliding_window if isinstance(sliding_window, int) else None,
+            skip_tokenizer_init=self.skip_tokenizer_init,
         )
         kv_bytes = self.kv_cache_memory_bytes
         if isinstance(kv_bytes, str):

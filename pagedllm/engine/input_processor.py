@@ -91,6 +91,9 @@ def tokenize_prompt(prompt: PromptType, tokenizer: Any, model_config: ModelConfi
             f"{type(prompt).__name__}."
         )
     if ids is None:
+        if tokenizer is None:
+            raise ValueError("Text prompts need a tokenizer, but the engine was started with "
+                             "skip_tokenizer_init=True; pass {'prompt_token_ids': [...]}.")
         if not text:
             raise ValueError("The prompt is empty; pass at least one character or token.")
         ids = tokenizer.encode(text, add_special_tokens=True)

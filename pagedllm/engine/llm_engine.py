@@ -35,8 +35,14 @@ class LLMEngine:
                 f"{config.model.architecture} was loaded with runner="
                 f"{config.model.runner!r}; text generation needs runner='generate'."
             )
-        self.tokenizer = load_tokenizer(config.model)
-        self.eos_token_id, self.extra_eos_ids = eos_token_ids(config.model, self.tokenizer)
+        if config.model.skip_tokenizer_init:
+            self.tokenizer = None
+            eos = getattr(config.model.hf_config, "eos_token_id", None)
+            self.eos_token_id = eos[0] if isinstance(eos, list) and eos else eos
+            self.extra_eos_ids: set[int] = set(eos[1:]) if isinstance(eos, list) else set()
+        else:
+            self.tokenizer = load_tokenizer(config.model)
+            self.eos_token_id, self.extra_eos_ids = eos_token_ids(config.model, self.tokenizer)
         from pagedllm.worker.executor import make_executor
 
         self.executor = make_executor(config)
@@ -104,6 +110,11 @@ class LLMEngine:
         """Fill engine-known parts of the params (extra EOS ids, bad words) and check
         limits that depend on the model."""
         params._all_stop_token_ids |= self.extra_eos_ids
+        if self.tokenizer is None:
+            if params.stop:
+                raise ValueError("stop strings need a tokenizer; the engine was started with "
+                                 "skip_tokenizer_init=True.")
+            params.detokenize = False
         vocab = self.model_config.vocab_size
         for name in ("stop_token_ids", "allowed_token_ids"):
             for tid in getattr(params, name) or []:

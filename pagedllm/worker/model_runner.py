@@ -42,6 +42,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self._generators: dict[str, torch.Generator] = {}
+        self.graphs: Any = None  # DecodeGraphs once captured
 
     # ------------------------------------------------------------ KV cache
     def kv_heads_per_rank(self) -> int:
@@ -197,7 +198,11 @@ class ModelRunner:
         if out.is_empty:
             return {}
         input_ids, positions, md, sample_rows = self.prepare_inputs(out)
-        hidden = self.model(input_ids, positions, self.kv_caches, md)
+        graph = self.graphs.lookup(md) if self.graphs is not None else None
+        if graph is not None:
+            hidden = self.graphs.replay(graph, input_ids, positions, md)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, md)
         if not sample_rows:
             return {}
         sampling_reqs = [it.request for it in out.scheduled if it.samples]
@@ -207,6 +212,18 @@ class ModelRunner:
         return {req.request_id: tok for req, tok in zip(sampling_reqs, ids)}
 
     def warm_up(self) -> None:
-        """Nothing to capture on CPU; CUDA graph capture hooks in here."""
+        """Capture CUDA graphs for decode batches (unless enforce_eager or on CPU)."""
+        if (self.device.type != "cuda" or self.config.device.enforce_eager
+                or not self.backend.supports_cuda_graphs()):
+            return
+        from pagedllm.worker.cuda_graphs import DecodeGraphs
+
         start = time.perf_counter()
-        logger.debug("Warm-up took %.2f s", time.perf_counter() - start)
+        sched = self.config.scheduler
+        self.graphs = DecodeGraphs(
+            self.model, self.kv_caches, self.device,
+            max_batch_size=min(sched.max_num_seqs, 512),
+            max_blocks_per_seq=cdiv(sched.max_model_len, self.block_size))
+        self.graphs.capture()
+        logger.info("Captured CUDA graphs for %d decode batch sizes (up to %d) in %.1f s",
+                    len(self.graphs.sizes), self.graphs.sizes[-1], time.perf_counter() - start)

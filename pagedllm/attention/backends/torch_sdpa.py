@@ -39,6 +39,9 @@ def _causal_mask(q_len: int, kv_len: int, window: int | None, device: torch.devi
     return mask
 
 
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 class TorchSDPAImpl(AttentionImpl):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
@@ -69,16 +72,23 @@ class TorchSDPAImpl(AttentionImpl):
         """Causal attention of q [n, Hq, D] (the last n positions) over k/v [L, Hkv, D]."""
         group = self.num_heads // self.num_kv_heads
         q_len, kv_len = q.shape[0], k.shape[0]
+        kwargs = {}
         if group > 1:
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+            if _SDPA_HAS_GQA:
+                kwargs["enable_gqa"] = True
+            else:
+                k = k.repeat_interleave(group, dim=1)
+                v = v.repeat_interleave(group, dim=1)
+        # 4-D contiguous [1, heads, len, dim] inputs take SDPA's fast fused CPU kernel.
+        q, k, v = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
         if q_len == kv_len and self.sliding_window is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                               **kwargs)
         else:
             mask = _causal_mask(q_len, kv_len, self.sliding_window, q.device)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return o.transpose(0, 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                               **kwargs)
+        return o[0].transpose(0, 1)
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
                 rows: list[int], qsl: list[int], seq_lens: list[int], out: torch.Tensor) -> None:

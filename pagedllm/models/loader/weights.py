@@ -46,12 +46,15 @@ def iterate_pt(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 def init_dummy_weights(model: nn.Module, seed: int = 0, scale: float = 1e-3) -> None:
     """Random weights for benchmarks: uniform in [-scale, scale], norms at one."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
             module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
             if "norm" in module:
                 param.fill_(1.0)
                 continue
-            values = torch.rand(param.shape, generator=gen, dtype=torch.float32)
-            param.copy_((values * 2 - 1) * scale)
+            gen = generators.get(param.device)
+            if gen is None:
+                gen = torch.Generator(device=param.device).manual_seed(seed)
+                generators[param.device] = gen
+            param.uniform_(-scale, scale, generator=gen)

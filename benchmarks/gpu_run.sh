@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, then the throughput workloads and the decode microbenchmark.
+# Usage (repo root, on the GPU machine): OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel]...
+set -u
+OUT=${OUT:-/tmp/pagedllm-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+parts=${*:-tests w1 8b kernel}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
+for part in $parts; do
+  case $part in
+    tests) timeout 240 python -m pytest tests/gpu -q -x -p no:cacheprovider 2>&1 \
+             | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    w1) timeout 300 python benchmarks/throughput.py --preset qwen2.5-0.5b --device cuda \
+          --num-prompts 256 --input-len 100 1024 --output-len 100 1024 \
+          --hf-num-prompts 32 --json "$OUT/w1.json" 2>&1 | tee "$OUT/w1.log" | tail -8 ;;
+    8b) timeout 300 python benchmarks/throughput.py --preset llama-3-8b --device cuda \
+          --num-prompts 1000 --input-len 256 256 --output-len 256 256 \
+          --hf-num-prompts 64 --json "$OUT/llama8b.json" 2>&1 | tee "$OUT/llama8b.log" | tail -8 ;;
+    kernel) timeout 120 python benchmarks/kernel_decode.py 2>&1 | tee "$OUT/kernel.log" | tail -12 ;;
+  esac
+done
