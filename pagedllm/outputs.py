@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+
 # One position's logprobs: token id -> Logprob.
 @dataclass
 class Logprob:
