@@ -9,6 +9,7 @@ Both kinds listen on 127.0.0.1 on a free port and are stopped (bounded in time) 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -157,8 +158,15 @@ class ThreadServer(_ServerBase):
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
                                 timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn",
-                                       daemon=True)
+        self.loop = asyncio.new_event_loop()  # the server's loop (call_soon_threadsafe)
+        self.thread = threading.Thread(target=self._run, name="test-uvicorn", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.serve())
+        finally:
+            self.loop.close()
 
     def __enter__(self) -> ThreadServer:
         self.thread.start()

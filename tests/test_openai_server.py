@@ -794,6 +794,60 @@ def test_health_reports_a_dead_engine(inproc):
     assert httpx.get(srv.url_for("health")).status_code == 200
 
 
+def test_drain_on_shutdown_ends_streams_cleanly(inproc):
+    """What SIGTERM does first: running streams end with finish_reason "abort" + [DONE]."""
+    srv, spy = inproc
+    streams = srv.server.config.app.state.streams
+    spy.step_delay = 0.01
+    try:
+        with httpx.stream("POST", srv.url_for("v1/chat/completions"), headers=srv.headers(),
+                          json={"model": "m", "messages": MESSAGES, "max_tokens": 200, "n": 2,
+                                "ignore_eos": True, "stream": True,
+                                "stream_options": {"include_usage": True}},
+                          timeout=30) as resp:
+            lines = resp.iter_lines()
+            events = [next(x for x in lines if x)]  # the first chunk: generation is running
+            assert len(streams) == 1
+            _call_in_server_loop(srv, streams.drain)
+            events += [x for x in lines if x]
+        body = [json.loads(e[len("data: "):]) for e in events[:-1]]
+        assert events[-1] == "data: [DONE]"
+        reasons = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"]
+                   for c in body if c["choices"] and c["choices"][0]["finish_reason"]}
+        assert reasons == {0: "abort", 1: "abort"}
+        assert body[-1]["choices"] == [] and body[-1]["usage"]["completion_tokens"] < 400
+        # While draining, new generations are refused with 503.
+        resp = _post(srv, "v1/completions", {"model": "m", "prompt": PROMPT, "max_tokens": 2})
+        _assert_error(resp, 503)
+        stats = srv.wait_idle(timeout=10)
+        assert stats["num_free_blocks"] == stats["num_total_blocks"]
+    finally:
+        spy.step_delay = 0.0
+        streams.draining = False
+    _assert_serving_model(srv, "m")
+
+
+def _call_in_server_loop(srv, fn) -> None:
+    """Run `fn()` on the event loop of a ThreadServer and wait for it."""
+    import concurrent.futures
+
+    loop = srv.loop
+    done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def run() -> None:
+        fn()
+        done.set_result(None)
+
+    loop.call_soon_threadsafe(run)
+    done.result(timeout=10)
+
+
+def _assert_serving_model(srv, model: str) -> None:
+    out = srv.get_client().completions.create(model=model, prompt=PROMPT, max_tokens=2,
+                                              extra_body=NO_EOS)
+    assert out.usage.completion_tokens == 2
+
+
 def test_api_key_from_args(inproc):
     srv, _ = inproc
     assert srv.get_client().models.list().data[0].id == "m"

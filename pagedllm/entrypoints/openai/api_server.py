@@ -25,6 +25,7 @@ import hmac
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,7 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeRequest,
     VersionResponse,
 )
+from pagedllm.entrypoints.openai.serving_base import StreamRegistry
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
@@ -136,10 +138,12 @@ def build_app(engine: Any, args: argparse.Namespace | None = None) -> FastAPI:
     root = getattr(config, "model", None) or getattr(config, "model_path", None)
     models = OpenAIServingModels(_served_names(args, engine), root, int(config.max_model_len))
     chat_template = load_chat_template(getattr(args, "chat_template", None))
-    chat = OpenAIServingChat(engine, models, chat_template)
+    streams = StreamRegistry()
+    chat = OpenAIServingChat(engine, models, chat_template, streams)
     app.state.engine = engine
     app.state.models = models
-    app.state.completion = OpenAIServingCompletion(engine, models)
+    app.state.streams = streams  # in-flight generations; drained on shutdown
+    app.state.completion = OpenAIServingCompletion(engine, models, streams)
     app.state.chat = chat
     app.state.tokenization = OpenAIServingTokenization(engine, models, chat)
 
@@ -284,6 +288,15 @@ class _Server(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # End in-flight generations first (streams get finish_reason "abort" and [DONE]),
+        # so that open connections close before the graceful-shutdown timeout.
+        streams = getattr(getattr(self.config.app, "state", None), "streams", None)
+        if streams is not None and len(streams):
+            logger.info("Aborting %d in-flight request(s).", len(streams))
+            streams.drain()
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:

@@ -58,14 +58,54 @@ class Prompt:
     text: str | None = None
 
 
+class ServerShuttingDown(OpenAIError):
+    """In-flight generations end with this when the server drains for shutdown."""
+
+    status_code = 503
+
+
+class StreamRegistry:
+    """The output queues of in-flight generations, so that shutdown can end them promptly.
+
+    `drain()` (called when SIGINT/SIGTERM arrives) makes every running generation stop:
+    streams send `finish_reason: "abort"` and `[DONE]`, other requests get a 503, and the
+    engine requests are aborted, instead of being cut off at the graceful-shutdown timeout.
+    """
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._queues: set[asyncio.Queue[Any]] = set()
+
+    def register(self, queue: asyncio.Queue[Any]) -> None:
+        if self.draining:
+            raise ServerShuttingDown("The server is shutting down.")
+        self._queues.add(queue)
+
+    def unregister(self, queue: asyncio.Queue[Any]) -> None:
+        self._queues.discard(queue)
+
+    def drain(self) -> None:
+        self.draining = True
+        for queue in list(self._queues):
+            queue.put_nowait(_DRAIN)
+
+    def __len__(self) -> int:
+        return len(self._queues)
+
+
+_DRAIN = object()
+
+
 class OpenAIServing:
     """Base of the endpoint handlers: owns the engine handle and the request checks."""
 
     request_id_prefix = "req"
 
-    def __init__(self, engine: Any, models: OpenAIServingModels) -> None:
+    def __init__(self, engine: Any, models: OpenAIServingModels,
+                 streams: StreamRegistry | None = None) -> None:
         self.engine = engine
         self.models = models
+        self.streams = streams if streams is not None else StreamRegistry()
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.max_model_len: int = int(self.model_config.max_model_len)
@@ -197,6 +237,10 @@ class OpenAIServing:
         except ValueError as e:
             raise BadRequestError(str(e)) from e
 
+    def merge(self, *iterators: AsyncIterator[T]) -> AsyncIterator[tuple[int, T]]:
+        """merge_async_iterators that also ends when the server drains for shutdown."""
+        return merge_async_iterators(*iterators, registry=self.streams)
+
     async def abort(self, request_ids: list[str]) -> None:
         """Abort unfinished requests even while the caller is being cancelled."""
         if not request_ids:
@@ -316,13 +360,17 @@ class SSEResponse(StreamingResponse):
 
 
 async def merge_async_iterators(
-        *iterators: AsyncIterator[T]) -> AsyncIterator[tuple[int, T]]:
+        *iterators: AsyncIterator[T],
+        registry: StreamRegistry | None = None) -> AsyncIterator[tuple[int, T]]:
     """Yield `(index, item)` from several async iterators as items arrive.
 
     Each iterator is drained by its own task; when the consumer stops early, the tasks are
-    cancelled, which closes the engine streams (and so aborts their requests).
+    cancelled, which closes the engine streams (and so aborts their requests). With a
+    `registry`, `registry.drain()` makes this raise ServerShuttingDown.
     """
-    queue: asyncio.Queue[tuple[int, Any, BaseException | None, bool]] = asyncio.Queue()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    if registry is not None:
+        registry.register(queue)
 
     async def drain(index: int, iterator: AsyncIterator[T]) -> None:
         try:
@@ -346,7 +394,10 @@ async def merge_async_iterators(
     remaining = len(tasks)
     try:
         while remaining:
-            index, item, error, done = await queue.get()
+            entry = await queue.get()
+            if entry is _DRAIN:
+                raise ServerShuttingDown("The server is shutting down; request aborted.")
+            index, item, error, done = entry
             if error is not None:
                 raise error
             if done:
@@ -354,6 +405,8 @@ async def merge_async_iterators(
                 continue
             yield index, item
     finally:
+        if registry is not None:
+            registry.unregister(queue)
         for task in tasks:
             task.cancel()
 

@@ -26,9 +26,10 @@ from pagedllm.entrypoints.openai.serving_base import (
     SSE_DONE,
     OpenAIServing,
     Prompt,
+    ServerShuttingDown,
     SSEResponse,
+    StreamRegistry,
     cancel_on_disconnect,
-    merge_async_iterators,
     sse,
     sse_error,
 )
@@ -44,8 +45,9 @@ class OpenAIServingChat(OpenAIServing):
     request_id_prefix = "chatcmpl"
 
     def __init__(self, engine: Any, models: OpenAIServingModels,
-                 chat_template: str | None = None) -> None:
-        super().__init__(engine, models)
+                 chat_template: str | None = None,
+                 streams: StreamRegistry | None = None) -> None:
+        super().__init__(engine, models, streams)
         self.chat_template = chat_template
 
     def render(self, request: Any) -> str:
@@ -104,7 +106,7 @@ class OpenAIServingChat(OpenAIServing):
                     created: int, prompt: Prompt, params: SamplingParams, role: str,
                     echo: str) -> ChatCompletionResponse:
         final = None
-        merged = merge_async_iterators(self.generate(prompt, params, request_id))
+        merged = self.merge(self.generate(prompt, params, request_id))
         try:
             async for _, output in merged:
                 final = output
@@ -162,7 +164,7 @@ class OpenAIServingChat(OpenAIServing):
                 usage=usage() if continuous else None,
             ), include_usage)
 
-        merged = merge_async_iterators(self.generate(prompt, params, request_id))
+        merged = self.merge(self.generate(prompt, params, request_id))
         try:
             for i in range(n):
                 yield chunk(i, DeltaMessage(role=role, content=""))
@@ -185,6 +187,14 @@ class OpenAIServingChat(OpenAIServing):
                                 finish_reason=out.finish_reason, stop_reason=out.stop_reason)
                     if out.finish_reason is not None:
                         finished[i] = True
+            if include_usage:
+                yield sse(ChatCompletionStreamResponse(id=request_id, created=created,
+                                                       model=model_name, choices=[],
+                                                       usage=usage()), include_usage)
+        except ServerShuttingDown:
+            for i in range(n):
+                if not finished[i]:
+                    yield chunk(i, DeltaMessage(), finish_reason="abort")
             if include_usage:
                 yield sse(ChatCompletionStreamResponse(id=request_id, created=created,
                                                        model=model_name, choices=[],

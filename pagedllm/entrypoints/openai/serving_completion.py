@@ -23,9 +23,9 @@ from pagedllm.entrypoints.openai.serving_base import (
     SSE_DONE,
     OpenAIServing,
     Prompt,
+    ServerShuttingDown,
     SSEResponse,
     cancel_on_disconnect,
-    merge_async_iterators,
     sse,
     sse_error,
 )
@@ -101,7 +101,7 @@ class OpenAIServingCompletion(OpenAIServing):
         streams = [self.generate(p, sp, rid) for p, sp, rid in zip(prompts, params, engine_ids,
                                                                    strict=True)]
         try:
-            async for i, output in merge_async_iterators(*streams):
+            async for i, output in self.merge(*streams):
                 finals[i] = output
                 if output.finished:
                     unfinished.discard(engine_ids[i])
@@ -158,7 +158,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
         streams = [self.generate(p, sp, rid) for p, sp, rid in zip(prompts, params, engine_ids,
                                                                    strict=True)]
-        merged = merge_async_iterators(*streams)
+        merged = self.merge(*streams)
         try:
             async for i, output in merged:
                 if output.finished:
@@ -190,6 +190,18 @@ class OpenAIServingCompletion(OpenAIServing):
                     yield sse(chunk, include_usage)
                     if out.finish_reason is not None:
                         finished[idx] = True
+            if include_usage:
+                yield sse(CompletionStreamResponse(id=request_id, created=created,
+                                                   model=model_name, choices=[], usage=usage()),
+                          include_usage)
+        except ServerShuttingDown:
+            for idx in range(num_choices):
+                if not finished[idx]:
+                    yield sse(CompletionStreamResponse(
+                        id=request_id, created=created, model=model_name,
+                        choices=[CompletionResponseStreamChoice(index=idx, text="",
+                                                                finish_reason="abort")],
+                        usage=usage() if continuous else None), include_usage)
             if include_usage:
                 yield sse(CompletionStreamResponse(id=request_id, created=created,
                                                    model=model_name, choices=[], usage=usage()),
