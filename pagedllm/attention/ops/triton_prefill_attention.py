@@ -70,7 +70,11 @@ def _attend_tile(
         dmask = offs_d[None, :] < HEAD_DIM
         k = tl.load(k_cache_ptr + kv_off, mask=dmask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=dmask, other=0.0)
-    qk = tl.dot(q, tl.trans(k))
+    # fp32 models get exact fp32 products (Triton's default for fp32 is tf32).
+    if q.dtype == tl.float32:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
     if MASK:
         valid = nmask[None, :]
         if CAUSAL:
@@ -83,7 +87,10 @@ def _attend_tile(
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    if v.dtype == tl.float32:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_new
 
 
