@@ -111,6 +111,8 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.req_block_ids: dict[str, list[int]] = {}
+        self.req_num_cached: dict[str, int] = {}  # leading blocks already registered
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # tokens found there
 
@@ -150,8 +152,18 @@ class KVCacheManager:
                        computed_blocks: list[KVBlock] | None = None) -> list[KVBlock] | None:
         """Give the request room for num_new_tokens more tokens (after any cached prefix
         in computed_blocks). Returns the new blocks, or None when too few are free."""
+        rid = request.request_id
+        blocks = self.req_blocks.get(rid)
+        if not computed_blocks and blocks is not None:
+            # Fast path for running requests (decodes): often no new block is needed.
+            total = request.num_computed_tokens + num_new_tokens
+            num_needed = cdiv(total, self.block_size) - len(blocks)
+            if num_needed <= 0:
+                if self.enable_caching:
+                    self._cache_full_blocks(request, blocks, total)
+                return []
         computed_blocks = computed_blocks or []
-        blocks = self.req_blocks.get(request.request_id, [])
+        blocks = blocks or []
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
         num_needed = cdiv(total, self.block_size) - len(blocks) - len(computed_blocks)
@@ -162,27 +174,37 @@ class KVCacheManager:
         if computed_blocks:
             self.pool.touch(computed_blocks)
         new_blocks = self.pool.get_new_blocks(max(num_needed, 0))
-        blocks = blocks + computed_blocks + new_blocks
-        self.req_blocks[request.request_id] = blocks
+        added = computed_blocks + new_blocks
+        blocks = blocks + added
+        self.req_blocks[rid] = blocks
+        self.req_block_ids.setdefault(rid, []).extend(b.block_id for b in added)
         if self.enable_caching:
             self._cache_full_blocks(request, blocks, total)
         return new_blocks
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], total: int) -> None:
         """Register the blocks that are full once this step's tokens are computed."""
+        rid = request.request_id
+        done = self.req_num_cached.get(rid, 0)
+        if total // self.block_size <= done:
+            return
         self._update_hashes(request)
         num_full = min(total // self.block_size, len(request.block_hashes))
-        for i in range(num_full):
+        for i in range(done, num_full):
             if blocks[i].block_hash is None:
                 self.pool.cache_block(blocks[i], request.block_hashes[i])
+        self.req_num_cached[rid] = max(done, num_full)
 
     def free(self, request: Request) -> None:
         """Return a request's blocks, tail first (so its tail is evicted before its head)."""
         blocks = self.req_blocks.pop(request.request_id, [])
+        self.req_block_ids.pop(request.request_id, None)
+        self.req_num_cached.pop(request.request_id, None)
         self.pool.free_blocks(reversed(blocks))
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, [])]
+        """The request's block table (a live list owned by the manager: do not modify)."""
+        return self.req_block_ids.get(request_id, [])
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()
