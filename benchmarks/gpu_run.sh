@@ -9,7 +9,7 @@ parts=${*:-tests w1 8b kernel}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
 for part in $parts; do
   case $part in
-    tests) timeout 240 python -m pytest tests/gpu -q -x -p no:cacheprovider 2>&1 \
+    tests) timeout 240 python -m pytest tests/gpu -q -p no:cacheprovider 2>&1 \
              | tee "$OUT/gpu_tests.log" | tail -15 ;;
     w1) timeout 300 python benchmarks/throughput.py --preset qwen2.5-0.5b --device cuda \
           --num-prompts 256 --input-len 100 1024 --output-len 100 1024 \
