@@ -115,3 +115,30 @@ def test_qwen2_as_embedder_matches_hf(tmp_path: os.PathLike[str]) -> None:
             ids = torch.tensor([p["prompt_token_ids"]])
             ref = hf(input_ids=ids).last_hidden_state[0, -1]
         torch.testing.assert_close(o.outputs.data, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["RobertaModel", "XLMRobertaModel"])
+def test_roberta_matches_hf(tmp_path: os.PathLike[str], arch: str) -> None:
+    """Tiny random RoBERTa / XLM-R (positions offset by padding_idx + 1): CLS states match HF."""
+    import transformers
+
+    model_cls = getattr(transformers, arch)
+    config_cls = getattr(transformers, arch.replace("Model", "Config"))
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=130, pad_token_id=1,
+                     type_vocab_size=1)
+    hf = model_cls(cfg, add_pooling_layer=False).eval()
+    hf.save_pretrained(tmp_path)
+    llm = LLM(os.fspath(tmp_path), runner="pooling", device="cpu", skip_tokenizer_init=True)
+    assert llm.engine.max_model_len == 128
+    ids = [[0] + [5 + (i * 3 + j) % 250 for j in range(n)] + [2]
+           for i, n in enumerate([3, 30, 126])]
+    outs = llm.encode([{"prompt_token_ids": x} for x in ids], PoolingParams(normalize=False),
+                      use_tqdm=False)
+    for x, o in zip(ids, outs, strict=True):
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor([x])).last_hidden_state[0, 0]
+        torch.testing.assert_close(o.outputs.data, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="maximum length"):
+        llm.encode([{"prompt_token_ids": [5] * 129}], use_tqdm=False)

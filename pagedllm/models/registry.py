@@ -13,6 +13,10 @@ _MODELS: dict[str, tuple[str, str, str]] = {
     "Qwen3ForCausalLM": ("pagedllm.models.qwen3", "Qwen3ForCausalLM", "generate"),
     "BertModel": ("pagedllm.models.bert", "BertModel", "pooling"),
     "BertForMaskedLM": ("pagedllm.models.bert", "BertModel", "pooling"),
+    "RobertaModel": ("pagedllm.models.bert", "BertModel", "pooling"),
+    "RobertaForMaskedLM": ("pagedllm.models.bert", "BertModel", "pooling"),
+    "XLMRobertaModel": ("pagedllm.models.bert", "BertModel", "pooling"),
+    "XLMRobertaForMaskedLM": ("pagedllm.models.bert", "BertModel", "pooling"),
 }
 # Decoder models that may also serve as embedders (last-token / mean pooling).
 _POOLING_DECODERS = {
