@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 
 import pytest
 import torch
@@ -99,13 +100,24 @@ def test_errors(llm: LLM) -> None:
     assert isinstance(llm.get_stats(), dict)
 
 
-def test_qwen2_as_embedder_matches_hf(tmp_path: os.PathLike[str]) -> None:
+@pytest.mark.parametrize("headless", [False, True])
+def test_qwen2_as_embedder_matches_hf(tmp_path: os.PathLike[str], headless: bool) -> None:
     """A tiny random Qwen2 with runner="pooling": last-token hidden states after the norm."""
     from model_utils import make_tiny_model
     from transformers import AutoModel
 
-    folder = make_tiny_model(tmp_path, "qwen2", max_position_embeddings=256)
-    llm = LLM(folder, runner="pooling", device="cpu", dtype="float32")
+    folder = make_tiny_model(os.path.join(tmp_path, "lm"), "qwen2",
+                             max_position_embeddings=256)
+    if headless:
+        # An embedding checkpoint: HF Qwen2Model (architectures Qwen2Model, no lm_head).
+        base = os.path.join(tmp_path, "base")
+        AutoModel.from_pretrained(folder).save_pretrained(base)
+        for name in os.listdir(folder):
+            if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+                shutil.copy(os.path.join(folder, name), base)
+        folder = base
+    llm = LLM(folder, runner="pooling" if not headless else "auto", device="cpu",
+              dtype="float32")
     prompts = [{"prompt_token_ids": [5 + (i * 7 + j) % 200 for j in range(n)]}
                for i, n in enumerate([1, 3, 17, 40, 9, 64])]
     outs = llm.encode(prompts, PoolingParams(normalize=False), use_tqdm=False)

@@ -9,6 +9,9 @@ pooler (sentence-transformers config, or CLS/LAST defaults) makes one output per
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import glob
 import itertools
 import logging
 import os
@@ -21,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pagedllm.attention.backends.abstract import AttentionMetadata
 from pagedllm.attention.selector import get_attention_backend
-from pagedllm.config import EngineConfig
+from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.input_processor import PromptType, load_tokenizer
 from pagedllm.models.loader.model_loader import load_model
 from pagedllm.models.pooling import Pooler
@@ -36,6 +39,39 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH_TOKENS = 8192
 DEFAULT_MAX_BATCH_SEQS = 256
 _SCRATCH_BLOCK_SIZE = 16
+
+
+def _checkpoint_has_lm_head(folder: str) -> bool:
+    """True unless the folder's safetensors files are known to lack `lm_head.weight`."""
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        return True  # another format: let the loader decide
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            if any(k.endswith("lm_head.weight") for k in f.keys()):  # noqa: SIM118
+                return True
+    return False
+
+
+def _without_lm_head(mc: ModelConfig) -> ModelConfig:
+    """The config to build a decoder embedder from a checkpoint without an LM head.
+
+    Embedding checkpoints of decoders (e.g. saved from HF `Qwen2Model`) have no
+    `lm_head.weight`; pooling never computes logits, so tie the head to the embeddings
+    instead of failing on the missing weight.
+    """
+    if (
+        getattr(mc.hf_config, "tie_word_embeddings", False)
+        or mc.load_format not in ("auto", "safetensors")
+        or not os.path.isdir(mc.model_path)
+        or _checkpoint_has_lm_head(mc.model_path)
+    ):
+        return mc
+    hf_config = copy.deepcopy(mc.hf_config)
+    hf_config.tie_word_embeddings = True
+    return dataclasses.replace(mc, hf_config=hf_config)
 
 
 class PoolingEngine:
@@ -58,7 +94,8 @@ class PoolingEngine:
         if self.is_decoder:
             # Prefill-only attention over a per-batch scratch cache; TORCH_SDPA runs anywhere.
             self.backend = get_attention_backend("TORCH_SDPA", self.device.type)
-            self.model = load_model(mc, self.backend.get_impl_cls(), self.device)
+            self.model = load_model(_without_lm_head(mc), self.backend.get_impl_cls(),
+                                    self.device)
         else:
             self.model = load_model(mc, None, self.device)
         self.hidden_size = int(mc.hf_config.hidden_size)
