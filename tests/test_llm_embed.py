@@ -154,3 +154,25 @@ def test_roberta_matches_hf(tmp_path: os.PathLike[str], arch: str) -> None:
         torch.testing.assert_close(o.outputs.data, ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="maximum length"):
         llm.encode([{"prompt_token_ids": [5] * 129}], use_tqdm=False)
+
+
+@needs_minilm
+def test_batching_and_mixed_params(llm: LLM) -> None:
+    """Small token budgets split the prompts into many batches without changing results."""
+    sentences = _sentences(12)
+    whole = llm.encode(sentences, use_tqdm=False)
+    engine = llm.engine
+    old = engine.max_batch_tokens, engine.max_batch_seqs
+    try:
+        engine.max_batch_tokens, engine.max_batch_seqs = 300, 3
+        assert len(engine._batches([len(o.prompt_token_ids) for o in whole])) > 3
+        split = llm.encode(sentences, use_tqdm=False)
+    finally:
+        engine.max_batch_tokens, engine.max_batch_seqs = old
+    for a, b in zip(whole, split, strict=True):
+        torch.testing.assert_close(a.outputs.data, b.outputs.data, rtol=1e-5, atol=1e-5)
+    params = [PoolingParams(dimensions=8), PoolingParams(normalize=False), PoolingParams()]
+    outs = llm.encode(sentences[:3], params, use_tqdm=False)
+    assert [tuple(o.outputs.data.shape) for o in outs] == [(8,), (384,), (384,)]
+    with pytest.raises(ValueError, match="PoolingParams"):
+        llm.encode(sentences[:3], params[:2], use_tqdm=False)
