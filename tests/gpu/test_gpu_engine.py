@@ -29,6 +29,11 @@ def folders(tmp_path_factory):
     return {
         "llama": make_tiny_model(tmp_path_factory.mktemp("llama"), "llama", **TINY),
         "qwen2": make_tiny_model(tmp_path_factory.mktemp("qwen2"), "qwen2", **TINY),
+        # bf16 greedy runs of a 0.1-init model are chaotic: HF's own bf16 and fp32 agree on
+        # the first 16 tokens for only 4 of 12 prompts (benchmarks/bf16_probe.py). A wider
+        # init separates the logits so the comparison tests our kernels, not rounding luck.
+        "llama_bf16": make_tiny_model(tmp_path_factory.mktemp("llama_bf16"), "llama",
+                                      **{**TINY, "initializer_range": 0.3}),
     }
 
 
@@ -82,7 +87,7 @@ def test_fp32_parity(folders, arch, enforce_eager):
 def test_bf16_parity(folders, enforce_eager):
     from transformers import AutoConfig
 
-    folder = folders["llama"]
+    folder = folders["llama_bf16"]
     prompts = _prompts(AutoConfig.from_pretrained(folder).vocab_size)
     expected = _hf(folder, prompts, torch.bfloat16)
     got = _ours(folder, prompts, dtype="bfloat16", enforce_eager=enforce_eager)
