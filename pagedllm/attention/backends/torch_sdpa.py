@@ -106,16 +106,21 @@ class TorchSDPAImpl(AttentionImpl):
         tok = torch.tensor([qsl[i] for i in rows], device=device)
         q = query[tok]  # [R, Hq, D]
         group = self.num_heads // self.num_kv_heads
-        q = q.view(r, self.num_kv_heads, group, -1)
-        # scores [R, Hkv, G, L]
-        scores = torch.einsum("rhgd,rlhd->rhgl", q.float(), k.float()) * self.scale
         pos = torch.arange(num_blocks * block_size, device=device)
         valid = pos.unsqueeze(0) < lens.unsqueeze(1)
         if self.sliding_window is not None:
             valid &= pos.unsqueeze(0) > (lens.unsqueeze(1) - 1 - self.sliding_window)
-        scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
-        probs = scores.softmax(-1)
-        o = torch.einsum("rhgl,rlhd->rhgd", probs, v.float())
+        # [R, heads, len, dim] views; SDPA's fused kernel handles the padding mask.
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        kwargs = {}
+        if group > 1:
+            if _SDPA_HAS_GQA:
+                kwargs["enable_gqa"] = True
+            else:
+                k = k.repeat_interleave(group, dim=1)
+                v = v.repeat_interleave(group, dim=1)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :],
+                                           scale=self.scale, **kwargs)
         out[tok] = o.reshape(r, self.num_heads, -1).to(out.dtype)
 
 
