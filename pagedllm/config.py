@@ -266,7 +266,7 @@ class EngineArgs:
             sliding_window = None
 
         model = ModelConfig(
-            model=self.model,
+            model=self.model or resolved.path,
             model_path=resolved.path,
             tokenizer=self.tokenizer or resolved.tokenizer_path,
             hf_config=hf_config,
@@ -278,7 +278,7 @@ class EngineArgs:
             trust_remote_code=self.trust_remote_code,
             load_format=resolved.load_format,
             seed=self.seed,
-            served_model_name=self.served_model_name or self.model,
+            served_model_name=self.served_model_name or self.model or _default_model_name(),
             runner=runner,
             max_logprobs=self.max_logprobs,
             chat_template=self.chat_template,
@@ -374,6 +374,12 @@ class EngineArgs:
         if device != "cpu":
             raise ValueError(f"Unknown device {self.device!r}; use 'auto', 'cpu' or 'cuda'.")
         return device
+
+
+def _default_model_name() -> str:
+    from pagedllm.models.loader.gguf_loader import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

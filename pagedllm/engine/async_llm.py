@@ -142,7 +142,9 @@ class AsyncLLM:
             except Exception as e:  # invalid request: report it to its caller only
                 self._deliver(request_id, e)
         elif kind == "abort":
-            self.engine.abort_request(payload)
+            # A consumer still reading (abort() called from elsewhere) gets a final output.
+            for final in self.engine.abort_request(payload):
+                self._deliver(final.request_id, final)
 
     def _run(self) -> None:
         last_log = time.monotonic()

@@ -129,14 +129,19 @@ class LLMEngine:
             if value is not None and value > max_lp:
                 raise ValueError(f"{name}={value} is more than max_logprobs={max_lp}.")
 
-    def abort_request(self, request_ids: str | list[str]) -> None:
-        """Stop requests now and free their KV blocks."""
+    def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
+        """Stop requests now and free their KV blocks; returns their final outputs
+        (finish_reason "abort" for sequences that had not finished)."""
         if isinstance(request_ids, str):
             request_ids = [request_ids]
+        finals = []
         for rid in request_ids:
             children = self.output_processor.children_of(rid)
             self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
-            self.output_processor.abort(rid)
+            final = self.output_processor.abort(rid)
+            if final is not None:
+                finals.append(final)
+        return finals
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
