@@ -143,7 +143,7 @@ class AsyncLLM:
                 self._deliver(request_id, e)
         elif kind == "abort":
             # A consumer still reading (abort() called from elsewhere) gets a final output.
-            for final in self.engine.abort_request(payload):
+            for final in self.engine.abort_request(payload) or []:
                 self._deliver(final.request_id, final)
 
     def _run(self) -> None:
