@@ -7,6 +7,7 @@ Endpoints (vLLM's paths):
     GET  /v1/models/{model}      one of them
     POST /v1/completions         text completions (stream with "stream": true)
     POST /v1/chat/completions    chat completions through the model's chat template
+    POST /v1/embeddings          embeddings (pooling models, e.g. `--runner pooling`)
     POST /tokenize               {"prompt": ...} or {"messages": [...]} -> token ids
     POST /detokenize             {"tokens": [...]} -> text
     GET  /stats                  engine scheduler/KV-cache counters (num_running, num_waiting,
@@ -50,12 +51,14 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeRequest,
     VersionResponse,
 )
 from pagedllm.entrypoints.openai.serving_base import StreamRegistry
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedllm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
 
@@ -127,7 +130,8 @@ def _served_names(args: argparse.Namespace, engine: Any) -> list[str]:
 
 
 def build_app(engine: Any, args: argparse.Namespace | None = None) -> FastAPI:
-    """Create the FastAPI app serving `engine` (an `AsyncLLM`).
+    """Create the FastAPI app serving `engine` (an `AsyncLLM`, or an `AsyncPoolingEngine`
+    for a pooling model, which serves /v1/embeddings instead of completions and chat).
 
     `args` holds the server options (`served_model_name`, `api_key`, `chat_template`); missing
     ones take their defaults. The API key also comes from $PAGEDLLM_API_KEY.
@@ -146,6 +150,8 @@ def build_app(engine: Any, args: argparse.Namespace | None = None) -> FastAPI:
     app.state.completion = OpenAIServingCompletion(engine, models, streams)
     app.state.chat = chat
     app.state.tokenization = OpenAIServingTokenization(engine, models, chat)
+    app.state.embedding = (OpenAIServingEmbedding(engine, models)
+                           if _is_pooling(engine) else None)
 
     install_error_handlers(app)
     api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV)
@@ -155,10 +161,15 @@ def build_app(engine: Any, args: argparse.Namespace | None = None) -> FastAPI:
     return app
 
 
+def _is_pooling(engine: Any) -> bool:
+    """True when `engine` serves a pooling (embedding) model."""
+    return getattr(engine.model_config, "runner", "generate") == "pooling"
+
+
 def _check_generate_runner(engine: Any) -> None:
-    if getattr(engine.model_config, "runner", "generate") == "pooling":
+    if _is_pooling(engine):
         raise BadRequestError("This model is served as a pooling (embedding) model; it does "
-                              "not generate text.", param="model")
+                              "not generate text. Use POST /v1/embeddings.", param="model")
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -196,6 +207,18 @@ def _add_routes(app: FastAPI) -> None:
                                      raw_request: Request) -> Response:
         _check_generate_runner(raw_request.app.state.engine)
         return await raw_request.app.state.chat.create_chat_completion(request, raw_request)
+
+    @app.post("/v1/embeddings")
+    async def create_embedding(request: EmbeddingRequest, raw_request: Request) -> Response:
+        serving: OpenAIServingEmbedding | None = raw_request.app.state.embedding
+        if serving is None:
+            raise BadRequestError("This model generates text and has no embeddings endpoint; "
+                                  "serve an embedding model (e.g. with --runner pooling).",
+                                  param="model")
+        result = await serving.create_embedding(request, raw_request)
+        if result is None:  # client went away
+            return Response(status_code=499)
+        return JSONResponse(result.model_dump())
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest, raw_request: Request) -> JSONResponse:
@@ -317,6 +340,8 @@ def _describe(engine: Any, engine_args: Any) -> str:
         blocks = f"{stats.get('num_total_blocks')} KV blocks"
     except Exception:
         blocks = "unknown KV blocks"
+    if _is_pooling(engine):
+        blocks = "pooling runner"
     model = getattr(config, "model", None) or getattr(config, "model_path", None)
     return (f"model {model!r} on {device}, {blocks}, "
             f"max_model_len {config.max_model_len}")
@@ -326,10 +351,16 @@ def run_server(args: argparse.Namespace) -> int:
     """Load the engine, serve until SIGINT/SIGTERM, then shut the engine down."""
     configure_logging(args.log_level)
     from pagedllm.engine.async_llm import AsyncLLM
+    from pagedllm.engine.async_pooling import AsyncPoolingEngine
 
     try:
         engine_args = engine_args_from(args)
-        engine = AsyncLLM.from_engine_args(engine_args)
+        engine_config = engine_args.create_engine_config()
+        engine: Any
+        if engine_config.model.runner == "pooling":
+            engine = AsyncPoolingEngine(engine_config)
+        else:
+            engine = AsyncLLM(engine_config)
     except ValueError as e:  # bad flags or model: say what to fix, no traceback
         logger.error("Cannot start the engine: %s", e)
         return 2

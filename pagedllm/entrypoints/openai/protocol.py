@@ -347,3 +347,38 @@ class VersionResponse(ResponseModel):
 def _check_stream_options(request: _SamplingFields) -> None:
     if request.stream_options is not None and not request.stream:
         raise ValueError("stream_options can only be set when stream=true.")
+
+
+# --------------------------------------------------------------------------- embeddings
+class EmbeddingRequest(OpenAIBaseModel):
+    """POST /v1/embeddings (OpenAI fields plus vLLM's `truncate_prompt_tokens`)."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: str = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    # vLLM extensions.
+    truncate_prompt_tokens: int | None = None
+    normalize: bool | None = None
+    request_id: str | None = None
+
+
+class EmbeddingData(ResponseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(ResponseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class EmbeddingResponse(ResponseModel):
+    id: str = Field(default_factory=lambda: f"embd-{random_uuid()}")
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage
