@@ -52,7 +52,7 @@ def llm() -> LLM:
 @needs_minilm
 def test_embed_matches_sentence_transformers(llm: LLM) -> None:
     st = pytest.importorskip("sentence_transformers")
-    sentences = _sentences(32)
+    sentences = _sentences(64)
     outs = llm.embed(sentences, use_tqdm=False)
     assert len(outs) == len(sentences)
     ours = torch.tensor([o.outputs.embedding for o in outs])
