@@ -123,6 +123,9 @@ class LLMEngine:
         for tid in params.logit_bias or {}:
             if not 0 <= tid < vocab:
                 raise ValueError(f"logit_bias token {tid} is outside the vocabulary of {vocab}.")
+        if params.bad_words:
+            raise ValueError("bad_words is not supported yet; use logit_bias with -100 for "
+                             "single tokens instead.")
         max_lp = self.model_config.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)

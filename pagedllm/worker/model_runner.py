@@ -18,6 +18,7 @@ from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.models.loader.model_loader import load_model
 from pagedllm.sampling_params import SamplingType
 from pagedllm.utils import cdiv, parse_bytes
+from pagedllm.worker.logits_processors import apply_logits_processors, needs_processing
 from pagedllm.worker.sampler import Sampler, SamplingMetadata
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,8 @@ class ModelRunner:
             return {}
         sampling_reqs = [it.request for it in out.scheduled if it.samples]
         logits = self.model.compute_logits(hidden[sample_rows])
+        if any(needs_processing(r) for r in sampling_reqs):
+            logits = apply_logits_processors(logits.float(), sampling_reqs)
         sampled, _ = self.sampler(logits, self._sampling_metadata(sampling_reqs))
         ids = sampled.tolist()
         return {req.request_id: tok for req, tok in zip(sampling_reqs, ids)}
