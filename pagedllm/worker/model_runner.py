@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from pagedllm.sampling_params import SamplingType
 from pagedllm.utils import cdiv, parse_bytes
 from pagedllm.worker.logits_processors import apply_logits_processors, needs_processing
 from pagedllm.worker.sampler import Sampler, SamplingMetadata
+from pagedllm.worker.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,8 @@ class ModelRunner:
         self.tp = tp
         self.device = config.device.torch_device
         if self.device.type == "cuda" and tp.world_size > 1:
-            self.device = torch.device("cuda", tp.rank)
+            # Each rank's process (or Ray actor) selected its GPU before building the runner.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.block_size = config.cache.block_size
         self.backend: type[AttentionBackend] = get_attention_backend(
             config.device.attention_backend, config.device.device)
@@ -139,8 +142,18 @@ class ModelRunner:
             is_decode_only=bool(len(q_lens)) and bool((q_lens == 1).all()),
         )
 
-    def prepare_inputs(self, out: SchedulerOutput) -> tuple[
+    def prepare_inputs(self, out: SchedulerOutput,
+                       broadcast: Callable[[StepInputs], None] | None = None) -> tuple[
             torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """The step's inputs on the device; with tensor parallelism, `broadcast` first hands
+        the host-side arrays to the other ranks (which run them through execute_step)."""
+        step = self.prepare_host_inputs(out)
+        if broadcast is not None:
+            broadcast(step)
+        return self.device_inputs(step)
+
+    def prepare_host_inputs(self, out: SchedulerOutput) -> StepInputs:
+        """The flat batch of a step as numpy arrays (built once, on the driver rank)."""
         items = out.scheduled
         num_reqs = len(items)
         q_lens = np.fromiter((it.num_tokens for it in items), dtype=np.int32, count=num_reqs)
@@ -160,11 +173,37 @@ class ModelRunner:
                                                                                       q_lens)
         slots = table[req_idx, positions // self.block_size].astype(np.int64) * (
             self.block_size) + positions % self.block_size
-        md = self._metadata(qsl, seq_lens.astype(np.int32), table, slots, num_tokens)
-        input_ids = torch.tensor(token_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        pos = torch.from_numpy(positions).to(self.device, non_blocking=True)
         sample_rows = [int(qsl[i + 1]) - 1 for i, it in enumerate(items) if it.samples]
-        return input_ids, pos, md, sample_rows
+        return StepInputs(np.array(token_ids, dtype=np.int64), positions, qsl,
+                          seq_lens.astype(np.int32), table, slots, sample_rows)
+
+    def device_inputs(self, step: StepInputs) -> tuple[
+            torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """input_ids, positions and attention metadata on the device, and the sampled rows."""
+        md = self._metadata(step.query_start_loc, step.seq_lens, step.block_table,
+                            step.slot_mapping, step.num_tokens)
+        input_ids = torch.from_numpy(step.token_ids).to(self.device, non_blocking=True)
+        pos = torch.from_numpy(step.positions).to(self.device, non_blocking=True)
+        return input_ids, pos, md, step.sample_rows
+
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                  md: AttentionMetadata) -> torch.Tensor:
+        """Hidden states of every token: a captured CUDA graph for decode batches, else eager."""
+        graph = self.graphs.lookup(md) if self.graphs is not None else None
+        if graph is not None:
+            return self.graphs.replay(graph, input_ids, positions, md)
+        return self.model(input_ids, positions, self.kv_caches, md)
+
+    @torch.inference_mode()
+    def execute_step(self, step: StepInputs) -> None:
+        """A tensor-parallel worker rank's part of a step the driver broadcast: the forward
+        pass and the LM head over the sampled rows. Every rank must make the same collective
+        calls in the same order: the driver's `execute` computes logits exactly once per
+        step, over sample_rows (the vocab-parallel LM head all-gathers)."""
+        input_ids, positions, md, sample_rows = self.device_inputs(step)
+        hidden = self.run_model(input_ids, positions, md)
+        if sample_rows:
+            self.model.compute_logits(hidden[sample_rows])
 
     def _sampling_metadata(self, requests: list[Any]) -> SamplingMetadata:
         params = [r.sampling_params for r in requests]
@@ -192,18 +231,19 @@ class ModelRunner:
         return SamplingMetadata(temperature, top_k, top_p, min_p, all_greedy, generators)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        """Run one step; returns request id -> sampled token for requests that sample."""
+    def execute(self, out: SchedulerOutput,
+                broadcast: Callable[[StepInputs], None] | None = None) -> dict[str, int]:
+        """Run one step; returns request id -> sampled token for requests that sample.
+
+        With tensor parallelism this is the driver rank: `broadcast` sends the step's inputs
+        to the other ranks; sampling happens here only.
+        """
         for rid in out.finished_ids:
             self._generators.pop(rid, None)
         if out.is_empty:
             return {}
-        input_ids, positions, md, sample_rows = self.prepare_inputs(out)
-        graph = self.graphs.lookup(md) if self.graphs is not None else None
-        if graph is not None:
-            hidden = self.graphs.replay(graph, input_ids, positions, md)
-        else:
-            hidden = self.model(input_ids, positions, self.kv_caches, md)
+        input_ids, positions, md, sample_rows = self.prepare_inputs(out, broadcast)
+        hidden = self.run_model(input_ids, positions, md)
         if not sample_rows:
             return {}
         sampling_reqs = [it.request for it in out.scheduled if it.samples]

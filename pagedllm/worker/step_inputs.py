@@ -1,0 +1,28 @@
+"""The host-side inputs of one model step: what every tensor-parallel rank needs to run it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class StepInputs:
+    """One step's flat batch as numpy arrays (cheap to pickle and send to other ranks).
+
+    Tokens of all scheduled requests are laid out back to back; request i owns tokens
+    query_start_loc[i]:query_start_loc[i + 1].
+    """
+
+    token_ids: np.ndarray  # int64 [num_tokens]
+    positions: np.ndarray  # int64 [num_tokens]
+    query_start_loc: np.ndarray  # int32 [num_reqs + 1]
+    seq_lens: np.ndarray  # int32 [num_reqs]: tokens in the KV cache after this step
+    block_table: np.ndarray  # int32 [num_reqs, max_blocks]
+    slot_mapping: np.ndarray  # int64 [num_tokens]: KV cache slot of each new token
+    sample_rows: list[int]  # token rows whose logits are sampled (last token of a request)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
