@@ -1,4 +1,5 @@
-"""Offline throughput: pagedllm vs HF transformers `generate` on the same model and requests.
+"""Offline throughput: pagedllm vs HF transformers `generate` on the same model and requests
+(also `pagedllm bench throughput`; the shared parts live in pagedllm.benchmarks.throughput).
 
 Requests are random token ids with input/output lengths drawn uniformly from ranges; every
 request generates exactly its output length (ignore_eos). Prints output tokens/s for each
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import random
 import sys
 import time
 
@@ -24,12 +24,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from presets import preset_folder  # noqa: E402
 
-
-def make_requests(n: int, input_len: tuple[int, int], output_len: tuple[int, int],
-                  vocab: int, seed: int) -> list[tuple[list[int], int]]:
-    rng = random.Random(seed)
-    return [([rng.randrange(100, vocab - 100) for _ in range(rng.randint(*input_len))],
-             rng.randint(*output_len)) for _ in range(n)]
+from pagedllm.benchmarks.throughput import make_requests, run_hf  # noqa: E402
 
 
 def run_pagedllm(model: str, requests, args) -> dict:
@@ -72,47 +67,6 @@ def run_pagedllm(model: str, requests, args) -> dict:
     return dict(engine="pagedllm", requests=len(requests), output_tokens=out_tokens,
                 input_tokens=in_tokens, seconds=elapsed, startup_s=startup,
                 output_tok_s=out_tokens / elapsed, total_tok_s=(out_tokens + in_tokens) / elapsed)
-
-
-def run_hf(model: str, requests, args) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-             "auto": torch.float32 if args.device == "cpu" else torch.bfloat16}[args.dtype]
-    if args.preset:
-        config = AutoConfig.from_pretrained(model)
-        with torch.device(args.device):  # random init on the device: fast for 8B
-            hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    else:
-        hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-    hf = hf.to(args.device).eval()
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    requests = requests[: args.hf_num_prompts] if args.hf_num_prompts else requests
-    batch = args.hf_batch_size or len(requests)
-    # Sorting by length reduces padding, as a fair user of HF would do.
-    order = sorted(requests, key=lambda r: len(r[0]))
-    out_tokens = 0
-    start = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(order), batch):
-            chunk = order[i:i + batch]
-            width = max(len(p) for p, _ in chunk)
-            ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for j, (p, _) in enumerate(chunk):  # left padding
-                ids[j, width - len(p):] = torch.tensor(p)
-                mask[j, width - len(p):] = 1
-            new = max(o for _, o in chunk)
-            hf.generate(ids.to(args.device), attention_mask=mask.to(args.device),
-                        max_new_tokens=new, min_new_tokens=new, do_sample=True, top_k=0)
-            out_tokens += sum(o for _, o in chunk)  # tokens the requests asked for
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    del hf
-    return dict(engine="hf_transformers", requests=len(requests), output_tokens=out_tokens,
-                seconds=elapsed, output_tok_s=out_tokens / elapsed, batch_size=batch)
 
 
 def main() -> None:

@@ -13,17 +13,20 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pagedllm.config import EngineArgs, EngineConfig
 from pagedllm.engine.input_processor import PromptType, tokenize_prompt
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.metrics.loggers import LoggingStatLogger, StatLogger
+from pagedllm.metrics.stats import StatsCollector
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -39,8 +42,9 @@ class _Stream:
 class AsyncLLM:
     """Serves many concurrent requests from asyncio code through one engine."""
 
-    def __init__(self, config: EngineConfig, log_stats_interval: float = 10.0) -> None:
+    def __init__(self, config: EngineConfig, log_stats_interval: float = 5.0) -> None:
         self.engine = LLMEngine(config)
+        self.engine.stats = StatsCollector()
         self.config = config
         self.model_config = config.model
         self.tokenizer = self.engine.tokenizer
@@ -48,8 +52,10 @@ class AsyncLLM:
         self._streams: dict[str, _Stream] = {}
         self._stop = threading.Event()
         self._error: BaseException | None = None
-        self._log_interval = log_stats_interval
-        self.stat_loggers: list[Any] = []  # objects with record(outputs, engine) (metrics)
+        # Fed once per loop turn by the engine thread: record(snapshot, iteration, now).
+        self.stat_loggers: list[StatLogger] = []
+        if not config.disable_log_stats:
+            self.stat_loggers.append(LoggingStatLogger(log_stats_interval))
         self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
         self._thread.start()
 
@@ -103,6 +109,15 @@ class AsyncLLM:
     def get_stats(self) -> dict[str, Any]:
         return self.engine.get_stats()
 
+    async def call_in_engine(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run `fn(engine)` in the engine thread between two steps and return its result
+        (for consistent reads of engine state, e.g. the dashboard's block map)."""
+        self._raise_if_dead()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._inbox.put(("call", (fn, loop, future)))
+        return await future
+
     @property
     def is_running(self) -> bool:
         return self._thread.is_alive() and self._error is None
@@ -145,15 +160,25 @@ class AsyncLLM:
             # A consumer still reading (abort() called from elsewhere) gets a final output.
             for final in self.engine.abort_request(payload) or []:
                 self._deliver(final.request_id, final)
+        elif kind == "call":
+            fn, loop, future = payload
+            try:
+                result, error = fn(self.engine), None
+            except Exception as e:  # reported to the caller, the engine goes on
+                result, error = None, e
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the caller's loop is closed
+                pass
 
     def _run(self) -> None:
-        last_log = time.monotonic()
         try:
             while not self._stop.is_set():
                 if not self.engine.has_unfinished_requests():
                     try:
                         self._handle(*self._inbox.get(timeout=0.5))
                     except queue.Empty:
+                        self._record_stats()  # idle: loggers close their windows
                         continue
                 while True:
                     try:
@@ -163,12 +188,7 @@ class AsyncLLM:
                 outputs = self.engine.step()
                 for out in outputs:
                     self._deliver(out.request_id, out)
-                for logger_ in self.stat_loggers:
-                    logger_.record(outputs, self.engine)
-                now = time.monotonic()
-                if self._log_interval and now - last_log >= self._log_interval:
-                    last_log = now
-                    self._log_stats()
+                self._record_stats()
         except BaseException as e:  # noqa: BLE001 - report any engine fault to all callers
             logger.exception("Engine loop failed")
             self._error = e
@@ -176,10 +196,29 @@ class AsyncLLM:
             for rid in list(self._streams):
                 self._deliver(rid, err)
 
-    def _log_stats(self) -> None:
-        if self.config.disable_log_stats:
+    def _record_stats(self) -> None:
+        """Hand this loop turn's stats to every stat logger (engine thread)."""
+        collector = self.engine.stats
+        if collector is None:
             return
-        s = self.engine.get_stats()
-        if s["num_running"] or s["num_waiting"]:
-            logger.info("Running: %d reqs, waiting: %d reqs, KV cache usage: %.1f%%",
-                        s["num_running"], s["num_waiting"], 100 * s["kv_cache_usage"])
+        iteration = collector.take()
+        if not self.stat_loggers:
+            return
+        snapshot = collector.snapshot(self.engine.scheduler)
+        now = time.monotonic()
+        for stat_logger in list(self.stat_loggers):
+            try:
+                stat_logger.record(snapshot, iteration, now)
+            except Exception:  # a faulty logger must not stop serving
+                logger.exception("Stat logger %r failed; removing it", stat_logger)
+                self.stat_loggers.remove(stat_logger)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Complete `future` unless its awaiter gave up (cancelled) meanwhile."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -16,6 +16,7 @@ from pagedllm.engine.input_processor import (
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import Scheduler
+from pagedllm.metrics.stats import StatsCollector
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.utils import cdiv
@@ -54,6 +55,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_blocks = num_blocks
         self._finished_by_abort: list[Request] = []
+        # Per-step stats (timestamps, token counts); AsyncLLM turns it on for its loggers.
+        self.stats: StatsCollector | None = None
         logger.info(
             "Engine ready in %.1f s: model %s on %s, %d KV blocks of %d tokens "
             "(max concurrency %.1f requests of %d tokens)",
@@ -140,6 +143,11 @@ class LLMEngine:
         finals = []
         for rid in request_ids:
             children = self.output_processor.children_of(rid)
+            if self.stats is not None:
+                for cid in children:
+                    req = self.scheduler.requests.get(cid)
+                    if req is not None and not req.is_finished:
+                        self.stats.record_finished(req, reason="abort")
             self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
             final = self.output_processor.abort(rid)
             if final is not None:
@@ -163,6 +171,8 @@ class LLMEngine:
         outputs, stop_hits = self.output_processor.process(updated, [])
         if stop_hits:
             self.scheduler.finish_requests(stop_hits, RequestStatus.FINISHED_STOPPED)
+        if self.stats is not None:
+            self.stats.record_step(updated)
         return outputs
 
     def get_stats(self) -> dict[str, Any]:

@@ -58,6 +58,7 @@ class Request:
         self.prompt_logprobs: list[Any] = []
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        self.finished_time: float | None = None  # set by the engine's stats collector
 
     @property
     def num_tokens(self) -> int:

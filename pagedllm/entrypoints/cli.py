@@ -19,6 +19,8 @@ examples:
   pagedllm serve ./my-model --max-model-len 4096 --api-key secret
   pagedllm serve --host 0.0.0.0     # expose the default model on all interfaces
   curl http://localhost:8000/v1/models
+  pagedllm bench serve --base-url http://localhost:8000 --num-prompts 32 --max-concurrency 8
+  pagedllm bench throughput --preset smollm2-135m --num-prompts 32
 
 Run 'pagedllm COMMAND --help' for the flags of a command.
 """
@@ -85,7 +87,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _subcommands() -> tuple[Registrar, ...]:
     """Every subcommand's registrar, in the order `pagedllm --help` lists them."""
-    return (register_serve,)
+    from pagedllm.benchmarks.cli import register_bench
+
+    return (register_serve, register_bench)
 
 
 def _version() -> str:

@@ -12,6 +12,8 @@ Endpoints (vLLM's paths):
     POST /detokenize             {"tokens": [...]} -> text
     GET  /stats                  engine scheduler/KV-cache counters (num_running, num_waiting,
                                  num_free_blocks, num_cached_blocks, num_total_blocks, ...)
+    GET  /metrics                Prometheus metrics (pagedllm:* names, model_name label)
+    GET  /dashboard              live dashboard page (no key needed; it polls /dashboard/data)
 
 Run it with `pagedllm serve MODEL` or `python -m pagedllm.entrypoints.openai.api_server
 --model MODEL`. The engine lives in this process; the app reaches it through `app.state`.
@@ -47,6 +49,7 @@ from pagedllm.entrypoints.openai.errors import (
     error_json,
     install_error_handlers,
 )
+from pagedllm.entrypoints.openai.observability import DASHBOARD_PATH, install_observability
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -66,8 +69,9 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "PAGEDLLM_API_KEY"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-# Paths that never need the API key (load balancers and orchestrators poll them).
-OPEN_PATHS = frozenset({"/health"})
+# Paths that never need the API key (load balancers and orchestrators poll them; the
+# dashboard page is static and sends the key, from its URL's #key=..., with its polls).
+OPEN_PATHS = frozenset({"/health", DASHBOARD_PATH})
 GRACEFUL_SHUTDOWN_S = 5
 
 
@@ -158,6 +162,7 @@ def build_app(engine: Any, args: argparse.Namespace | None = None) -> FastAPI:
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     _add_routes(app)
+    install_observability(app, engine, models.served_model_names[0])
     return app
 
 
@@ -264,6 +269,10 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Log level of pagedllm and uvicorn.")
     g.add_argument("--disable-uvicorn-access-log", action="store_true",
                    help="Do not log one line per HTTP request.")
+    g.add_argument("--log-stats-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="Seconds between the throughput / queue / KV-usage log lines while "
+                        "requests are served (silent when idle; --disable-log-stats turns "
+                        "them off).")
     EngineArgs.add_cli_args(parser)
     return parser
 
@@ -353,6 +362,11 @@ def run_server(args: argparse.Namespace) -> int:
     from pagedllm.engine.async_llm import AsyncLLM
     from pagedllm.engine.async_pooling import AsyncPoolingEngine
 
+    interval = getattr(args, "log_stats_interval", 5.0)
+    if interval <= 0:
+        logger.error("--log-stats-interval must be > 0 seconds (got %s); use "
+                     "--disable-log-stats to turn the log lines off.", interval)
+        return 2
     try:
         engine_args = engine_args_from(args)
         engine_config = engine_args.create_engine_config()
@@ -360,7 +374,7 @@ def run_server(args: argparse.Namespace) -> int:
         if engine_config.model.runner == "pooling":
             engine = AsyncPoolingEngine(engine_config)
         else:
-            engine = AsyncLLM(engine_config)
+            engine = AsyncLLM(engine_config, log_stats_interval=interval)
     except ValueError as e:  # bad flags or model: say what to fix, no traceback
         logger.error("Cannot start the engine: %s", e)
         return 2
@@ -378,8 +392,8 @@ def run_server(args: argparse.Namespace) -> int:
         host = f"[{args.host}]" if ":" in args.host else args.host
         logger.info("Serving %s as %s", _describe(engine, engine_args),
                     ", ".join(app.state.models.served_model_names))
-        logger.info("OpenAI-compatible API at http://%s:%d/v1 (health: /health, stats: "
-                    "/stats)", host, args.port)
+        logger.info("OpenAI-compatible API at http://%s:%d/v1 (health: /health, metrics: "
+                    "/metrics, dashboard: /dashboard)", host, args.port)
         server.run()
         if not server.started:
             logger.error("The server could not start (is port %d free?).", args.port)

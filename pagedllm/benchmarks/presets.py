@@ -1,0 +1,42 @@
+"""Real model shapes (config.json values) for random-weight benchmarks (load_format="dummy")."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+PRESETS: dict[str, dict] = {
+    "smollm2-135m": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=576,
+        intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=8192, vocab_size=49152, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=896,
+        intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        max_position_embeddings=32768, vocab_size=151936, tie_word_embeddings=True,
+        sliding_window=32768, use_sliding_window=False, max_window_layers=21),
+    "qwen2.5-1.5b": dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=1536,
+        intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        max_position_embeddings=32768, vocab_size=151936, tie_word_embeddings=True,
+        sliding_window=32768, use_sliding_window=False, max_window_layers=21),
+    "llama-3-8b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
+        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+        max_position_embeddings=8192, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
+def preset_folder(name: str, dtype: str = "bfloat16") -> str:
+    """Write config.json of a preset into a temporary folder and return the folder."""
+    if name not in PRESETS:
+        raise SystemExit(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    folder = tempfile.mkdtemp(prefix=f"pagedllm-{name}-")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**PRESETS[name], "torch_dtype": dtype}, f, indent=1)
+    return folder

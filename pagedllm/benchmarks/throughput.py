@@ -1,0 +1,195 @@
+"""Offline throughput: pagedllm vs HF transformers `generate` on the same model and requests
+(`pagedllm bench throughput`, also `benchmarks/throughput.py`).
+
+Requests are random token ids with input/output lengths drawn uniformly from ranges; every
+request generates exactly its output length (ignore_eos). Prints output tokens/s for each
+engine and their ratio.
+
+  pagedllm bench throughput --preset smollm2-135m --num-prompts 64 \
+      --input-len 32 256 --output-len 32 256 --device cpu
+  pagedllm bench throughput --preset qwen2.5-0.5b --num-prompts 256 \
+      --input-len 100 1024 --output-len 100 1024 --device cuda --hf-num-prompts 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import time
+from typing import Any
+
+import torch
+
+from pagedllm.benchmarks.presets import PRESETS, preset_folder
+
+Requests = list[tuple[list[int], int]]  # (prompt token ids, output length)
+
+
+def make_requests(n: int, input_len: tuple[int, int], output_len: tuple[int, int],
+                  vocab: int, seed: int) -> Requests:
+    rng = random.Random(seed)
+    return [([rng.randrange(100, vocab - 100) for _ in range(rng.randint(*input_len))],
+             rng.randint(*output_len)) for _ in range(n)]
+
+
+def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> dict:
+    from pagedllm import LLM, SamplingParams
+
+    kwargs = dict(device=args.device, dtype=args.dtype, enforce_eager=args.enforce_eager,
+                  max_model_len=args.max_model_len, skip_tokenizer_init=True,
+                  load_format="dummy" if args.preset else "auto", disable_log_stats=True)
+    if args.max_num_seqs:
+        kwargs["max_num_seqs"] = args.max_num_seqs
+    if args.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.attention_backend:
+        kwargs["attention_backend"] = args.attention_backend
+    if args.gpu_memory_utilization:
+        kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+    start = time.perf_counter()
+    llm = LLM(model, **kwargs)
+    startup = time.perf_counter() - start
+    prompts = [{"prompt_token_ids": p} for p, _ in requests]
+    params = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=o, ignore_eos=True,
+                             detokenize=False) for _, o in requests]
+    # Warm-up (compilation, allocator) on a couple of requests.
+    llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True,
+                                              detokenize=False)] * 2, use_tqdm=False)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    if out_tokens != sum(o for _, o in requests):
+        raise RuntimeError("a request stopped before its output length despite ignore_eos")
+    in_tokens = sum(len(p) for p, _ in requests)
+    del llm, outs
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return dict(engine="pagedllm", requests=len(requests), output_tokens=out_tokens,
+                input_tokens=in_tokens, seconds=elapsed, startup_s=startup,
+                output_tok_s=out_tokens / elapsed, total_tok_s=(out_tokens + in_tokens) / elapsed)
+
+
+def run_hf(model: str, requests: Requests, args: argparse.Namespace) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+             "auto": torch.float32 if args.device == "cpu" else torch.bfloat16}[args.dtype]
+    if args.preset:
+        config = AutoConfig.from_pretrained(model)
+        with torch.device(args.device):  # random init on the device: fast for 8B
+            hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    hf = hf.to(args.device).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    requests = requests[: args.hf_num_prompts] if args.hf_num_prompts else requests
+    batch = args.hf_batch_size or len(requests)
+    # Sorting by length reduces padding, as a fair user of HF would do.
+    order = sorted(requests, key=lambda r: len(r[0]))
+    out_tokens = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(order), batch):
+            chunk = order[i:i + batch]
+            width = max(len(p) for p, _ in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for j, (p, _) in enumerate(chunk):  # left padding
+                ids[j, width - len(p):] = torch.tensor(p)
+                mask[j, width - len(p):] = 1
+            new = max(o for _, o in chunk)
+            hf.generate(ids.to(args.device), attention_mask=mask.to(args.device),
+                        max_new_tokens=new, min_new_tokens=new, do_sample=True, top_k=0)
+            out_tokens += sum(o for _, o in chunk)  # tokens the requests asked for
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    del hf
+    return dict(engine="hf_transformers", requests=len(requests), output_tokens=out_tokens,
+                seconds=elapsed, output_tok_s=out_tokens / elapsed, batch_size=batch)
+
+
+def add_throughput_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of `pagedllm bench throughput`."""
+    ap.add_argument("--model", help="model folder / hub id (else --preset with dummy weights)")
+    ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                    help="real model shape with random weights (default: smollm2-135m)")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
+    ap.add_argument("--output-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--max-num-seqs", type=int, default=None)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None)
+    ap.add_argument("--attention-backend", default=None)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--hf-num-prompts", type=int, default=None,
+                    help="run HF on the first N requests only (same requests)")
+    ap.add_argument("--hf-batch-size", type=int, default=None)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write results to this file")
+    return ap
+
+
+def validate_throughput_args(args: argparse.Namespace) -> None:
+    """Raise ValueError for flags that cannot make a run."""
+    if args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}.")
+    for name in ("input_len", "output_len"):
+        lo, hi = getattr(args, name)
+        if not 1 <= lo <= hi:
+            raise ValueError(f"--{name.replace('_', '-')} MIN MAX needs 1 <= MIN <= MAX, "
+                             f"got {lo} {hi}.")
+    if args.model and args.preset:
+        raise ValueError("give --model or --preset, not both.")
+    for name in ("hf_num_prompts", "hf_batch_size", "max_num_seqs", "max_num_batched_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+
+
+def run_bench_throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run pagedllm (and HF unless --skip-hf) on the same requests; print and return results."""
+    validate_throughput_args(args)
+    if not args.model and not args.preset:
+        args.preset = "smollm2-135m"
+    model = args.model or preset_folder(args.preset)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model).vocab_size
+    if args.max_model_len is None:
+        args.max_model_len = args.input_len[1] + args.output_len[1] + 8
+    requests = make_requests(args.num_prompts, tuple(args.input_len), tuple(args.output_len),
+                             vocab, args.seed)
+    # HF first: it frees its memory on return, so pagedllm can then size its KV cache.
+    hf_result = None if args.skip_hf else run_hf(model, requests, args)
+    if hf_result is not None:
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    results = [run_pagedllm(model, requests, args)] + ([hf_result] if hf_result else [])
+    for r in results:
+        print(json.dumps(r))
+    print(f"\n{'engine':<18}{'requests':>9}{'out tokens':>12}{'seconds':>10}{'out tok/s':>12}")
+    for r in results:
+        print(f"{r['engine']:<18}{r['requests']:>9}{r['output_tokens']:>12}"
+              f"{r['seconds']:>10.2f}{r['output_tok_s']:>12.1f}")
+    if len(results) == 2:
+        print(f"ratio pagedllm / HF (output tokens/s): "
+              f"{results[0]['output_tok_s'] / results[1]['output_tok_s']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), results=results), f, indent=1)
+    return results
