@@ -24,6 +24,7 @@ _DTYPES = {
 }
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "gguf")
 RUNNERS = ("auto", "generate", "pooling")
+LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits")
 DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
 
 
@@ -68,6 +69,7 @@ class ModelConfig:
     served_model_name: str = ""
     runner: str = "generate"
     max_logprobs: int = 20
+    logprobs_mode: str = "processed_logprobs"
     chat_template: str | None = None
     sliding_window: int | None = None
     skip_tokenizer_init: bool = False
@@ -174,6 +176,7 @@ class EngineArgs:
     served_model_name: str | None = None
     runner: str = "auto"
     max_logprobs: int = 20
+    logprobs_mode: str = "processed_logprobs"
     disable_log_stats: bool = False
     chat_template: str | None = None
     skip_tokenizer_init: bool = False
@@ -220,6 +223,11 @@ class EngineArgs:
                        help="generate (text generation) or pooling (embeddings); auto picks.")
         g.add_argument("--max-logprobs", type=int, default=20,
                        help="Largest number of logprobs a request may ask for.")
+        g.add_argument("--logprobs-mode", default="processed_logprobs", choices=LOGPROBS_MODES,
+                       help="What logprobs report: processed_* (default) are taken from the "
+                            "distribution tokens are sampled from (after penalties, bias, "
+                            "temperature, top-k/top-p/min-p), raw_* from the model's logits "
+                            "before any of that (vLLM V1's default); *_logits return logits.")
         g.add_argument("--skip-tokenizer-init", action="store_true",
                        help="Do not load a tokenizer: prompts must be token ids, no text out.")
         g.add_argument("--disable-log-stats", action="store_true",
@@ -281,6 +289,7 @@ class EngineArgs:
             served_model_name=self.served_model_name or self.model or _default_model_name(),
             runner=runner,
             max_logprobs=self.max_logprobs,
+            logprobs_mode=self.logprobs_mode,
             chat_template=self.chat_template,
             sliding_window=sliding_window if isinstance(sliding_window, int) else None,
             skip_tokenizer_init=self.skip_tokenizer_init,
@@ -350,6 +359,9 @@ class EngineArgs:
             raise ValueError(
                 f"Unknown load_format {self.load_format!r}; use one of {', '.join(LOAD_FORMATS)}."
             )
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"Unknown logprobs_mode {self.logprobs_mode!r}; use one of "
+                             f"{', '.join(LOGPROBS_MODES)}.")
         if self.runner not in RUNNERS:
             raise ValueError(f"Unknown runner {self.runner!r}; use one of {', '.join(RUNNERS)}.")
         if self.distributed_executor_backend not in (None, "mp", "ray"):

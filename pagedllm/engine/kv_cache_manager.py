@@ -133,8 +133,10 @@ class KVCacheManager:
             hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs]))
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
-        """Longest cached prefix of the request, in whole blocks; never its last token."""
-        if not self.enable_caching:
+        """Longest cached prefix of the request, in whole blocks; never its last token.
+        Requests with prompt_logprobs get none (as in vLLM): every prompt position must
+        be computed to score it."""
+        if not self.enable_caching or request.wants_prompt_logprobs:
             return [], 0
         self._update_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
@@ -194,6 +196,27 @@ class KVCacheManager:
             if blocks[i].block_hash is None:
                 self.pool.cache_block(blocks[i], request.block_hashes[i])
         self.req_num_cached[rid] = max(done, num_full)
+
+    def fork(self, parent: Request, child: Request) -> list[tuple[int, int]] | None:
+        """Give `child` the parent's computed blocks: full blocks by reference (ref count),
+        a partially filled last block as a new block to be copied from the parent's
+        (copy-on-write: both will write their next tokens into it). Returns the (src, dst)
+        block copies to make before the child's next step, or None (nothing done) when no
+        free block is left for the copy."""
+        blocks = self.req_blocks.get(parent.request_id, [])
+        num_full = parent.num_computed_tokens // self.block_size
+        shared, partial = blocks[:num_full], blocks[num_full:]
+        if len(partial) > self.pool.num_free_blocks:
+            return None
+        self.pool.touch(shared)
+        copies = self.pool.get_new_blocks(len(partial))
+        rid = child.request_id
+        self.req_blocks[rid] = shared + copies
+        self.req_block_ids[rid] = [b.block_id for b in self.req_blocks[rid]]
+        self.req_num_cached[rid] = min(self.req_num_cached.get(parent.request_id, 0), num_full)
+        # Hashes of the shared prompt blocks hold for the child too (same tokens).
+        child.block_hashes = parent.block_hashes[:num_full]
+        return [(src.block_id, dst.block_id) for src, dst in zip(partial, copies)]
 
     def free(self, request: Request) -> None:
         """Return a request's blocks, tail first (so its tail is evicted before its head)."""

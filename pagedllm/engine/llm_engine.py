@@ -100,14 +100,13 @@ class LLMEngine:
         child_ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
         self.output_processor.add_request(request_id, prompt_text, prompt_token_ids, params,
                                           child_ids, arrival)
-        for i, cid in enumerate(child_ids):
-            child_params = params
-            if n > 1 and params.seed is not None:
-                child_params = params.clone()
-                child_params.seed = params.seed + i
-            self.scheduler.add_request(Request(
-                cid, prompt_token_ids, child_params, self.eos_token_id, arrival,
-                max_total_tokens=self.model_config.max_model_len))
+        seqs = [Request(cid, prompt_token_ids, _child_params(params, i), self.eos_token_id,
+                        arrival, max_total_tokens=self.model_config.max_model_len)
+                for i, cid in enumerate(child_ids)]
+        # One request computes the prompt; the others fork off it when it samples.
+        seqs[0].pending_forks = seqs[1:]
+        seqs[0].sampling_extras = seqs[0].sampling_extras or n > 1
+        self.scheduler.add_request(seqs[0])
 
     def prepare_params(self, params: SamplingParams) -> None:
         """Fill engine-known parts of the params (extra EOS ids, bad words) and check
@@ -129,6 +128,10 @@ class LLMEngine:
         if params.bad_words:
             raise ValueError("bad_words is not supported yet; use logit_bias with -100 for "
                              "single tokens instead.")
+        max_seqs = self.config.scheduler.max_num_seqs
+        if params.best_of > max_seqs:
+            raise ValueError(f"n / best_of ({params.best_of}) is more than max_num_seqs "
+                             f"({max_seqs}), the most sequences one step can run.")
         max_lp = self.model_config.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
@@ -164,11 +167,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return outputs of requests that progressed."""
         sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:
+        if sched_out.is_empty and not sched_out.block_copies:
             return []
-        sampled = self.executor.execute(sched_out)
-        updated = self.scheduler.update(sched_out, sampled)
-        outputs, stop_hits = self.output_processor.process(updated, [])
+        runner_out = self.executor.execute(sched_out)
+        updated = self.scheduler.update(sched_out, runner_out.sampled)
+        outputs, stop_hits = self.output_processor.process(updated, [], runner_out)
         if stop_hits:
             self.scheduler.finish_requests(stop_hits, RequestStatus.FINISHED_STOPPED)
         if self.stats is not None:
@@ -194,3 +197,15 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def _child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Params of sample `index` of a request: seeds differ per sample, and only the first
+    sample (the one that runs the prompt) computes prompt logprobs."""
+    if index == 0 or (params.seed is None and params.prompt_logprobs is None):
+        return params
+    child = params.clone()
+    if params.seed is not None:
+        child.seed = params.seed + index
+    child.prompt_logprobs = None
+    return child

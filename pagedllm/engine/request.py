@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Any
 
 from pagedllm.sampling_params import SamplingParams
 
@@ -53,9 +52,15 @@ class Request:
             max_tokens = limit
         self.max_tokens: int = max_tokens if max_tokens is not None else 1 << 30
         self.block_hashes: list[bytes] = []  # hashes of this request's full blocks
-        self.cumulative_logprob = 0.0
-        self.logprobs: list[Any] = []  # per output token, filled when logprobs are asked for
-        self.prompt_logprobs: list[Any] = []
+        # The other samples of an n > 1 / best_of request: forked off this one (sharing its
+        # KV blocks) in the step that samples its first token.
+        self.pending_forks: list[Request] = []
+        self.wants_logprobs = (sampling_params.logprobs is not None
+                               or sampling_params.best_of > sampling_params.n)
+        self.wants_prompt_logprobs = sampling_params.prompt_logprobs is not None
+        # True when the model runner has more to do than sample one token (logprobs, prompt
+        # logprobs, forks); requests without it take the plain fast path.
+        self.sampling_extras = self.wants_logprobs or self.wants_prompt_logprobs
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finished_time: float | None = None  # set by the engine's stats collector

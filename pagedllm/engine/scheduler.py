@@ -40,6 +40,9 @@ class SchedulerOutput:
     num_batched_tokens: int = 0
     preempted: list[str] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)  # since the last step
+    # KV blocks to copy (src, dst) before this step's forward: copy-on-write of the partial
+    # last prompt block for children forked off an n > 1 request.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -71,6 +74,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
+        self._block_copies: list[tuple[int, int]] = []
 
     # ------------------------------------------------------------ queue
     def add_request(self, request: Request) -> None:
@@ -85,8 +89,9 @@ class Scheduler:
 
     # ------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_ids=self._finished_ids)
+        out = SchedulerOutput(finished_ids=self._finished_ids, block_copies=self._block_copies)
         self._finished_ids = []
+        self._block_copies = []
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
 
@@ -116,6 +121,8 @@ class Scheduler:
         if not out.preempted:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
+                if len(self.running) + len(req.pending_forks) >= self.config.max_num_seqs:
+                    break  # its forks will need sequence slots too
                 hits, num_hit_tokens = self.kv.get_computed_blocks(req)
                 num_new = min(req.num_tokens - num_hit_tokens, budget)
                 if self.kv.allocate_slots(req, num_new, hits) is None:
@@ -159,11 +166,46 @@ class Scheduler:
             req.append_output_token(token)
             if req.first_token_time is None:
                 req.first_token_time = time.monotonic()
+            if req.pending_forks:
+                updated.extend(self._fork(req, sampled))
             self._check_stop(req, token)
             updated.append(req)
             if req.is_finished:
                 self._free(req)
         return updated
+
+    def _fork(self, parent: Request, sampled: dict[str, int]) -> list[Request]:
+        """Start the other samples of an n > 1 request once its prompt is computed: each
+        shares the parent's full prompt blocks by ref count and gets a copy of a partially
+        filled last block (copied on the device before the next step writes into it).
+        Returns the children that got their first token."""
+        children, parent.pending_forks = parent.pending_forks, []
+        parent.sampling_extras = parent.wants_logprobs or parent.wants_prompt_logprobs
+        started = []
+        for child in children:
+            self.requests[child.request_id] = child
+            token = sampled.get(child.request_id)
+            if token is None:  # not sampled with the parent: runs as a request of its own
+                self.waiting.append(child)
+                continue
+            child.append_output_token(token)
+            child.first_scheduled_time = parent.first_scheduled_time
+            child.first_token_time = parent.first_token_time
+            child.num_cached_tokens = parent.num_cached_tokens
+            started.append(child)
+            self._check_stop(child, token)
+            if child.is_finished:
+                self._free(child)
+                continue
+            copies = self.kv.fork(parent, child)
+            if copies is None:  # no block free for the copy: recompute later instead
+                self.waiting.append(child)
+                continue
+            self._block_copies.extend(copies)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = RequestStatus.RUNNING
+            self.running.append(child)
+        return started
 
     def _check_stop(self, req: Request, token: int) -> None:
         params = req.sampling_params

@@ -6,13 +6,14 @@ from typing import Protocol
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.scheduler import SchedulerOutput
+from pagedllm.worker.output import ModelRunnerOutput
 
 
 class Executor(Protocol):
     def determine_num_blocks(self) -> int: ...
     def allocate_kv_cache(self, num_blocks: int) -> None: ...
     def warm_up(self) -> None: ...
-    def execute(self, out: SchedulerOutput) -> dict[str, int]: ...
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput: ...
     def shutdown(self) -> None: ...
 
 
@@ -33,7 +34,7 @@ class UniProcExecutor:
     def warm_up(self) -> None:
         self.runner.warm_up()
 
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(out)
 
     def shutdown(self) -> None:

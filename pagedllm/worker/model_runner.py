@@ -20,10 +20,19 @@ from pagedllm.models.loader.model_loader import load_model
 from pagedllm.sampling_params import SamplingType
 from pagedllm.utils import cdiv, parse_bytes
 from pagedllm.worker.logits_processors import apply_logits_processors, needs_processing
+from pagedllm.worker.logprobs import (
+    StepLogprobs,
+    gather_logprobs,
+    num_logprobs,
+    to_scores,
+)
+from pagedllm.worker.output import ModelRunnerOutput
 from pagedllm.worker.sampler import Sampler, SamplingMetadata
 from pagedllm.worker.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
+
+_PROMPT_LP_SLICE = 1024  # prompt positions whose logits are materialized at once
 
 
 class ModelRunner:
@@ -232,27 +241,106 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput,
-                broadcast: Callable[[StepInputs], None] | None = None) -> dict[str, int]:
-        """Run one step; returns request id -> sampled token for requests that sample.
+                broadcast: Callable[[StepInputs], None] | None = None) -> ModelRunnerOutput:
+        """Run one step; returns the sampled token of every request that samples (and the
+        logprobs of those that ask for them).
 
         With tensor parallelism this is the driver rank: `broadcast` sends the step's inputs
         to the other ranks; sampling happens here only.
         """
         for rid in out.finished_ids:
             self._generators.pop(rid, None)
+        if out.block_copies:
+            self.copy_blocks(out.block_copies)
         if out.is_empty:
-            return {}
+            return ModelRunnerOutput({})
         input_ids, positions, md, sample_rows = self.prepare_inputs(out, broadcast)
         hidden = self.run_model(input_ids, positions, md)
+        if any(it.request.sampling_extras for it in out.scheduled):
+            return self._execute_extras(out, hidden, md, sample_rows)
         if not sample_rows:
-            return {}
+            return ModelRunnerOutput({})
         sampling_reqs = [it.request for it in out.scheduled if it.samples]
         logits = self.model.compute_logits(hidden[sample_rows])
         if any(needs_processing(r) for r in sampling_reqs):
             logits = apply_logits_processors(logits.float(), sampling_reqs)
         sampled, _ = self.sampler(logits, self._sampling_metadata(sampling_reqs))
         ids = sampled.tolist()
-        return {req.request_id: tok for req, tok in zip(sampling_reqs, ids)}
+        return ModelRunnerOutput({req.request_id: tok for req, tok in zip(sampling_reqs, ids)})
+
+    def _execute_extras(self, out: SchedulerOutput, hidden: torch.Tensor,
+                        md: AttentionMetadata, sample_rows: list[int]) -> ModelRunnerOutput:
+        """The sampling path of steps with logprobs, prompt logprobs or n > 1 forks: the
+        fork rows repeat their parent's logits; all logprobs are gathered batched and come
+        to the host with the sampled ids in one copy."""
+        step = StepLogprobs()
+        self._prompt_logprobs(out, hidden, md, step)
+        if not sample_rows:
+            return ModelRunnerOutput({}, prompt_logprobs=step.fetch(None)[2])
+        reqs = [it.request for it in out.scheduled if it.samples]
+        logits = self.model.compute_logits(hidden[sample_rows]).float()
+        mode = self.config.model.logprobs_mode
+        wants_lp = any(r.wants_logprobs for r in reqs)
+        raw = logits.clone() if wants_lp and mode.startswith("raw") else None
+        if any(needs_processing(r) for r in reqs):
+            logits = apply_logits_processors(logits, reqs)
+        if any(r.pending_forks for r in reqs):
+            reqs, rows = expand_forks(reqs)
+            index = torch.tensor(rows, device=logits.device)
+            logits = logits[index]
+            raw = raw[index] if raw is not None else None
+        sampled, processed = self.sampler(logits, self._sampling_metadata(reqs))
+        lp_rows = [i for i, r in enumerate(reqs) if r.wants_logprobs]
+        if lp_rows:
+            index = torch.tensor(lp_rows, device=logits.device)
+            scores = to_scores((raw if raw is not None else processed)[index], mode)
+            vocab = scores.shape[1]
+            step.add(scores, sampled[index],
+                     [(reqs[i].request_id, 1, num_logprobs(reqs[i].sampling_params.logprobs,
+                                                           vocab), 0) for i in lp_rows],
+                     prompt=False)
+        ids, sample_lp, prompt_lp = step.fetch(sampled)
+        return ModelRunnerOutput({r.request_id: t for r, t in zip(reqs, ids)},
+                                 sample_lp, prompt_lp)
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor,
+                         md: AttentionMetadata, step: StepLogprobs) -> None:
+        """Queue the logprobs of the prompt tokens this step's chunks predict: the row of
+        prompt position p scores token p + 1 (the first prompt token has none)."""
+        qsl = md.query_start_loc_cpu.tolist()
+        rows: list[int] = []
+        targets: list[int] = []
+        entries = []
+        vocab = self.config.model.vocab_size
+        for i, it in enumerate(out.scheduled):
+            req = it.request
+            if not req.wants_prompt_logprobs:
+                continue
+            end = min(it.start + it.num_tokens, req.num_prompt_tokens - 1)
+            if end <= it.start:
+                continue
+            rows.extend(range(qsl[i], qsl[i] + end - it.start))
+            targets.extend(req.prompt_token_ids[it.start + 1:end + 1])
+            k = num_logprobs(req.sampling_params.prompt_logprobs, vocab)
+            entries.append((req.request_id, end - it.start, k, it.start + 1))
+        if not rows:
+            return
+        mode = self.config.model.logprobs_mode
+        row_t = torch.tensor(rows, device=hidden.device)
+        target_t = torch.tensor(targets, device=hidden.device)
+        k = max(e[2] for e in entries)
+        packed = [  # in slices, so that [rows, vocab] logits stay small
+            gather_logprobs(
+                to_scores(self.model.compute_logits(hidden[row_t[s:s + _PROMPT_LP_SLICE]]), mode),
+                target_t[s:s + _PROMPT_LP_SLICE], k)
+            for s in range(0, len(rows), _PROMPT_LP_SLICE)]
+        step.add_packed(torch.cat(packed), entries, prompt=True)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy KV blocks src -> dst in every layer (copy-on-write for forked samples)."""
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        self.backend.copy_blocks(self.kv_caches, src, dst)
 
     def warm_up(self) -> None:
         """Capture CUDA graphs for decode batches (unless enforce_eager or on CPU)."""
@@ -270,3 +358,16 @@ class ModelRunner:
         self.graphs.capture()
         logger.info("Captured CUDA graphs for %d decode batch sizes (up to %d) in %.1f s",
                     len(self.graphs.sizes), self.graphs.sizes[-1], time.perf_counter() - start)
+
+
+def expand_forks(reqs: list[Any]) -> tuple[list[Any], list[int]]:
+    """Rows to sample: each request, followed by the children to fork off it, which sample
+    their first token from the same logits row. Returns (requests, source row of each)."""
+    out_reqs, rows = [], []
+    for i, req in enumerate(reqs):
+        out_reqs.append(req)
+        rows.append(i)
+        for child in req.pending_forks:
+            out_reqs.append(child)
+            rows.append(i)
+    return out_reqs, rows

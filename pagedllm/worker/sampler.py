@@ -68,7 +68,8 @@ class Sampler:
         if md.all_greedy:
             return logits.argmax(dim=-1), logits
         greedy = logits.argmax(dim=-1)
-        temp = md.temperature.clamp(min=_EPS).unsqueeze(1)
+        # Greedy rows are scaled by 1, not by ~0: their processed logprobs stay meaningful.
+        temp = torch.where(md.temperature < _EPS, 1.0, md.temperature).unsqueeze(1)
         logits = logits / temp
         if md.min_p is not None:
             logits = apply_min_p(logits, md.min_p)

@@ -86,3 +86,10 @@ class AttentionBackend(ABC):
         num_blocks: int, block_size: int, num_kv_heads: int, head_size: int
     ) -> tuple[int, ...]:
         return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    @staticmethod
+    def copy_blocks(kv_caches: list[torch.Tensor], src: torch.Tensor,
+                    dst: torch.Tensor) -> None:
+        """Copy whole KV blocks src[i] -> dst[i] in every layer (copy-on-write of forks)."""
+        for cache in kv_caches:
+            cache.index_copy_(1, dst, cache.index_select(1, src))

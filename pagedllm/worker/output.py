@@ -1,0 +1,37 @@
+"""What one model-runner step hands back to the engine: sampled tokens and logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class LogprobsLists:
+    """Logprobs of consecutive positions of one request, on the host.
+
+    Row i is one position: column 0 of `token_ids` / `logprobs` is the position's own token
+    (the sampled one, or the next prompt token), columns 1.. are the top-k alternatives,
+    most likely first. `ranks[i]` is the own token's rank in the vocabulary (1 = most likely).
+    """
+
+    token_ids: np.ndarray  # [P, 1 + k] int64
+    logprobs: np.ndarray  # [P, 1 + k] float32
+    ranks: np.ndarray  # [P] int64
+    start: int = 0  # prompt logprobs: the prompt position of row 0 (>= 1)
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Request id -> sampled token, plus logprobs for the requests that asked for them.
+
+    `sampled` also holds the first token of each child forked off an n > 1 parent this step.
+    """
+
+    sampled: dict[str, int]
+    logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+    prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
