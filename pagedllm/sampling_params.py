@@ -133,8 +133,10 @@ class SamplingParams:
             for bias in self.logit_bias.values():
                 if not -100.0 <= bias <= 100.0:
                     raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}.")
-        if self.bad_words is not None and any(not isinstance(w, str) for w in self.bad_words):
-            raise ValueError("bad_words must be a list of strings.")
+        if self.bad_words is not None and (
+                not isinstance(self.bad_words, list)
+                or any(not isinstance(w, str) or not w.strip() for w in self.bad_words)):
+            raise ValueError("bad_words must be a list of non-empty strings.")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError("output_kind must be a RequestOutputKind.")
 
@@ -148,6 +150,11 @@ class SamplingParams:
     @property
     def all_stop_token_ids(self) -> set[int]:
         return self._all_stop_token_ids
+
+    @property
+    def bad_words_token_ids(self) -> list[list[int]]:
+        """Token ids of bad_words (filled by the engine from its tokenizer)."""
+        return self._bad_words_token_ids
 
     def clone(self) -> SamplingParams:
         import copy

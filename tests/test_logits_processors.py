@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.worker.logits_processors import apply_logits_processors
+from pagedllm.worker.logits_processors import (
+    apply_logits_processors,
+    bad_words_token_ids,
+    banned_tokens,
+)
 
 
 def _req(params: SamplingParams, prompt: list[int], output: list[int], eos: int = 0):
@@ -71,7 +75,53 @@ def test_min_tokens_delays_stop(tiny_llama):
     assert first not in out.outputs[0].token_ids[:4]
 
 
-def test_bad_words_rejected_clearly(tiny_llama):
+def test_banned_tokens_follow_the_generated_tail():
+    words = [[5], [7, 8, 9], [3, 4]]
+    assert banned_tokens(words, []) == [5]
+    assert banned_tokens(words, [1, 7, 8]) == [5, 9]
+    assert banned_tokens(words, [7, 8, 3]) == [5, 4]
+    assert banned_tokens(words, [8, 7]) == [5]
+
+
+def test_bad_words_token_ids_with_and_without_space(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ids = bad_words_token_ids(tok, [" brown fox"])
+    plain = tok.encode("brown fox", add_special_tokens=False)
+    spaced = tok.encode(" brown fox", add_special_tokens=False)
+    assert ids[0] == plain
+    assert (spaced in ids) == (spaced != plain and len(spaced) == len(plain))
+
+
+def _contains(seq: list[int], sub: list[int]) -> bool:
+    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+def test_bad_words_are_never_generated(tiny_llama):
     llm = LLM(tiny_llama, device="cpu")
-    with pytest.raises(ValueError, match="bad_words is not supported"):
-        llm.generate("Hello", SamplingParams(bad_words=["x"]), use_tqdm=False)
+    tok = llm.get_tokenizer()
+    params = dict(temperature=0, max_tokens=24, ignore_eos=True)
+    prompt = "The quick brown fox"
+    greedy = llm.generate(prompt, SamplingParams(**params), use_tqdm=False)[0].outputs[0]
+    out = greedy.token_ids
+    # A two-token word the model produces greedily, and a one-token word.
+    word = next(w for i in range(1, len(out))
+                if (w := tok.decode(out[i - 1:i + 1]).strip())
+                and any(len(ids) == 2 and _contains(out, ids)
+                        for ids in bad_words_token_ids(tok, [w])))
+    single = tok.decode([out[0]]).strip()
+    banned = bad_words_token_ids(tok, [word])
+    got = llm.generate(prompt, SamplingParams(bad_words=[word], **params),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    assert got != out and not any(_contains(got, ids) for ids in banned)
+    first = min(i for ids in banned for i in range(len(out)) if out[i:i + len(ids)] == ids)
+    # Unchanged up to the word's first token; its second one is the first masked choice.
+    assert got[:first + 1] == out[:first + 1] and got[first + 1] != out[first + 1]
+    if single:
+        got = llm.generate(prompt, SamplingParams(bad_words=[single], **params),
+                           use_tqdm=False)[0].outputs[0].token_ids
+        for ids in bad_words_token_ids(tok, [single]):
+            assert not _contains(got, ids)
+    with pytest.raises(ValueError, match="bad_words must be"):
+        SamplingParams(bad_words=[""])

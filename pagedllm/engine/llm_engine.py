@@ -20,6 +20,7 @@ from pagedllm.metrics.stats import StatsCollector
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.utils import cdiv
+from pagedllm.worker.logits_processors import bad_words_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +127,14 @@ class LLMEngine:
             if not 0 <= tid < vocab:
                 raise ValueError(f"logit_bias token {tid} is outside the vocabulary of {vocab}.")
         if params.bad_words:
-            raise ValueError("bad_words is not supported yet; use logit_bias with -100 for "
-                             "single tokens instead.")
+            if self.tokenizer is None:
+                raise ValueError("bad_words need a tokenizer; the engine was started with "
+                                 "skip_tokenizer_init=True.")
+            params._bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
+            bad = [t for ids in params._bad_words_token_ids for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"bad_words tokenize to id {bad[0]}, outside the model's "
+                                 f"vocabulary of {vocab}.")
         max_seqs = self.config.scheduler.max_num_seqs
         if params.best_of > max_seqs:
             raise ValueError(f"n / best_of ({params.best_of}) is more than max_num_seqs "

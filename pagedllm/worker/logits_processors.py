@@ -1,4 +1,5 @@
-"""Per-request logit adjustments: penalties, logit_bias, allowed_token_ids, min_tokens.
+"""Per-request logit adjustments: penalties, logit_bias, allowed_token_ids, bad_words,
+min_tokens.
 
 Applied only to the rows of requests that ask for them, before temperature and sampling.
 """
@@ -13,7 +14,7 @@ import torch
 def needs_processing(req: Any) -> bool:
     p = req.sampling_params
     return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-                or p.logit_bias or p.allowed_token_ids
+                or p.logit_bias or p.allowed_token_ids or p.bad_words_token_ids
                 or req.num_output_tokens < p.min_tokens)
 
 
@@ -42,6 +43,10 @@ def apply_logits_processors(logits: torch.Tensor, requests: list[Any]) -> torch.
             keep = torch.full((vocab,), float("-inf"), device=device, dtype=out.dtype)
             keep[torch.tensor(p.allowed_token_ids, device=device)] = 0
             out += keep
+        if p.bad_words_token_ids:
+            banned = banned_tokens(p.bad_words_token_ids, req.output_token_ids)
+            if banned:
+                out[torch.tensor(banned, device=device)] = float("-inf")
         if req.num_output_tokens < p.min_tokens:
             stops = set(p.all_stop_token_ids)
             if req.eos_token_id is not None and not p.ignore_eos:
@@ -49,3 +54,29 @@ def apply_logits_processors(logits: torch.Tensor, requests: list[Any]) -> torch.
             if stops:
                 out[torch.tensor(sorted(stops), device=device)] = float("-inf")
     return logits
+
+
+def banned_tokens(bad_words: list[list[int]], output_token_ids: list[int]) -> list[int]:
+    """The last token of every bad word whose other tokens end the output so far (a
+    one-token bad word is always banned)."""
+    banned = []
+    for word in bad_words:
+        prefix = len(word) - 1
+        if prefix == 0 or (len(output_token_ids) >= prefix
+                           and output_token_ids[-prefix:] == word[:-1]):
+            banned.append(word[-1])
+    return banned
+
+
+def bad_words_token_ids(tokenizer: Any, bad_words: list[str]) -> list[list[int]]:
+    """Token ids of each bad word as it would appear at the start of the text and, where
+    the tokenizer folds a leading space into the first token, after a space."""
+    out: list[list[int]] = []
+    for word in bad_words:
+        word = word.lstrip()
+        plain = tokenizer.encode(word, add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word, add_special_tokens=False)
+        for ids in (plain, spaced):
+            if ids and ids not in out and (ids is plain or len(ids) == len(plain)):
+                out.append(ids)
+    return out
