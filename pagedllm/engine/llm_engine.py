@@ -142,8 +142,11 @@ class LLMEngine:
         max_lp = self.model_config.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
-            if value is not None and value > max_lp:
-                raise ValueError(f"{name}={value} is more than max_logprobs={max_lp}.")
+            if value is not None and (vocab if value == -1 else value) > max_lp:
+                raise ValueError(
+                    f"{name}={value} asks for more than max_logprobs={max_lp} alternatives "
+                    f"(-1 means the whole vocabulary of {vocab}); raise max_logprobs or ask "
+                    "for fewer.")
 
     def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
         """Stop requests now and free their KV blocks; returns their final outputs

@@ -214,7 +214,7 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _check_fields(self) -> ChatCompletionRequest:
         _check_stream_options(self)
-        if self.top_logprobs is not None and not self.logprobs and self.top_logprobs > 0:
+        if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true.")
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both "

@@ -147,14 +147,21 @@ class OpenAIServing:
         for name in ("allowed_token_ids", "stop_token_ids"):
             for tid in getattr(request, name) or ():
                 self.check_token_id(tid, name)
-        if request.prompt_logprobs is not None and request.prompt_logprobs > self.max_logprobs:
-            raise BadRequestError(
-                f"prompt_logprobs={request.prompt_logprobs} is more than this server allows "
-                f"(--max-logprobs {self.max_logprobs}).", param="prompt_logprobs")
+        self.check_logprobs(request.prompt_logprobs, "prompt_logprobs")
+        if request.stream and request.best_of is not None and request.best_of > request.n:
+            raise BadRequestError("best_of > n cannot be streamed: the best samples are known "
+                                  "only at the end. Set stream=false or best_of=n.",
+                                  param="best_of")
         return model_name
 
     def check_logprobs(self, num: int | None, param: str) -> None:
-        if num is not None and num > self.max_logprobs:
+        """At most --max-logprobs alternatives (-1 asks for the whole vocabulary)."""
+        if num is None:
+            return
+        if num < -1:
+            raise BadRequestError(f"{param} must be >= 0 (or -1 for the whole vocabulary), "
+                                  f"got {num}.", param=param)
+        if (self.vocab_size if num == -1 else num) > self.max_logprobs:
             raise BadRequestError(
                 f"{param}={num} is more than this server allows (--max-logprobs "
                 f"{self.max_logprobs}).", param=param)
@@ -270,13 +277,26 @@ class OpenAIServing:
             sampled = step.get(token_id)
             token = self.token_str(token_id, sampled)
             out.tokens.append(token)
-            out.token_logprobs.append(sampled.logprob if sampled else None)
+            out.token_logprobs.append(json_logprob(sampled.logprob) if sampled else None)
             out.text_offset.append(offset)
             offset += len(token)
             top = sorted(step.items(), key=lambda kv: -kv[1].logprob)[:max(num, 0)]
             out.top_logprobs.append(
-                {self.token_str(tid, lp): lp.logprob for tid, lp in top} if num > 0 else None)
+                {self.token_str(tid, lp): json_logprob(lp.logprob) for tid, lp in top}
+                if num > 0 else None)
         return out
+
+    @staticmethod
+    def prompt_logprobs(prompt_logprobs: list[dict[int, Logprob] | None] | None
+                        ) -> list[dict[int, dict[str, Any]] | None] | None:
+        """vLLM's `prompt_logprobs` field: per prompt token (None for the first one) a map
+        token id -> {logprob, rank, decoded_token}."""
+        if prompt_logprobs is None:
+            return None
+        return [None if step is None else {
+            tid: {"logprob": json_logprob(lp.logprob), "rank": lp.rank,
+                  "decoded_token": lp.decoded_token} for tid, lp in step.items()}
+            for step in prompt_logprobs]
 
     def chat_logprobs(self, token_ids: list[int], logprobs: list[dict[int, Logprob]] | None,
                       num: int) -> ChatLogProbs | None:
@@ -290,16 +310,21 @@ class OpenAIServing:
             top = sorted(step.items(), key=lambda kv: -kv[1].logprob)[:max(num, 0)]
             content.append(ChatLogProbToken(
                 token=token,
-                logprob=max(sampled.logprob, -9999.0) if sampled else -9999.0,
+                logprob=json_logprob(sampled.logprob) if sampled else -9999.0,
                 bytes=list(token.encode("utf-8", errors="replace")),
                 top_logprobs=[
                     ChatLogProbTop(token=(s := self.token_str(tid, lp)),
-                                   logprob=max(lp.logprob, -9999.0),
+                                   logprob=json_logprob(lp.logprob),
                                    bytes=list(s.encode("utf-8", errors="replace")))
                     for tid, lp in top
                 ],
             ))
         return ChatLogProbs(content=content)
+
+
+def json_logprob(value: float) -> float:
+    """A logprob JSON can carry: -inf (a token sampling excluded) becomes -9999.0."""
+    return max(value, -9999.0)
 
 
 def _param_of(message: str, fields: dict[str, Any]) -> str | None:

@@ -70,6 +70,9 @@ class OpenAIServingChat(OpenAIServing):
                 None, "none", "auto"):
             raise BadRequestError("Only tool_choice 'none' and 'auto' are supported; tool call "
                                   "parsing is not implemented yet.", param="tool_choice")
+        if request.top_logprobs is not None and request.top_logprobs < 0:
+            raise BadRequestError(f"top_logprobs must be >= 0, got {request.top_logprobs}.",
+                                  param="top_logprobs")
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         self.check_logprobs(num_logprobs, "top_logprobs")
         text = self.render(request)
@@ -137,6 +140,7 @@ class OpenAIServingChat(OpenAIServing):
             choices=choices,
             usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                             total_tokens=prompt_tokens + completion_tokens),
+            prompt_logprobs=self.prompt_logprobs(final.prompt_logprobs),
         )
 
     # ------------------------------------------------------------------ streaming

@@ -114,6 +114,7 @@ class OpenAIServingCompletion(OpenAIServing):
             if final is None:
                 raise RuntimeError(f"The engine returned no output for request {engine_ids[i]}.")
             prompt_tokens += len(final.prompt_token_ids or prompt.token_ids)
+            prompt_logprobs = self.prompt_logprobs(final.prompt_logprobs)
             for out in sorted(final.outputs, key=lambda o: o.index):
                 completion_tokens += len(out.token_ids)
                 offset = len(self.prompt_text(prompt)) if request.echo else 0
@@ -125,6 +126,7 @@ class OpenAIServingCompletion(OpenAIServing):
                               if request.logprobs is not None else None),
                     finish_reason=out.finish_reason,
                     stop_reason=out.stop_reason,
+                    prompt_logprobs=prompt_logprobs,
                 ))
         return CompletionResponse(
             id=request_id,
