@@ -14,9 +14,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pagedllm.engine.request import RequestStatus
+
 if TYPE_CHECKING:
     from pagedllm.engine.request import Request
     from pagedllm.engine.scheduler import Scheduler
+
+_FINISHED = RequestStatus.FINISHED_STOPPED  # statuses from here on are finished
 
 
 @dataclass(frozen=True)
@@ -71,17 +75,21 @@ class StatsCollector:
     def record_step(self, updated: Iterable[Request]) -> None:
         """Count the token each request in `updated` got this step; finished ones are
         recorded with the step's time as their finish time."""
+        # Plain attribute reads only: this runs every step over every decoding request.
         it = self._current
         now: float | None = None
+        finished = _FINISHED
+        n = 0
         for req in updated:
-            it.num_generation_tokens += 1
-            if req.num_output_tokens == 1:  # first token: the prefill is done
-                it.num_prompt_tokens += req.num_prompt_tokens
+            n += 1
+            if len(req.output_token_ids) == 1:  # first token: the prefill is done
+                it.num_prompt_tokens += len(req.prompt_token_ids)
                 if req.first_token_time is not None:
                     it.time_to_first_tokens.append(req.first_token_time - req.arrival_time)
-            if req.is_finished:
+            if req.status >= finished:
                 now = now if now is not None else time.monotonic()
                 self.record_finished(req, now)
+        it.num_generation_tokens += n
 
     def record_finished(self, req: Request, now: float | None = None,
                         reason: str | None = None) -> None:
