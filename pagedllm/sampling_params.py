@@ -122,6 +122,9 @@ class SamplingParams:
             _int("truncate_prompt_tokens", self.truncate_prompt_tokens, 1)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a string or a list of non-empty strings.")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True (use stop_token_ids to stop "
+                             "on tokens without detokenizing).")
         for tid in self.stop_token_ids:
             _int("stop_token_ids entries", tid, 0)
         if self.allowed_token_ids is not None:

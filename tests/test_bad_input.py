@@ -28,11 +28,38 @@ def llm(tiny_llama):
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens (5) must be <= max_tokens (2)"),
     ({"temperature": "hot"}, "temperature must be a number"),
     ({"stop": [""]}, "stop must be"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty must be in [-2, 2]"),
+    ({"best_of": 1, "n": 2}, "best_of (1) must be >= n (2)"),
+    ({"logprobs": -2}, "logprobs must be >= -1"),
+    ({"prompt_logprobs": 1.5}, "prompt_logprobs must be an integer"),
+    ({"logit_bias": {1: 150}}, "logit_bias values must be in [-100, 100]"),
+    ({"logit_bias": {"x": 1}}, "logit_bias must map token ids"),
+    ({"allowed_token_ids": []}, "allowed_token_ids must not be empty"),
+    ({"bad_words": ["ok", " "]}, "bad_words must be a list of non-empty strings"),
+    ({"stop": "x", "detokenize": False}, "stop strings need detokenize=True"),
+    ({"min_tokens": -1}, "min_tokens must be >= 0"),
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be >= 1"),
+    ({"seed": "abc"}, "seed must be an integer"),
 ])
 def test_sampling_params_rejects(kwargs, needle):
     with pytest.raises(ValueError) as e:
         SamplingParams(**kwargs)
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"logprobs": 21}, "logprobs=21 asks for more than max_logprobs=20"),
+    ({"prompt_logprobs": 25}, "prompt_logprobs=25 asks for more than max_logprobs=20"),
+    ({"logprobs": -1}, "-1 means the whole vocabulary"),
+    ({"n": 200}, "more than max_num_seqs"),
+    ({"stop_token_ids": [10 ** 6]}, "outside the vocabulary"),
+    ({"logit_bias": {10 ** 6: 1.0}}, "outside the vocabulary"),
+])
+def test_engine_limits_rejected(llm, kwargs, needle):
+    with pytest.raises(ValueError) as e:
+        llm.generate("Hello", SamplingParams(**kwargs), use_tqdm=False)
+    assert needle in str(e.value)
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_empty_prompt(llm):
