@@ -52,6 +52,10 @@ def run_pagedllm(model: str, requests, args) -> dict:
                                               detokenize=False)] * 2, use_tqdm=False)
     if args.device == "cuda":
         torch.cuda.synchronize()
+    totals = None
+    if args.phase_times:
+        from phases import instrument
+        totals = instrument(llm)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     if args.device == "cuda":
@@ -60,6 +64,9 @@ def run_pagedllm(model: str, requests, args) -> dict:
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     assert out_tokens == sum(o for _, o in requests), "every request must produce its length"
     in_tokens = sum(len(p) for p, _ in requests)
+    if totals is not None:
+        from phases import report
+        print(report(totals))
     del llm, outs
     gc.collect()
     if args.device == "cuda":
@@ -89,6 +96,8 @@ def main() -> None:
                     help="run HF on the first N requests only (same requests)")
     ap.add_argument("--hf-batch-size", type=int, default=None)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--phase-times", action="store_true",
+                    help="print pagedllm's wall time per engine phase (ms per step)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write results to this file")
     args = ap.parse_args()

@@ -1,4 +1,4 @@
-"""Tiny TRITON_ATTN kernel cases on the CPU under the Triton interpreter.
+"""Tiny Triton kernel cases (attention, fused layer ops) on the CPU under the Triton interpreter.
 
 TRITON_INTERPRET=1 must be set before triton is first imported, so the cases run in a
 subprocess (tests/gpu/test_triton_attention.py run as a script). Skipped without triton.
@@ -18,13 +18,18 @@ pytest.importorskip("triton")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_triton_kernels_under_interpreter() -> None:
+@pytest.mark.parametrize("script,marker", [
+    ("test_triton_attention.py", "INTERPRETER_OK"),
+    ("test_fused_ops.py", "FUSED_INTERPRETER_OK"),
+    ("test_triton_sampling.py", "SAMPLING_INTERPRETER_OK"),
+])
+def test_triton_kernels_under_interpreter(script: str, marker: str) -> None:
     env = dict(os.environ)
     env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     env.setdefault("CUDA_VISIBLE_DEVICES", "")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "gpu" / "test_triton_attention.py")],
+        [sys.executable, str(REPO / "tests" / "gpu" / script)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -34,4 +39,4 @@ def test_triton_kernels_under_interpreter() -> None:
     if proc.returncode != 0 and "No module named" in proc.stderr and "torch" in proc.stderr:
         pytest.skip("torch not importable in the subprocess")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "INTERPRETER_OK" in proc.stdout
+    assert marker in proc.stdout

@@ -264,7 +264,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[sample_rows])
         if any(needs_processing(r) for r in sampling_reqs):
             logits = apply_logits_processors(logits.float(), sampling_reqs)
-        sampled, _ = self.sampler(logits, self._sampling_metadata(sampling_reqs))
+        sampled = self.sampler.sample(logits, self._sampling_metadata(sampling_reqs))
         ids = sampled.tolist()
         return ModelRunnerOutput({req.request_id: tok for req, tok in zip(sampling_reqs, ids)})
 

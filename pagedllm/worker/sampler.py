@@ -77,3 +77,16 @@ class Sampler:
         probs = logits.softmax(dim=-1)
         sampled = random_sample(probs, md.generators)
         return torch.where(md.temperature < _EPS, greedy, sampled), logits
+
+    def sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """Sampled ids only. Plain greedy / temperature batches on CUDA take one fused
+        Triton pass (Gumbel-max) instead of the torch pipeline."""
+        if (logits.is_cuda and md.top_k is None and md.top_p is None and md.min_p is None
+                and not md.generators):
+            try:
+                from pagedllm.worker import triton_sampling
+            except ImportError:
+                pass
+            else:
+                return triton_sampling.sample(logits, md.temperature)
+        return self(logits, md)[0]

@@ -6,10 +6,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.models.layers import fused_ops
+
 
 class SiluAndMul(nn.Module):
     """silu(x[..., :d]) * x[..., d:] for a fused gate/up projection."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.use_fused = fused_ops.enabled()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_fused and fused_ops.usable(x):
+            return fused_ops.silu_and_mul(x)
+        return self.forward_native(x)
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        """The torch reference of forward()."""
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]

@@ -5,17 +5,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagedllm.models.layers import fused_ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.eps = eps
+        self.use_fused = fused_ops.enabled()
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Normalize x; with a residual, add it first and return (normed, new residual)."""
+        if self.use_fused and fused_ops.usable(x):
+            return fused_ops.rms_norm(x, self.weight, self.eps, residual)
+        return self.forward_native(x, residual)
+
+    def forward_native(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The torch reference of forward()."""
         if residual is not None:
             x = x + residual
             residual = x

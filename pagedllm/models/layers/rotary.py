@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagedllm.models.layers import fused_ops
+
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "dynamic")
 
 
@@ -62,6 +64,7 @@ class RotaryEmbedding(nn.Module):
                 f"{', '.join(SUPPORTED_ROPE_TYPES)}."
             )
         self.head_dim = head_dim
+        self.use_fused = fused_ops.enabled()
         self.rotary_dim = rotary_dim or head_dim
         base = float(p["rope_theta"])
         positions = torch.arange(max_position, dtype=torch.float32)
@@ -95,6 +98,16 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated (q, k); on CUDA rotated in place (q and k may be views of a qkv output)."""
+        if self.use_fused and fused_ops.usable(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+            fused_ops.rotary_inplace(positions, q, k, self.cos_cache, self.sin_cache,
+                                     self.head_dim, self.rotary_dim)
+            return q, k
+        return self.forward_native(positions, q, k)
+
+    def forward_native(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The torch reference of forward() (returns new tensors)."""
         cos = self.cos_cache.index_select(0, positions).unsqueeze(1)
         sin = self.sin_cache.index_select(0, positions).unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

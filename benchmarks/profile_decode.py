@@ -1,0 +1,70 @@
+"""GPU kernel profile of steady-state decode steps (torch.profiler), kernels by total time.
+
+Fills the engine with `--num-prompts` requests of `--input-len` tokens, runs until all are
+decoding, then profiles `--steps` engine steps and prints the kernel table and the wall time
+per step.
+
+    python benchmarks/profile_decode.py --preset qwen2.5-0.5b --num-prompts 256 --input-len 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from presets import preset_folder  # noqa: E402
+
+from pagedllm import LLM, SamplingParams  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="qwen2.5-0.5b")
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--rows", type=int, default=25)
+    args = ap.parse_args()
+
+    llm = LLM(preset_folder(args.preset), load_format="dummy", skip_tokenizer_init=True,
+              enforce_eager=args.enforce_eager, max_model_len=args.input_len + 1024,
+              max_num_seqs=max(args.num_prompts, 1))
+    engine = llm.engine
+    rng = random.Random(0)
+    vocab = engine.model_config.vocab_size
+    for i in range(args.num_prompts):
+        engine.add_request(str(i), {"prompt_token_ids": [rng.randrange(vocab)
+                                                         for _ in range(args.input_len)]},
+                           SamplingParams(temperature=args.temperature, max_tokens=1000,
+                                          ignore_eos=True, detokenize=False))
+    while any(r.num_output_tokens == 0 for r in engine.scheduler.running) or \
+            engine.scheduler.waiting:
+        engine.step()
+    for _ in range(5):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    torch.cuda.synchronize()
+    per_step = (time.perf_counter() - start) / args.steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+    print(f"batch {len(engine.scheduler.running)}: {1e3 * per_step:.3f} ms per step "
+          f"(unprofiled, {'eager' if args.enforce_eager else 'CUDA graphs'})")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows,
+                                    max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
