@@ -73,6 +73,34 @@ def test_completion_logprobs_shape_and_values(client, llm):
     assert values == pytest.approx(lp.token_logprobs, abs=1e-6)
 
 
+def test_echo_with_logprobs_covers_the_prompt(client, llm):
+    ids = llm.get_tokenizer().encode(PROMPT)
+    ref = _greedy(llm, PROMPT, max_tokens=4, logprobs=2, prompt_logprobs=2)
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0,
+                                    logprobs=2, echo=True, extra_body=NO_EOS)
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    steps = ref.prompt_logprobs[1:] + ref.outputs[0].logprobs
+    for token_id, step, got, top in zip(ids[1:] + ref.outputs[0].token_ids, steps,
+                                        lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert got == pytest.approx(step[token_id].logprob, abs=1e-5)
+        assert len(top) == 2
+    assert lp.text_offset[0] == 0 and choice.text.startswith(PROMPT)
+    assert choice.model_extra.get("prompt_logprobs") is None  # not asked for
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4,
+                                       temperature=0, logprobs=2, echo=True, stream=True,
+                                       extra_body=NO_EOS)
+    tokens, values = [], []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs:
+            tokens += chunk.choices[0].logprobs.tokens
+            values += chunk.choices[0].logprobs.token_logprobs
+    assert tokens == lp.tokens and values[0] is None
+    assert values[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
+
+
 def test_chat_logprobs_shape_and_streaming(client, llm):
     out = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5,
                                          temperature=0, logprobs=True, top_logprobs=2,

@@ -216,7 +216,8 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ sampling
     def sampling_params(self, request: _SamplingFields, *, max_tokens: int,
-                        logprobs: int | None, stream: bool) -> SamplingParams:
+                        logprobs: int | None, stream: bool,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """SamplingParams from the request; its own checks become 400s."""
         kwargs: dict[str, Any] = {}
         for name in _SAMPLING_FIELDS:
@@ -226,6 +227,8 @@ class OpenAIServing:
         kwargs["max_tokens"] = max_tokens
         if logprobs is not None:
             kwargs["logprobs"] = logprobs
+        if prompt_logprobs is not None:
+            kwargs["prompt_logprobs"] = prompt_logprobs
         kwargs["output_kind"] = (RequestOutputKind.DELTA if stream
                                  else RequestOutputKind.CUMULATIVE)
         try:
@@ -266,14 +269,23 @@ class OpenAIServing:
         return self.tokenizer.decode([token_id])
 
     def completion_logprobs(self, token_ids: list[int],
-                            logprobs: list[dict[int, Logprob]] | None, num: int,
+                            logprobs: list[dict[int, Logprob] | None] | None, num: int,
                             text_offset: int = 0) -> CompletionLogProbs | None:
-        """OpenAI completions logprobs for generated tokens (None if the engine gave none)."""
+        """OpenAI completions logprobs for tokens (None if the engine gave none); a None step
+        (the first prompt token) has no logprob and no alternatives."""
         if logprobs is None:
             return None
         out = CompletionLogProbs()
         offset = text_offset
         for token_id, step in zip(token_ids, logprobs, strict=False):
+            if step is None:
+                token = self.token_str(token_id, None)
+                out.tokens.append(token)
+                out.token_logprobs.append(None)
+                out.text_offset.append(offset)
+                out.top_logprobs.append(None)
+                offset += len(token)
+                continue
             sampled = step.get(token_id)
             token = self.token_str(token_id, sampled)
             out.tokens.append(token)

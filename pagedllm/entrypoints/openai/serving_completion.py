@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pagedllm.entrypoints.openai.errors import BadRequestError, OpenAIError
 from pagedllm.entrypoints.openai.protocol import (
+    CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
     CompletionResponseChoice,
@@ -47,12 +48,16 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_logprobs(request.logprobs, "logprobs")
         prompts = self._prompts(request)
         stream = bool(request.stream)
+        prompt_logprobs = request.prompt_logprobs
+        if request.echo and request.logprobs is not None:  # echoed tokens get logprobs too
+            prompt_logprobs = max(prompt_logprobs or 0, request.logprobs)
         params = [
             self.sampling_params(
                 request,
                 max_tokens=self.resolve_max_tokens(len(p.token_ids), request.max_tokens),
                 logprobs=request.logprobs,
                 stream=stream,
+                prompt_logprobs=prompt_logprobs,
             )
             for p in prompts
         ]
@@ -92,6 +97,19 @@ class OpenAIServingCompletion(OpenAIServing):
     def _text(self, request: CompletionRequest, prompt: Prompt, text: str) -> str:
         return self.prompt_text(prompt) + text if request.echo else text
 
+    def _logprobs(self, request: CompletionRequest, prompt: Prompt, prompt_logprobs: Any,
+                  out: Any, text_offset: int = 0) -> CompletionLogProbs | None:
+        """Logprobs of a choice (or of its first chunk): with echo, the prompt's tokens
+        come first (the very first one without a logprob, as in OpenAI)."""
+        if request.logprobs is None:
+            return None
+        if request.echo and prompt_logprobs is not None:
+            return self.completion_logprobs(
+                prompt.token_ids + out.token_ids, prompt_logprobs + (out.logprobs or []),
+                request.logprobs, text_offset)
+        offset = text_offset or (len(self.prompt_text(prompt)) if request.echo else 0)
+        return self.completion_logprobs(out.token_ids, out.logprobs, request.logprobs, offset)
+
     # ------------------------------------------------------------------ non-streaming
     async def _full(self, request: CompletionRequest, model_name: str, request_id: str,
                     created: int, prompts: list[Prompt], params: list[SamplingParams],
@@ -114,16 +132,14 @@ class OpenAIServingCompletion(OpenAIServing):
             if final is None:
                 raise RuntimeError(f"The engine returned no output for request {engine_ids[i]}.")
             prompt_tokens += len(final.prompt_token_ids or prompt.token_ids)
-            prompt_logprobs = self.prompt_logprobs(final.prompt_logprobs)
+            prompt_logprobs = (self.prompt_logprobs(final.prompt_logprobs)
+                               if request.prompt_logprobs is not None else None)
             for out in sorted(final.outputs, key=lambda o: o.index):
                 completion_tokens += len(out.token_ids)
-                offset = len(self.prompt_text(prompt)) if request.echo else 0
                 choices.append(CompletionResponseChoice(
                     index=i * request.n + out.index,
                     text=self._text(request, prompt, out.text),
-                    logprobs=(self.completion_logprobs(out.token_ids, out.logprobs,
-                                                       request.logprobs, offset)
-                              if request.logprobs is not None else None),
+                    logprobs=self._logprobs(request, prompt, final.prompt_logprobs, out),
                     finish_reason=out.finish_reason,
                     stop_reason=out.stop_reason,
                     prompt_logprobs=prompt_logprobs,
@@ -170,18 +186,17 @@ class OpenAIServingCompletion(OpenAIServing):
                     if finished[idx]:
                         continue
                     text = out.text
+                    prompt_logprobs = None
                     if request.echo and not echoed[idx]:
                         text = self.prompt_text(prompts[i]) + text
-                        text_offset[idx] = len(self.prompt_text(prompts[i]))
+                        prompt_logprobs = output.prompt_logprobs
                         echoed[idx] = True
                     completion_tokens[idx] += len(out.token_ids)
                     if not text and not out.token_ids and out.finish_reason is None:
                         continue
-                    logprobs = None
-                    if request.logprobs is not None:
-                        logprobs = self.completion_logprobs(out.token_ids, out.logprobs,
-                                                            request.logprobs, text_offset[idx])
-                        text_offset[idx] += len(out.text)
+                    logprobs = self._logprobs(request, prompts[i], prompt_logprobs, out,
+                                              text_offset[idx])
+                    text_offset[idx] += len(text)
                     chunk = CompletionStreamResponse(
                         id=request_id, created=created, model=model_name,
                         choices=[CompletionResponseStreamChoice(
