@@ -150,6 +150,21 @@ def test_raw_logprobs_mode(tiny_llama, hf):
         LLM(tiny_llama, device="cpu", logprobs_mode="softmax")
 
 
+def test_whole_vocabulary_logprobs(tiny_llama, hf):
+    llm = LLM(tiny_llama, device="cpu", max_logprobs=1000)
+    prompt = _prompt(8, seed=5)
+    out = llm.generate({"prompt_token_ids": prompt},
+                       SamplingParams(temperature=0, max_tokens=2, logprobs=-1,
+                                      prompt_logprobs=-1, ignore_eos=True), use_tqdm=False)[0]
+    vocab = hf.config.vocab_size
+    ref = _hf_logprobs(hf, prompt + out.outputs[0].token_ids)
+    for i, entry in enumerate(out.outputs[0].logprobs):
+        assert len(entry) == vocab
+        assert sorted(e.rank for e in entry.values()) == list(range(1, vocab + 1))
+        _check_row(entry, out.outputs[0].token_ids[i], ref[len(prompt) + i - 1], vocab)
+    assert all(len(step) == vocab for step in out.prompt_logprobs[1:])
+
+
 def test_delta_outputs_carry_each_logprob_once(llm):
     from pagedllm.engine.llm_engine import LLMEngine
 
