@@ -153,3 +153,16 @@ def test_special_tokens_in_the_text(smol_llm, tiny_llm, which, skip, spaces):
     assert _final(llm, ids, **kwargs).text == expected
     deltas, _ = _stream(llm, ids, **kwargs)
     assert "".join(deltas) == expected
+
+
+def test_token_bytes_rebuild_split_characters(smol_llm, tiny_llm):
+    from pagedllm.engine.logprobs import TokenBytes
+
+    for llm, text in ((smol_llm, EMOJI_CJK), (tiny_llm, SENTENCE)):
+        tok = llm.get_tokenizer()
+        token_bytes = TokenBytes(tok)
+        ids = tok.encode(text, add_special_tokens=False)
+        assert b"".join(token_bytes(i) for i in ids) == text.encode()
+    pieces = [TokenBytes(smol_llm.get_tokenizer())(i)
+              for i in smol_llm.get_tokenizer().encode("😀", add_special_tokens=False)]
+    assert len(pieces) > 1 and all(b"\xef\xbf\xbd" not in p for p in pieces)

@@ -25,6 +25,51 @@ class TokenTexts:
         return text
 
 
+class TokenBytes:
+    """The raw UTF-8 bytes of single tokens (OpenAI's `bytes`), right even for tokens that
+    hold part of a character: byte-level BPE tokens are mapped back through the GPT-2 byte
+    alphabet, `<0xNN>` byte-fallback tokens give their byte, others their decoded text."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, bytes] = {}
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
+        self._unicode_to_byte = {c: b for b, c in _byte_alphabet().items()}
+
+    def __call__(self, token_id: int) -> bytes:
+        raw = self._cache.get(token_id)
+        if raw is None:
+            raw = self._bytes(token_id)
+            self._cache[token_id] = raw
+        return raw
+
+    def _bytes(self, token_id: int) -> bytes:
+        text = self.tokenizer.decode([token_id])
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if self._byte_level and all(c in self._unicode_to_byte for c in piece):
+            return bytes(self._unicode_to_byte[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return text.encode("utf-8")
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map used by byte-level BPE vocabularies:
+    printable Latin-1 bytes stand for themselves, the rest are shifted past 255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1),
+                 *range(0xAE, 0xFF + 1)]
+    out = {b: chr(b) for b in printable}
+    shift = 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + shift)
+            shift += 1
+    return out
+
+
 def logprob_dicts(lists: LogprobsLists, num: int, decode: TokenTexts | None
                   ) -> list[dict[int, Logprob]]:
     """One dict per row: the row's own token first, then its `num` most likely alternatives

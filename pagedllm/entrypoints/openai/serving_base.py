@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from pagedllm.engine.logprobs import TokenBytes
 from pagedllm.entrypoints.openai.errors import BadRequestError, OpenAIError, make_error
 from pagedllm.entrypoints.openai.protocol import (
     ChatLogProbs,
@@ -112,6 +113,7 @@ class OpenAIServing:
         vocab = getattr(self.model_config, "vocab_size", None)
         self.vocab_size: int = int(vocab) if isinstance(vocab, int) else len(self.tokenizer)
         self.max_logprobs: int = int(getattr(self.model_config, "max_logprobs", 20))
+        self.token_bytes = TokenBytes(self.tokenizer)
 
     # ------------------------------------------------------------------ request checks
     def request_id(self, raw_request: Request | None, request: Any = None) -> str:
@@ -323,11 +325,11 @@ class OpenAIServing:
             content.append(ChatLogProbToken(
                 token=token,
                 logprob=json_logprob(sampled.logprob) if sampled else -9999.0,
-                bytes=list(token.encode("utf-8", errors="replace")),
+                bytes=list(self.token_bytes(token_id)),
                 top_logprobs=[
-                    ChatLogProbTop(token=(s := self.token_str(tid, lp)),
+                    ChatLogProbTop(token=self.token_str(tid, lp),
                                    logprob=json_logprob(lp.logprob),
-                                   bytes=list(s.encode("utf-8", errors="replace")))
+                                   bytes=list(self.token_bytes(tid)))
                     for tid, lp in top
                 ],
             ))
