@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--host-profile", action="store_true",
+                    help="also print a cProfile of the host side of the profiled steps")
     args = ap.parse_args()
 
     llm = LLM(preset_folder(args.preset), load_format="dummy", skip_tokenizer_init=True,
@@ -64,6 +66,17 @@ def main() -> None:
           f"(unprofiled, {'eager' if args.enforce_eager else 'CUDA graphs'})")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows,
                                     max_name_column_width=60))
+    if args.host_profile:
+        import cProfile
+        import pstats
+
+        host = cProfile.Profile()
+        host.enable()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        host.disable()
+        pstats.Stats(host).sort_stats("tottime").print_stats(args.rows)
 
 
 if __name__ == "__main__":

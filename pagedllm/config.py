@@ -114,6 +114,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_num_seqs: int
     max_model_len: int
+    async_scheduling: bool = False  # overlap a step's host work with the previous GPU step
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class EngineArgs:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     enforce_eager: bool = False
+    async_scheduling: bool | None = None
     attention_backend: str | None = None
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
@@ -213,6 +215,11 @@ class EngineArgs:
         g.add_argument("--max-num-seqs", type=int, help="Most requests in one step.")
         g.add_argument("--max-num-batched-tokens", type=int, help="Most tokens in one step.")
         g.add_argument("--enforce-eager", action="store_true", help="Disable CUDA graphs.")
+        g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="Schedule and prepare step N+1 while the GPU runs step N "
+                            "(default: on for CUDA with one GPU; plain sampling only, other "
+                            "steps run synchronously).")
         g.add_argument("--attention-backend",
                        help="TRITON_ATTN, TORCH_SDPA, FLASH_ATTN or FLASHINFER.")
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
@@ -315,6 +322,8 @@ class EngineArgs:
             max_num_batched_tokens=max_batched,
             max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
+            async_scheduling=(device == "cuda" and self.tensor_parallel_size == 1
+                              if self.async_scheduling is None else self.async_scheduling),
         )
         parallel = ParallelConfig(
             tensor_parallel_size=self.tensor_parallel_size,

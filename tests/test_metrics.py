@@ -334,3 +334,36 @@ def test_block_map_encoding():
     assert run_length_encode(b"uuucffffff") == "u3c1f6"
     cells, per_cell = group_states(b"uuucffffff", max_cells=4)
     assert per_cell == 3 and cells == b"ucff"
+
+
+def test_disable_log_stats_drops_only_the_log_line(tiny_llama):
+    from pagedllm.config import EngineArgs
+    from pagedllm.engine.async_llm import AsyncLLM
+    from pagedllm.metrics.loggers import LoggingStatLogger
+
+    def loggers(**kwargs) -> list:
+        args = EngineArgs(model=tiny_llama, device="cpu", max_model_len=128,
+                          num_gpu_blocks_override=16, **kwargs)
+        engine = AsyncLLM(args.create_engine_config(), log_stats_interval=2.0)
+        try:
+            assert engine.engine.stats is not None  # metrics are collected either way
+            return list(engine.stat_loggers)
+        finally:
+            engine.shutdown()
+
+    on = loggers()
+    assert [type(x) for x in on] == [LoggingStatLogger] and on[0].period == 2.0
+    assert loggers(disable_log_stats=True) == []
+
+
+def test_bad_interval_and_throughput_flags_are_clear(model_path):
+    cli = [sys.executable, "-m", "pagedllm.entrypoints.cli"]
+    proc = subprocess.run(cli + ["serve", model_path, "--log-stats-interval", "0"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode == 2 and "--log-stats-interval must be > 0" in proc.stderr
+    proc = subprocess.run(cli + ["bench", "throughput", "--input-len", "5", "2"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode == 2 and "--input-len MIN MAX needs" in proc.stderr
+    proc = subprocess.run(cli + ["bench", "serve", "--max-concurrency", "-1"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode == 2 and "expected a positive integer" in proc.stderr

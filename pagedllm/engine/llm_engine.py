@@ -15,12 +15,13 @@ from pagedllm.engine.input_processor import (
 )
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.request import Request, RequestStatus
-from pagedllm.engine.scheduler import Scheduler
+from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.metrics.stats import StatsCollector
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.utils import cdiv
-from pagedllm.worker.logits_processors import bad_words_token_ids
+from pagedllm.worker.logits_processors import bad_words_token_ids, needs_processing
+from pagedllm.worker.output import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_blocks = num_blocks
         self._finished_by_abort: list[Request] = []
+        # Async scheduling: the launched step whose sampled tokens are not processed yet.
+        self._in_flight: tuple[SchedulerOutput, Any] | None = None
         # Per-step stats (timestamps, token counts); AsyncLLM turns it on for its loggers.
         self.stats: StatsCollector | None = None
         logger.info(
@@ -175,12 +178,42 @@ class LLMEngine:
 
     # ------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, and return outputs of requests that progressed."""
+        """Schedule, run the model once, and return outputs of requests that progressed.
+
+        With async scheduling, a step of plain requests is launched before the previous
+        step's tokens are processed, so that host work overlaps the GPU; its own outputs
+        come with the next call. Other steps first collect the one in flight."""
         sched_out = self.scheduler.schedule()
+        if self._can_overlap(sched_out):
+            pending = self.executor.execute_async(sched_out)
+            self.scheduler.mark_launched(sched_out)
+            outputs = self._collect_in_flight()
+            self._in_flight = (sched_out, pending)
+            return outputs
+        outputs = self._collect_in_flight()
         if sched_out.is_empty and not sched_out.block_copies:
-            return []
+            return outputs
         runner_out = self.executor.execute(sched_out)
-        updated = self.scheduler.update(sched_out, runner_out.sampled)
+        return outputs + self._process(sched_out, runner_out, launched=False)
+
+    def _can_overlap(self, sched_out: SchedulerOutput) -> bool:
+        if not self.config.scheduler.async_scheduling or sched_out.is_empty:
+            return False
+        if sched_out.block_copies or not hasattr(self.executor, "execute_async"):
+            return False
+        return not any(it.request.sampling_extras or it.request.pending_forks
+                       or needs_processing(it.request) for it in sched_out.scheduled)
+
+    def _collect_in_flight(self) -> list[RequestOutput]:
+        if self._in_flight is None:
+            return []
+        sched_out, pending = self._in_flight
+        self._in_flight = None
+        return self._process(sched_out, self.executor.fetch(pending), launched=True)
+
+    def _process(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput,
+                 launched: bool) -> list[RequestOutput]:
+        updated = self.scheduler.update(sched_out, runner_out.sampled, launched=launched)
         outputs, stop_hits = self.output_processor.process(updated, [], runner_out)
         if stop_hits:
             self.scheduler.finish_requests(stop_hits, RequestStatus.FINISHED_STOPPED)

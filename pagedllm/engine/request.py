@@ -43,6 +43,9 @@ class Request:
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        # Tokens sampled by a launched step whose ids have not reached the host yet (async
+        # scheduling): they count as known tokens for scheduling, not in all_token_ids.
+        self.num_pending = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling; -1 = not yet
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
@@ -67,7 +70,8 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.all_token_ids)
+        """Tokens of the sequence so far, including sampled ones still on the device."""
+        return len(self.all_token_ids) + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:

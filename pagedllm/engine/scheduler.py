@@ -99,6 +99,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_pending and req.num_output_tokens + req.num_pending >= req.max_tokens:
+                num_new = 0  # its last token is already being sampled
             if num_new <= 0:
                 i += 1
                 continue
@@ -151,18 +153,32 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # ------------------------------------------------------------ update
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance the scheduled requests by their computed tokens, append sampled tokens,
-        apply token-level stop rules; returns requests that got a new token."""
+    def mark_launched(self, out: SchedulerOutput) -> None:
+        """Async scheduling: the step is on the device. Its tokens count as computed and its
+        samples as pending, so the next step can be scheduled before they reach the host."""
+        for item in out.scheduled:
+            req = item.request
+            req.num_computed_tokens += item.num_tokens
+            if item.samples:
+                req.num_pending += 1
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int],
+               launched: bool = False) -> list[Request]:
+        """Advance the scheduled requests by their computed tokens (unless mark_launched
+        did), append sampled tokens, apply token-level stop rules; returns requests that
+        got a new token."""
         updated = []
         for item in out.scheduled:
             req = item.request
             if req.is_finished:
                 continue
-            req.num_computed_tokens += item.num_tokens
+            if not launched:
+                req.num_computed_tokens += item.num_tokens
             token = sampled.get(req.request_id)
             if token is None:
                 continue  # a prefill chunk that does not reach the end of the prompt
+            if launched:
+                req.num_pending -= 1
             req.append_output_token(token)
             if req.first_token_time is None:
                 req.first_token_time = time.monotonic()
@@ -239,6 +255,8 @@ class Scheduler:
     def _free(self, req: Request) -> None:
         if req in self.running:
             self.running.remove(req)
+        elif req in self.waiting:  # preempted while its last token was still pending
+            self.waiting.remove(req)
         self.kv.free(req)
         self.requests.pop(req.request_id, None)
         self._finished_ids.append(req.request_id)

@@ -32,7 +32,9 @@ file; the engine's default model when left out).
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
 POST /v1/embeddings (pooling models: served automatically when the model's runner
 resolves to "pooling", e.g. with --runner pooling), POST /tokenize, POST /detokenize,
-GET /health, GET /version and GET /stats (engine scheduler and KV-cache counters).
+GET /health, GET /version, GET /stats (engine scheduler and KV-cache counters),
+GET /metrics (Prometheus) and GET /dashboard (a live page of queues, KV blocks and
+throughput).
 The server listens on 127.0.0.1 by default, so only this machine can reach it; pass
 --host 0.0.0.0 to expose it (and set --api-key).
 SIGINT (Ctrl-C) or SIGTERM shuts it down cleanly.

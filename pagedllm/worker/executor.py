@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.worker.output import ModelRunnerOutput
+
+if TYPE_CHECKING:
+    from pagedllm.worker.model_runner import PendingStep
 
 
 class Executor(Protocol):
@@ -36,6 +39,13 @@ class UniProcExecutor:
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(out)
+
+    def execute_async(self, out: SchedulerOutput) -> PendingStep:
+        """Launch a plain step without waiting for it (async scheduling)."""
+        return self.runner.execute_async(out)
+
+    def fetch(self, pending: PendingStep) -> ModelRunnerOutput:
+        return self.runner.fetch(pending)
 
     def shutdown(self) -> None:
         pass

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,15 @@ logger = logging.getLogger(__name__)
 _PROMPT_LP_SLICE = 1024  # prompt positions whose logits are materialized at once
 
 
+@dataclass
+class PendingStep:
+    """A launched step whose sampled ids are on their way to the host."""
+
+    request_ids: list[str]
+    host: torch.Tensor | None  # [R] int64 (pinned on CUDA), valid once `done` completed
+    done: torch.cuda.Event | None  # None on CPU, where the step ran synchronously
+
+
 class ModelRunner:
     """Owns the model and the KV cache tensors of one device (one tensor-parallel rank)."""
 
@@ -55,6 +65,9 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self._generators: dict[str, torch.Generator] = {}
+        # The last launched step's sampled ids (device) and request id -> row (async).
+        self._last_sampled: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
         self.graphs: Any = None  # DecodeGraphs once captured
 
     # ------------------------------------------------------------ KV cache
@@ -176,7 +189,10 @@ class ModelRunner:
         token_ids = []
         for i, it in enumerate(items):
             table[i, : len(it.block_ids)] = it.block_ids
-            token_ids.extend(it.request.all_token_ids[it.start:it.start + it.num_tokens])
+            ids = it.request.all_token_ids[it.start:it.start + it.num_tokens]
+            token_ids.extend(ids)
+            if len(ids) < it.num_tokens:
+                token_ids.append(0)  # async scheduling: filled on the device (execute_async)
         req_idx = np.repeat(np.arange(num_reqs), q_lens)
         positions = np.arange(num_tokens) - np.repeat(qsl[:-1], q_lens) + np.repeat(starts,
                                                                                       q_lens)
@@ -217,17 +233,21 @@ class ModelRunner:
     def _sampling_metadata(self, requests: list[Any]) -> SamplingMetadata:
         params = [r.sampling_params for r in requests]
         all_greedy = all(p.sampling_type == SamplingType.GREEDY for p in params)
-        dev = self.device
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32,
-                                   device=dev)
+
+        def to_device(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
+            # Asynchronous copy: a blocking one would wait for the GPU's queued work.
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        temperature = to_device([p.temperature for p in params], torch.float32)
         vocab = self.config.model.vocab_size
         top_k = top_p = min_p = None
         if any(p.top_k > 0 for p in params):
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
+            top_k = to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.long)
         if any(p.top_p < 1.0 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+            top_p = to_device([p.top_p for p in params], torch.float32)
         if any(p.min_p > 0.0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+            min_p = to_device([p.min_p for p in params], torch.float32)
+        dev = self.device
         generators = {}
         for row, req in enumerate(requests):
             seed = req.sampling_params.seed
@@ -267,6 +287,54 @@ class ModelRunner:
         sampled = self.sampler.sample(logits, self._sampling_metadata(sampling_reqs))
         ids = sampled.tolist()
         return ModelRunnerOutput({req.request_id: tok for req, tok in zip(sampling_reqs, ids)})
+
+    @torch.inference_mode()
+    def execute_async(self, out: SchedulerOutput) -> PendingStep:
+        """Launch one plain step (no logprobs, logits processors or forks) without waiting
+        for it: the sampled ids start their copy to the host and `fetch` collects them.
+
+        A request's last input token may still be pending from the previous launched step;
+        it is taken from that step's sampled ids on the device.
+        """
+        for rid in out.finished_ids:
+            self._generators.pop(rid, None)
+        step = self.prepare_host_inputs(out)
+        input_ids, positions, md, sample_rows = self.device_inputs(step)
+        dst, src = [], []
+        for i, it in enumerate(out.scheduled):
+            known = len(it.request.all_token_ids)
+            if it.start + it.num_tokens > known:
+                dst.append(int(step.query_start_loc[i]) + known - it.start)
+                src.append(self._last_rows[it.request.request_id])
+        if dst:
+            index = torch.tensor([dst, src]).to(self.device, non_blocking=True)
+            input_ids[index[0]] = self._last_sampled[index[1]]
+        hidden = self.run_model(input_ids, positions, md)
+        reqs = [it.request for it in out.scheduled if it.samples]
+        if not reqs:
+            self._last_rows = {}
+            return PendingStep([], None, None)
+        rows = torch.tensor(sample_rows).to(self.device, non_blocking=True)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        sampled = self.sampler.sample(logits, self._sampling_metadata(reqs))
+        self._last_sampled = sampled
+        self._last_rows = {r.request_id: i for i, r in enumerate(reqs)}
+        host, done = sampled, None
+        if sampled.is_cuda:
+            host = torch.empty(len(reqs), dtype=torch.long, pin_memory=True)
+            host.copy_(sampled, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return PendingStep([r.request_id for r in reqs], host, done)
+
+    @staticmethod
+    def fetch(pending: PendingStep) -> ModelRunnerOutput:
+        """Wait for a launched step's sampled ids."""
+        if pending.host is None:
+            return ModelRunnerOutput({})
+        if pending.done is not None:
+            pending.done.synchronize()
+        return ModelRunnerOutput(dict(zip(pending.request_ids, pending.host.tolist())))
 
     def _execute_extras(self, out: SchedulerOutput, hidden: torch.Tensor,
                         md: AttentionMetadata, sample_rows: list[int]) -> ModelRunnerOutput:
