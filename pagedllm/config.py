@@ -119,6 +119,8 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """Tensor parallelism: ranks and how their workers run ('mp' or 'ray'; None: one process)."""
+
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
 
@@ -225,7 +227,8 @@ class EngineArgs:
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="Number of GPUs (or CPU processes) to shard the model over.")
         g.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
-                       help="How tensor-parallel workers run: processes (mp) or Ray actors.")
+                       help="How tensor-parallel workers run: processes on this machine "
+                            "(mp, the default) or Ray actors, possibly on several machines.")
         g.add_argument("--runner", default="auto", choices=RUNNERS,
                        help="generate (text generation) or pooling (embeddings); auto picks.")
         g.add_argument("--max-logprobs", type=int, default=20,
@@ -249,6 +252,7 @@ class EngineArgs:
     # ------------------------------------------------------------- config
     def create_engine_config(self) -> EngineConfig:
         """Validate every knob once and resolve the model; raises ValueError with a fix."""
+        from pagedllm.distributed.checks import resolve_tensor_parallel
         from pagedllm.models.loader.resolve import resolve_model
         from pagedllm.models.registry import resolve_architecture
 
@@ -327,7 +331,8 @@ class EngineArgs:
         )
         parallel = ParallelConfig(
             tensor_parallel_size=self.tensor_parallel_size,
-            distributed_executor_backend=self.distributed_executor_backend,
+            distributed_executor_backend=resolve_tensor_parallel(
+                model, self.tensor_parallel_size, self.distributed_executor_backend, device),
         )
         attention_backend = self.attention_backend or os.environ.get("PAGEDLLM_ATTENTION_BACKEND")
         device_config = DeviceConfig(

@@ -49,10 +49,14 @@ class LLMEngine:
         from pagedllm.worker.executor import make_executor
 
         self.executor = make_executor(config)
-        num_blocks = self.executor.determine_num_blocks()
-        self._check_kv_capacity(num_blocks)
-        self.executor.allocate_kv_cache(num_blocks)
-        self.executor.warm_up()
+        try:
+            num_blocks = self.executor.determine_num_blocks()
+            self._check_kv_capacity(num_blocks)
+            self.executor.allocate_kv_cache(num_blocks)
+            self.executor.warm_up()
+        except BaseException:
+            self.executor.shutdown()  # tensor-parallel workers must not outlive a failed start
+            raise
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_blocks = num_blocks

@@ -52,8 +52,14 @@ class UniProcExecutor:
 
 
 def make_executor(config: EngineConfig) -> Executor:
+    """One process for tensor_parallel_size=1; else worker processes (mp) or Ray actors."""
+    backend = config.parallel.distributed_executor_backend
     if config.parallel.tensor_parallel_size == 1:
         return UniProcExecutor(config)
-    raise ValueError(
-        "tensor_parallel_size > 1 is not available yet; use tensor_parallel_size=1."
-    )
+    if backend == "ray":
+        from pagedllm.worker.ray_executor import RayExecutor
+
+        return RayExecutor(config)
+    from pagedllm.worker.mp_executor import MultiprocExecutor
+
+    return MultiprocExecutor(config)

@@ -171,6 +171,8 @@ class ModelRunner:
         the host-side arrays to the other ranks (which run them through execute_step)."""
         step = self.prepare_host_inputs(out)
         if broadcast is not None:
+            if any(it.request.wants_prompt_logprobs for it in out.scheduled):
+                step.prompt_rows = self._prompt_logprob_rows(out, step.query_start_loc)[0]
             broadcast(step)
         return self.device_inputs(step)
 
@@ -222,11 +224,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_step(self, step: StepInputs) -> None:
         """A tensor-parallel worker rank's part of a step the driver broadcast: the forward
-        pass and the LM head over the sampled rows. Every rank must make the same collective
-        calls in the same order: the driver's `execute` computes logits exactly once per
-        step, over sample_rows (the vocab-parallel LM head all-gathers)."""
+        pass and the LM head. The vocab-parallel LM head all-gathers, so every rank must
+        compute logits over the same rows in the same order as the driver's `execute`:
+        prompt-logprob rows in slices, then sample_rows (once)."""
         input_ids, positions, md, sample_rows = self.device_inputs(step)
         hidden = self.run_model(input_ids, positions, md)
+        for s in range(0, len(step.prompt_rows), _PROMPT_LP_SLICE):
+            self.model.compute_logits(hidden[step.prompt_rows[s:s + _PROMPT_LP_SLICE]])
         if sample_rows:
             self.model.compute_logits(hidden[sample_rows])
 
@@ -371,11 +375,11 @@ class ModelRunner:
         return ModelRunnerOutput({r.request_id: t for r, t in zip(reqs, ids)},
                                  sample_lp, prompt_lp)
 
-    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor,
-                         md: AttentionMetadata, step: StepLogprobs) -> None:
-        """Queue the logprobs of the prompt tokens this step's chunks predict: the row of
-        prompt position p scores token p + 1 (the first prompt token has none)."""
-        qsl = md.query_start_loc_cpu.tolist()
+    def _prompt_logprob_rows(self, out: SchedulerOutput, query_start_loc: Any) -> tuple[
+            list[int], list[int], list[tuple[str, int, int, int]]]:
+        """Rows of this step's hidden states that score prompt tokens, those tokens, and per
+        request (id, number of rows, top-k, prompt position of its first row)."""
+        qsl = query_start_loc.tolist()
         rows: list[int] = []
         targets: list[int] = []
         entries = []
@@ -391,6 +395,13 @@ class ModelRunner:
             targets.extend(req.prompt_token_ids[it.start + 1:end + 1])
             k = num_logprobs(req.sampling_params.prompt_logprobs, vocab)
             entries.append((req.request_id, end - it.start, k, it.start + 1))
+        return rows, targets, entries
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor,
+                         md: AttentionMetadata, step: StepLogprobs) -> None:
+        """Queue the logprobs of the prompt tokens this step's chunks predict: the row of
+        prompt position p scores token p + 1 (the first prompt token has none)."""
+        rows, targets, entries = self._prompt_logprob_rows(out, md.query_start_loc_cpu)
         if not rows:
             return
         mode = self.config.model.logprobs_mode

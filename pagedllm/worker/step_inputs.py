@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +22,7 @@ class StepInputs:
     block_table: np.ndarray  # int32 [num_reqs, max_blocks]
     slot_mapping: np.ndarray  # int64 [num_tokens]: KV cache slot of each new token
     sample_rows: list[int]  # token rows whose logits are sampled (last token of a request)
+    prompt_rows: list[int] = field(default_factory=list)  # rows scored for prompt logprobs
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,56 @@
+"""Joining and leaving the torch.distributed process group of the tensor-parallel ranks.
+
+All ranks rendezvous through a TCP store hosted by rank 0 (`tcp://host:port`); the group
+uses NCCL on CUDA and gloo on the CPU. A process belongs to at most one group, so one
+tensor-parallel engine runs per process at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from pagedllm.distributed.group import TensorParallelGroup
+
+logger = logging.getLogger(__name__)
+
+# Bounds a rendezvous and any single collective: model loading and warm-up of the slowest
+# rank happen between collectives, so this must cover them.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
+
+
+def backend_for(device: str) -> str:
+    """torch.distributed backend of a device type: NCCL on CUDA, gloo on the CPU."""
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def init_tensor_parallel(device: str, init_method: str, rank: int,
+                         world_size: int) -> TensorParallelGroup:
+    """Join the tensor-parallel process group (blocks until every rank has joined)."""
+    if dist.is_initialized():
+        raise RuntimeError(
+            "This process already belongs to a torch.distributed process group: only one "
+            "tensor-parallel engine runs per process. Shut the other one down first "
+            "(engine.shutdown(), or delete its LLM)."
+        )
+    dist.init_process_group(backend_for(device), init_method=init_method, rank=rank,
+                            world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
+    return TensorParallelGroup(rank, world_size, dist.group.WORLD)
+
+
+def destroy_tensor_parallel() -> None:
+    """Leave the process group (no-op when this process has none)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def abort_tensor_parallel() -> None:
+    """Abort this process's NCCL communicators so that a collective blocked on a dead peer
+    returns with an error. (gloo needs nothing: a peer's exit closes its sockets.)"""
+    try:
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            dist.group.WORLD.abort()
+    except Exception:  # noqa: BLE001 - best effort while failing anyway
+        logger.warning("Could not abort the NCCL process group", exc_info=True)
