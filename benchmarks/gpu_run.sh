@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the throughput workloads and the decode microbenchmark.
 # Usage (repo root, on the GPU machine): OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel]...
+# Two GPUs (issue 9): OUT=/some/dir bash benchmarks/gpu_run.sh tp-tests tp
 set -u
 OUT=${OUT:-/tmp/pagedllm-out}
 mkdir -p "$OUT"
@@ -9,7 +10,8 @@ parts=${*:-tests w1 8b kernel}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
 for part in $parts; do
   case $part in
-    tests) timeout 240 python -m pytest tests/gpu -q -p no:cacheprovider 2>&1 \
+    tests) timeout 240 python -m pytest tests/gpu -q -p no:cacheprovider \
+             --ignore=tests/gpu/test_tensor_parallel.py 2>&1 \
              | tee "$OUT/gpu_tests.log" | tail -15 ;;
     w1) timeout 300 python benchmarks/throughput.py --preset qwen2.5-0.5b --device cuda \
           --num-prompts 256 --input-len 100 1024 --output-len 100 1024 \
@@ -18,5 +20,15 @@ for part in $parts; do
           --num-prompts 1000 --input-len 256 256 --output-len 256 256 \
           --hf-num-prompts 64 --json "$OUT/llama8b.json" 2>&1 | tee "$OUT/llama8b.log" | tail -8 ;;
     kernel) timeout 120 python benchmarks/kernel_decode.py 2>&1 | tee "$OUT/kernel.log" | tail -12 ;;
+    tp-tests) timeout 300 python -m pytest tests/gpu/test_tensor_parallel.py -q -p no:cacheprovider \
+                2>&1 | tee "$OUT/tp_tests.log" | tail -15 ;;
+    tp) for n in 1 2; do
+          timeout 280 python benchmarks/throughput.py --preset llama-3-8b --device cuda \
+            --num-prompts 1000 --input-len 256 256 --output-len 256 256 --skip-hf \
+            --tensor-parallel-size $n --json "$OUT/llama8b_tp$n.json" 2>&1 \
+            | tee "$OUT/llama8b_tp$n.log" | tail -3
+        done
+        python -c "import json, sys; r = [json.load(open(f'$OUT/llama8b_tp{n}.json'))['results'][0]['output_tok_s'] for n in (1, 2)]; print(f'TP=1 {r[0]:.0f} out tok/s, TP=2 {r[1]:.0f} out tok/s, ratio {r[1] / r[0]:.2f}x')" \
+          2>&1 | tee "$OUT/tp_ratio.txt" ;;
   esac
 done

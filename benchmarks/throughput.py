@@ -9,6 +9,8 @@ engine and their ratio.
       --input-len 32 256 --output-len 32 256 --device cpu
   python benchmarks/throughput.py --preset qwen2.5-0.5b --num-prompts 256 \
       --input-len 100 1024 --output-len 100 1024 --device cuda --hf-num-prompts 64
+  python benchmarks/throughput.py --preset llama-3-8b --num-prompts 1000 \
+      --input-len 256 256 --output-len 256 256 --tensor-parallel-size 2 --skip-hf
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def run_pagedllm(model: str, requests, args) -> dict:
         kwargs["attention_backend"] = args.attention_backend
     if args.gpu_memory_utilization:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = args.tensor_parallel_size
+        kwargs["distributed_executor_backend"] = args.distributed_executor_backend
     start = time.perf_counter()
     llm = LLM(model, **kwargs)
     startup = time.perf_counter() - start
@@ -71,7 +76,8 @@ def run_pagedllm(model: str, requests, args) -> dict:
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    return dict(engine="pagedllm", requests=len(requests), output_tokens=out_tokens,
+    return dict(engine="pagedllm", tensor_parallel_size=args.tensor_parallel_size,
+                requests=len(requests), output_tokens=out_tokens,
                 input_tokens=in_tokens, seconds=elapsed, startup_s=startup,
                 output_tok_s=out_tokens / elapsed, total_tok_s=(out_tokens + in_tokens) / elapsed)
 
@@ -92,6 +98,10 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                    help="shard pagedllm's model over this many GPUs (HF runs on one; "
+                         "use --skip-hf)")
+    ap.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray"])
     ap.add_argument("--hf-num-prompts", type=int, default=None,
                     help="run HF on the first N requests only (same requests)")
     ap.add_argument("--hf-batch-size", type=int, default=None)

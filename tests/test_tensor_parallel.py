@@ -101,6 +101,10 @@ def test_tp2_greedy_matches_tp1(models, reference, name):
         assert llm.engine.executor.backend_name == "mp"  # the default for TP > 1
         assert _tokens(llm, _prompts(models[name])) == reference[name]
         assert_pool_whole(llm)
+        # One process group per process: a second TP engine is refused, the first goes on.
+        with pytest.raises(RuntimeError, match="only one tensor-parallel engine"):
+            LLM(models[name], device="cpu", dtype="float32", tensor_parallel_size=2)
+        assert _tokens(llm, _prompts(models[name])[:1]) == reference[name][:1]
 
 
 def test_tp2_replicated_kv_head_with_chunking_and_preemption(models, reference):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from pagedllm.distributed.group import TensorParallelGroup
@@ -26,15 +27,20 @@ def backend_for(device: str) -> str:
     return "nccl" if device == "cuda" else "gloo"
 
 
-def init_tensor_parallel(device: str, init_method: str, rank: int,
-                         world_size: int) -> TensorParallelGroup:
-    """Join the tensor-parallel process group (blocks until every rank has joined)."""
+def check_no_process_group() -> None:
+    """Refuse a second tensor-parallel engine in a process whose group is taken."""
     if dist.is_initialized():
         raise RuntimeError(
             "This process already belongs to a torch.distributed process group: only one "
             "tensor-parallel engine runs per process. Shut the other one down first "
             "(engine.shutdown(), or delete its LLM)."
         )
+
+
+def init_tensor_parallel(device: str, init_method: str, rank: int,
+                         world_size: int) -> TensorParallelGroup:
+    """Join the tensor-parallel process group (blocks until every rank has joined)."""
+    check_no_process_group()
     dist.init_process_group(backend_for(device), init_method=init_method, rank=rank,
                             world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
     return TensorParallelGroup(rank, world_size, dist.group.WORLD)
@@ -50,7 +56,16 @@ def abort_tensor_parallel() -> None:
     """Abort this process's NCCL communicators so that a collective blocked on a dead peer
     returns with an error. (gloo needs nothing: a peer's exit closes its sockets.)"""
     try:
-        if dist.is_initialized() and dist.get_backend() == "nccl":
-            dist.group.WORLD.abort()
+        if not dist.is_initialized() or dist.get_backend() != "nccl":
+            return
+        group = dist.group.WORLD
+        for target in (group, group._get_backend(torch.device("cuda"))):
+            for name in ("abort", "_abort"):  # the name differs between torch versions
+                abort = getattr(target, name, None)
+                if abort is not None:
+                    abort()
+                    return
+        logger.warning("This torch cannot abort NCCL communicators: a collective waiting on a "
+                       "dead worker ends only at the process group timeout.")
     except Exception:  # noqa: BLE001 - best effort while failing anyway
         logger.warning("Could not abort the NCCL process group", exc_info=True)

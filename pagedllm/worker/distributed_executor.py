@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pagedllm.config import EngineConfig
-from pagedllm.distributed.process_group import destroy_tensor_parallel
+from pagedllm.distributed.process_group import check_no_process_group
 from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.utils import get_open_port
 from pagedllm.worker.step_inputs import StepInputs
@@ -46,6 +46,7 @@ class WorkerHealth:
         self._lock = threading.Lock()
         self.error: str | None = None
         self.closing = False
+        self.joined = False  # this process (rank 0) is in the process group: leave it at stop
 
     def fail(self, error: str) -> bool:
         """Record the first failure; False if one was recorded or shutdown began."""
@@ -67,12 +68,14 @@ class DistributedExecutor(ABC):
         self.health = WorkerHealth()
         self.driver: Worker | None = None
         self._finalizer: Callable[[], Any] | None = None
+        check_no_process_group()
         try:
             host, driver_gpu = self._prepare()
             init_method = f"tcp://{host}:{get_open_port()}"
             self.driver = Worker(config, 0, init_method, driver_gpu)
             self._start_workers(init_method)
             self._run_all("init_device")
+            self.health.joined = True
             self._run_all("load_model")
         except BaseException:
             self.shutdown()
@@ -144,7 +147,10 @@ class DistributedExecutor(ABC):
         try:
             if out.block_copies:
                 self._send("copy_blocks", (out.block_copies,), reply=False)
-            return self.runner.execute(out, self._broadcast_step)
+            result = self.runner.execute(out, self._broadcast_step)
+            if self.health.error is not None:  # a rank died during the step: drop its result
+                raise WorkerFailure(self.health.error)
+            return result
         except BaseException as e:
             raise self._fail("execute", e) from e
 
@@ -178,10 +184,10 @@ class DistributedExecutor(ABC):
         """Stop the workers and leave the process group (also run when the executor is
         garbage-collected or the interpreter exits)."""
         self.health.closing = True
+        if self.driver is not None and self.driver.tp is not None:
+            self.health.joined = True  # also when a worker failed to join
         if self._finalizer is not None:
             self._finalizer()
-        else:
-            destroy_tensor_parallel()
         if self.driver is not None:
             self.driver.shutdown()
 

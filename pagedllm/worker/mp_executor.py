@@ -188,7 +188,8 @@ def _stop_workers(workers: _Workers, health: WorkerHealth) -> None:
     _kill(workers)
     for conn in workers.conns:
         conn.close()
-    destroy_tensor_parallel()
+    if health.joined:
+        destroy_tensor_parallel()
 
 
 # ---------------------------------------------------------------- worker process side

@@ -252,6 +252,7 @@ def _stop_ray(state: _RayState, health: WorkerHealth) -> None:
                 remove_placement_group(state.placement_group)
     except Exception:  # noqa: BLE001 - best effort: the cluster may be gone already
         logger.warning("Could not release every Ray resource", exc_info=True)
-    destroy_tensor_parallel()
+    if health.joined:
+        destroy_tensor_parallel()
     if state.owns_ray and ray.is_initialized():
         ray.shutdown()

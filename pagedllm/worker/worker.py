@@ -63,4 +63,6 @@ class Worker:
     def shutdown(self) -> None:
         """Free the model and leave the process group."""
         self._runner = None
-        destroy_tensor_parallel()
+        if self.tp is not None:  # never leave a group another engine of this process joined
+            self.tp = None
+            destroy_tensor_parallel()
