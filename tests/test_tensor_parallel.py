@@ -1,6 +1,6 @@
 """Tensor parallelism on the CPU (gloo): TP=2 gives TP=1's greedy tokens through LLM and the
-server (Llama, Qwen2 with q/k/v bias and tied embeddings, one KV head replicated on both
-ranks with an odd vocabulary), worker failures end in a RuntimeError instead of a hang, and
+server (Llama, Qwen2 with q/k/v bias and tied embeddings, Qwen3, one KV head replicated on
+both ranks with an odd vocabulary), worker failures end in a RuntimeError instead of a hang, and
 no worker process outlives its engine. Argument checks need no processes."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import gc
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ def models(tiny_model_factory, tmp_path_factory) -> dict[str, str]:
     return {
         "llama": tiny_model_factory("llama"),
         "qwen2": tiny_model_factory("qwen2"),  # q/k/v bias, tied embeddings
+        "qwen3": tiny_model_factory("qwen3"),  # per-head q/k RMSNorm (replicated weights)
         # One KV head for two ranks (replicated), and a vocabulary that does not split evenly.
         "llama_kv1": make_tiny_model(tmp_path_factory.mktemp("llama_kv1"), "llama",
                                      vocab_size=397, **{**TINY, "num_key_value_heads": 1}),
@@ -95,7 +98,7 @@ def tp_llm(folder: str, **kwargs: Any) -> Iterator[LLM]:
 
 
 # ---------------------------------------------------------------- parity
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
 def test_tp2_greedy_matches_tp1(models, reference, name):
     with tp_llm(models[name]) as llm:
         assert llm.engine.executor.backend_name == "mp"  # the default for TP > 1
@@ -176,6 +179,25 @@ def test_tp2_server_matches_tp1(models):
     assert chat == want_chat
     assert server.returncode == 0
     assert workers and _gone(workers)
+
+
+def test_workers_stop_when_the_llm_is_dropped_or_the_process_exits(models, tmp_path):
+    llm = LLM(models["llama"], device="cpu", dtype="float32", tensor_parallel_size=2)
+    pids = llm.engine.executor.worker_pids()
+    del llm  # no shutdown(): the executor's finalizer stops the workers
+    gc.collect()
+    assert _gone(pids)
+    script = tmp_path / "exit_without_shutdown.py"
+    script.write_text(
+        "from pagedllm import LLM\n"
+        "if __name__ == '__main__':\n"
+        f"    llm = LLM({models['llama']!r}, device='cpu', tensor_parallel_size=2)\n"
+        "    print('WORKERS', *llm.engine.executor.worker_pids(), flush=True)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=180)
+    assert run.returncode == 0, run.stderr
+    pids = [int(p) for p in run.stdout.split("WORKERS")[1].split()]
+    assert pids and _gone(pids)
 
 
 # ---------------------------------------------------------------- failures
