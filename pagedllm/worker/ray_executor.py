@@ -102,6 +102,7 @@ class RayExecutor(DistributedExecutor):
         if owns:
             ray.init()  # RAY_ADDRESS, a `ray start` cluster of this machine, or a new one
         self.state = _RayState(ray, owns)
+        self._pids: list[int] = []
         register_finalizer(self, _stop_ray, self.state, self.health)
         cuda = self.config.device.device == "cuda"
         resource = "GPU" if cuda else "CPU"
