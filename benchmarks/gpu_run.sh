@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 for part in $parts; do
   case $part in
     tests) timeout 240 python -m pytest tests/gpu -q -p no:cacheprovider \
-             --ignore=tests/gpu/test_tensor_parallel.py 2>&1 \
+             --ignore=tests/gpu/test_gpu_tensor_parallel.py 2>&1 \
              | tee "$OUT/gpu_tests.log" | tail -15 ;;
     w1) timeout 300 python benchmarks/throughput.py --preset qwen2.5-0.5b --device cuda \
           --num-prompts 256 --input-len 100 1024 --output-len 100 1024 \
@@ -20,7 +20,7 @@ for part in $parts; do
           --num-prompts 1000 --input-len 256 256 --output-len 256 256 \
           --hf-num-prompts 64 --json "$OUT/llama8b.json" 2>&1 | tee "$OUT/llama8b.log" | tail -8 ;;
     kernel) timeout 120 python benchmarks/kernel_decode.py 2>&1 | tee "$OUT/kernel.log" | tail -12 ;;
-    tp-tests) timeout 300 python -m pytest tests/gpu/test_tensor_parallel.py -q -p no:cacheprovider \
+    tp-tests) timeout 300 python -m pytest tests/gpu/test_gpu_tensor_parallel.py -q -p no:cacheprovider \
                 2>&1 | tee "$OUT/tp_tests.log" | tail -15 ;;
     tp) for n in 1 2; do
           timeout 280 python benchmarks/throughput.py --preset llama-3-8b --device cuda \
