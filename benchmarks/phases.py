@@ -33,9 +33,12 @@ def instrument(llm: Any) -> Counter:
     runner = getattr(engine.executor, "runner", None)
     _wrap(engine.scheduler, "schedule", "schedule", totals)
     _wrap(engine.executor, "execute", "execute", totals)
+    if hasattr(engine.executor, "execute_async"):
+        _wrap(engine.executor, "execute_async", "launch", totals)
+        _wrap(engine.executor, "fetch", "wait", totals)
     if runner is not None:
-        _wrap(runner, "prepare_inputs", "execute.prepare_inputs", totals)
-        _wrap(runner, "_sampling_metadata", "execute.sampling_metadata", totals)
+        _wrap(runner, "prepare_host_inputs", "prepare_host_inputs", totals)
+        _wrap(runner, "_sampling_metadata", "sampling_metadata", totals)
     _wrap(engine.scheduler, "update", "update", totals)
     _wrap(engine.output_processor, "process", "output_processing", totals)
     return totals

@@ -161,7 +161,8 @@ class KVCacheManager:
             total = request.num_computed_tokens + num_new_tokens
             num_needed = cdiv(total, self.block_size) - len(blocks)
             if num_needed <= 0:
-                if self.enable_caching:
+                if (self.enable_caching and total // self.block_size
+                        > self.req_num_cached.get(rid, 0)):
                     self._cache_full_blocks(request, blocks, total)
                 return []
         computed_blocks = computed_blocks or []

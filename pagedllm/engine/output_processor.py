@@ -125,10 +125,13 @@ class OutputProcessor:
             touched[pid] = parent
         outputs = []
         for parent in touched.values():
+            finished = parent.finished
+            if not finished and parent.params.output_kind == RequestOutputKind.FINAL_ONLY:
+                continue  # nothing to deliver before the end (the common offline case)
             out = self._make_output(parent)
             if out is not None:
                 outputs.append(out)
-            if parent.finished:
+            if finished:
                 self._remove(parent)
         return outputs, stop_hits
 

@@ -93,7 +93,6 @@ class Scheduler:
         self._finished_ids = []
         self._block_copies = []
         budget = self.config.max_num_batched_tokens
-        scheduled_ids: set[str] = set()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -116,7 +115,6 @@ class Scheduler:
                 break  # req itself was preempted: nothing more fits
             out.scheduled.append(ScheduledRequest(
                 req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id)))
-            scheduled_ids.add(req.request_id)
             budget -= num_new
             i += 1
 

@@ -20,6 +20,7 @@ from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.models.loader.model_loader import load_model
 from pagedllm.sampling_params import SamplingType
 from pagedllm.utils import cdiv, parse_bytes
+from pagedllm.worker.block_table import BlockTableRows
 from pagedllm.worker.logits_processors import apply_logits_processors, needs_processing
 from pagedllm.worker.logprobs import (
     StepLogprobs,
@@ -68,6 +69,7 @@ class ModelRunner:
         # The last launched step's sampled ids (device) and request id -> row (async).
         self._last_sampled: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
+        self._block_rows = BlockTableRows()
         self.graphs: Any = None  # DecodeGraphs once captured
 
     # ------------------------------------------------------------ KV cache
@@ -186,21 +188,29 @@ class ModelRunner:
         np.cumsum(q_lens, out=qsl[1:])
         num_tokens = int(qsl[-1])
         seq_lens = starts + q_lens
-        max_blocks = max(len(it.block_ids) for it in items)
-        table = np.zeros((num_reqs, max_blocks), dtype=np.int32)
-        token_ids = []
+        table = self._block_rows.table([it.request.request_id for it in items],
+                                       [it.block_ids for it in items])
+        token_ids: list[int] = []
+        sample_rows: list[int] = []
         for i, it in enumerate(items):
-            table[i, : len(it.block_ids)] = it.block_ids
-            ids = it.request.all_token_ids[it.start:it.start + it.num_tokens]
-            token_ids.extend(ids)
-            if len(ids) < it.num_tokens:
-                token_ids.append(0)  # async scheduling: filled on the device (execute_async)
+            toks = it.request.all_token_ids
+            end = it.start + it.num_tokens
+            if it.num_tokens == 1:
+                # A decode (the common case); an async step's pending token is filled on
+                # the device (execute_async).
+                token_ids.append(toks[it.start] if it.start < len(toks) else 0)
+            else:
+                ids = toks[it.start:end]
+                token_ids.extend(ids)
+                if len(ids) < it.num_tokens:
+                    token_ids.append(0)
+            if end == it.request.num_tokens:
+                sample_rows.append(int(qsl[i + 1]) - 1)
         req_idx = np.repeat(np.arange(num_reqs), q_lens)
         positions = np.arange(num_tokens) - np.repeat(qsl[:-1], q_lens) + np.repeat(starts,
                                                                                       q_lens)
         slots = table[req_idx, positions // self.block_size].astype(np.int64) * (
             self.block_size) + positions % self.block_size
-        sample_rows = [int(qsl[i + 1]) - 1 for i, it in enumerate(items) if it.samples]
         return StepInputs(np.array(token_ids, dtype=np.int64), positions, qsl,
                           seq_lens.astype(np.int32), table, slots, sample_rows)
 
@@ -274,6 +284,7 @@ class ModelRunner:
         """
         for rid in out.finished_ids:
             self._generators.pop(rid, None)
+        self._block_rows.forget(out.finished_ids)
         if out.block_copies:
             self.copy_blocks(out.block_copies)
         if out.is_empty:
@@ -302,6 +313,7 @@ class ModelRunner:
         """
         for rid in out.finished_ids:
             self._generators.pop(rid, None)
+        self._block_rows.forget(out.finished_ids)
         step = self.prepare_host_inputs(out)
         input_ids, positions, md, sample_rows = self.device_inputs(step)
         dst, src = [], []
