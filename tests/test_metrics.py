@@ -374,3 +374,32 @@ def test_bad_interval_and_throughput_flags_are_clear(model_path):
     proc = subprocess.run(cli + ["bench", "serve", "--max-concurrency", "-1"],
                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert proc.returncode == 2 and "expected a positive integer" in proc.stderr
+
+
+def test_api_key_leaves_only_the_dashboard_page_open(tiny_llama):
+    import argparse
+
+    from server_utils import ThreadServer
+
+    from pagedllm.config import EngineArgs
+    from pagedllm.engine.async_llm import AsyncLLM
+    from pagedllm.entrypoints.openai.api_server import build_app
+
+    config = EngineArgs(model=tiny_llama, device="cpu", max_model_len=128,
+                        num_gpu_blocks_override=16, disable_log_stats=True
+                        ).create_engine_config()
+    engine = AsyncLLM(config)
+    try:
+        app = build_app(engine, argparse.Namespace(api_key="sesame",
+                                                   served_model_name=["keyed"]))
+        with ThreadServer(app, api_key="sesame") as srv:
+            assert httpx.get(srv.url_for("dashboard"), timeout=10).status_code == 200
+            for path in ("dashboard/data", "metrics"):
+                assert httpx.get(srv.url_for(path), timeout=10).status_code == 401
+            data = httpx.get(srv.url_for("dashboard/data"), headers=srv.headers(),
+                             timeout=10).json()
+            assert data["model"] == "keyed" and data["blocks"]["num_blocks"] == 16
+            text = httpx.get(srv.url_for("metrics"), headers=srv.headers(), timeout=10).text
+            assert 'pagedllm:num_requests_running{model_name="keyed"} 0.0' in text
+    finally:
+        engine.shutdown()

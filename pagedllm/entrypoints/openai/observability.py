@@ -9,6 +9,7 @@ Engines without that hook (the pooling engine) still get the routes, with what
 
 from __future__ import annotations
 
+import asyncio
 import time
 from importlib import resources
 from typing import Any
@@ -16,11 +17,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from pagedllm.entrypoints.openai.errors import error_json
 from pagedllm.metrics.block_map import block_map
 from pagedllm.metrics.loggers import ThroughputHistory
 from pagedllm.metrics.prometheus import PrometheusStatLogger
 
 DASHBOARD_PATH = "/dashboard"
+# How long /dashboard/data waits for the engine thread (busy with a long step, or dead).
+ENGINE_CALL_TIMEOUT_S = 10.0
 # Blocks drawn at most; larger pools are grouped into this many cells.
 MAX_BLOCK_CELLS = 4096
 
@@ -41,7 +45,7 @@ class Observability:
         """Queues, KV usage, block map and history, read in the engine thread when it can."""
         call = getattr(self.engine, "call_in_engine", None)
         if call is not None:
-            data = await call(_engine_view)
+            data = await asyncio.wait_for(call(_engine_view), ENGINE_CALL_TIMEOUT_S)
         else:
             stats = self.engine.get_stats()
             data = {"num_running": stats.get("num_running", 0),
@@ -89,6 +93,9 @@ def install_observability(app: FastAPI, engine: Any, model_name: str) -> Observa
 
     @app.get(DASHBOARD_PATH + "/data", summary="Dashboard data (JSON)")
     async def dashboard_data(raw_request: Request) -> JSONResponse:
-        return JSONResponse(await raw_request.app.state.observability.dashboard_data())
+        try:
+            return JSONResponse(await raw_request.app.state.observability.dashboard_data())
+        except asyncio.TimeoutError:
+            return error_json("The engine did not answer in time; try again.", 503)
 
     return obs
