@@ -82,12 +82,11 @@ class _RowStreamer(BaseStreamer):
 
 
 class HFEngine:
-    def __init__(self, model: str, max_batch_size: int) -> None:
+    def __init__(self, model: str, max_batch_size: int, dtype: torch.dtype) -> None:
         folder, name = os.path.split(model) if model.endswith(".gguf") else (model, None)
         kwargs: dict[str, Any] = {"gguf_file": name} if name else {}
         self.tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                          **kwargs).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else (self.eos or 0)
@@ -205,6 +204,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8001)
     ap.add_argument("--max-batch-size", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     if args.max_batch_size < 1:
         ap.error("--max-batch-size must be >= 1")
@@ -216,7 +216,7 @@ def main() -> None:
 
         model = find_default_model()
     name = args.served_model_name or os.path.basename(model.rstrip("/"))
-    engine = HFEngine(model, args.max_batch_size)
+    engine = HFEngine(model, args.max_batch_size, getattr(torch, args.dtype))
     uvicorn.run(build_app(engine, name), host=args.host, port=args.port, log_level="warning")
 
 
