@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "gguf")
 RUNNERS = ("auto", "generate", "pooling")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits")
 DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype | None,
@@ -335,10 +338,18 @@ class EngineArgs:
                 model, self.tensor_parallel_size, self.distributed_executor_backend, device),
         )
         attention_backend = self.attention_backend or os.environ.get("PAGEDLLM_ATTENTION_BACKEND")
+        enforce_eager = self.enforce_eager
+        if device == "cuda" and self.tensor_parallel_size > 1 and not enforce_eager:
+            # On the first two-GPU run, capturing decode graphs whose all-reduces go through
+            # torch.distributed's NCCL process group hung on every rank; until graph-safe
+            # collectives are in place, tensor-parallel steps run eagerly.
+            logger.warning("CUDA graphs are not used with tensor_parallel_size > 1 yet; "
+                           "running eagerly.")
+            enforce_eager = True
         device_config = DeviceConfig(
             device=device,
             attention_backend=attention_backend.upper() if attention_backend else None,
-            enforce_eager=self.enforce_eager,
+            enforce_eager=enforce_eager,
         )
         return EngineConfig(
             model=model,

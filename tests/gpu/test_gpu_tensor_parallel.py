@@ -1,6 +1,6 @@
 """Tensor parallelism on two GPUs (NCCL): TP=2 gives TP=1's greedy tokens in fp32 exactly and
-in bf16 on a model whose logits are not near-ties, with and without CUDA graphs (the
-all-reduce inside captured decode graphs); a killed worker ends in an error, not a hang."""
+in bf16 on a model whose logits are not near-ties (TP=1 with and without CUDA graphs; TP=2
+runs eagerly, see README); a killed worker ends in an error, not a hang."""
 
 from __future__ import annotations
 
@@ -52,8 +52,9 @@ def _ours(folder: str, tp: int, **kwargs) -> list[list[int]]:
                                            ignore_eos=True), use_tqdm=False)
         kv = llm.engine.scheduler.kv
         assert kv.pool.num_free_blocks == kv.pool.num_blocks
-        if tp > 1 and not kwargs.get("enforce_eager"):
-            assert llm.engine.executor.runner.graphs is not None  # decode graphs captured
+        if tp > 1:
+            # Graph capture with NCCL all-reduces hung on the first two-GPU run: TP is eager.
+            assert llm.engine.executor.runner.graphs is None
         return [o.outputs[0].token_ids for o in outs]
     finally:
         llm.engine.shutdown()
@@ -71,7 +72,7 @@ def test_fp32_tp2_matches_tp1(folders, arch, enforce_eager):
     assert two == one
 
 
-def test_bf16_tp2_matches_tp1_with_cuda_graphs(folders):
+def test_bf16_tp2_matches_tp1(folders):
     """The all-reduce sums partial products in another order than one GPU does, so bf16
     allows the same slack as the HF parity test: 90% of prompts agree on 16 tokens."""
     folder = folders["llama_bf16"]
