@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from presets import preset_folder  # noqa: E402
-
-from pagedllm import LLM, SamplingParams  # noqa: E402
+from pagedllm import LLM, SamplingParams
+from pagedllm.benchmarks.presets import preset_folder
 
 
 def main() -> None:

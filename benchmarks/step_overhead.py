@@ -14,15 +14,12 @@ import argparse
 import cProfile
 import pstats
 import random
-import sys
 import time
 
 import torch
 
 from pagedllm import LLM, SamplingParams
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from phases import instrument, report  # noqa: E402
+from pagedllm.benchmarks.phases import instrument, report
 
 
 def tiny_folder(vocab: int) -> str:

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from pagedllm.benchmarks.phases import instrument
+from pagedllm.benchmarks.phases import report as phase_report
 from pagedllm.benchmarks.presets import PRESETS, preset_folder
 
 Requests = list[tuple[list[int], int]]  # (prompt token ids, output length)
@@ -48,6 +50,9 @@ def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> di
         kwargs["attention_backend"] = args.attention_backend
     if args.gpu_memory_utilization:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = args.tensor_parallel_size
+        kwargs["distributed_executor_backend"] = args.distributed_executor_backend
     start = time.perf_counter()
     llm = LLM(model, **kwargs)
     startup = time.perf_counter() - start
@@ -59,6 +64,7 @@ def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> di
                                               detokenize=False)] * 2, use_tqdm=False)
     if args.device == "cuda":
         torch.cuda.synchronize()
+    phase_totals = instrument(llm) if args.phase_times else None
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     if args.device == "cuda":
@@ -68,11 +74,14 @@ def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> di
     if out_tokens != sum(o for _, o in requests):
         raise RuntimeError("a request stopped before its output length despite ignore_eos")
     in_tokens = sum(len(p) for p, _ in requests)
+    if phase_totals is not None:
+        print(phase_report(phase_totals))
     del llm, outs
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    return dict(engine="pagedllm", requests=len(requests), output_tokens=out_tokens,
+    return dict(engine="pagedllm", tensor_parallel_size=args.tensor_parallel_size,
+                requests=len(requests), output_tokens=out_tokens,
                 input_tokens=in_tokens, seconds=elapsed, startup_s=startup,
                 output_tok_s=out_tokens / elapsed, total_tok_s=(out_tokens + in_tokens) / elapsed)
 
@@ -134,6 +143,11 @@ def add_throughput_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                    help="shard pagedllm's model over N GPUs (or CPU processes)")
+    ap.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray"])
+    ap.add_argument("--phase-times", action="store_true",
+                    help="print pagedllm's wall time per engine phase (ms per step)")
     ap.add_argument("--hf-num-prompts", type=int, default=None,
                     help="run HF on the first N requests only (same requests)")
     ap.add_argument("--hf-batch-size", type=int, default=None)
@@ -154,6 +168,8 @@ def validate_throughput_args(args: argparse.Namespace) -> None:
                              f"got {lo} {hi}.")
     if args.model and args.preset:
         raise ValueError("give --model or --preset, not both.")
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}.")
     for name in ("hf_num_prompts", "hf_batch_size", "max_num_seqs", "max_num_batched_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
