@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,6 +33,8 @@ class AttentionMetadata:
     query_start_loc_cpu: torch.Tensor  # int32 [num_reqs + 1] on the CPU
     seq_lens_cpu: torch.Tensor  # int32 [num_reqs] on the CPU
     is_decode_only: bool = False  # every request has query length 1
+    # Values a backend derives from this metadata once per step and reuses in every layer.
+    backend_cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
 
 class AttentionImpl(ABC):

@@ -93,35 +93,48 @@ class TorchSDPAImpl(AttentionImpl):
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
                 rows: list[int], qsl: list[int], seq_lens: list[int], out: torch.Tensor) -> None:
         """Attend all single-token queries at once over their gathered, padded contexts."""
-        device = query.device
-        block_size = kv_cache.shape[2]
-        lens = torch.tensor([seq_lens[i] for i in rows], device=device)
-        max_len = int(max(seq_lens[i] for i in rows))
-        num_blocks = -(-max_len // block_size)
-        row_idx = torch.tensor(rows, device=device)
-        tables = md.block_table[row_idx, :num_blocks].long()  # [R, nb]
-        r = len(rows)
-        k = kv_cache[0, tables].view(r, num_blocks * block_size, self.num_kv_heads, -1)
-        v = kv_cache[1, tables].view(r, num_blocks * block_size, self.num_kv_heads, -1)
-        tok = torch.tensor([qsl[i] for i in rows], device=device)
-        q = query[tok]  # [R, Hq, D]
-        group = self.num_heads // self.num_kv_heads
-        pos = torch.arange(num_blocks * block_size, device=device)
-        valid = pos.unsqueeze(0) < lens.unsqueeze(1)
-        if self.sliding_window is not None:
-            valid &= pos.unsqueeze(0) > (lens.unsqueeze(1) - 1 - self.sliding_window)
+        plan = md.backend_cache.get(("torch_sdpa_decode", self.sliding_window))
+        if plan is None:  # once per step: every layer shares it
+            plan = _DecodePlan(md, rows, qsl, seq_lens, kv_cache.shape[2], self.sliding_window)
+            md.backend_cache[("torch_sdpa_decode", self.sliding_window)] = plan
+        r, length = len(rows), plan.length
+        # index_select copies whole blocks (a fast path on CPU), unlike advanced indexing.
+        k = kv_cache[0].index_select(0, plan.blocks).view(r, length, self.num_kv_heads, -1)
+        v = kv_cache[1].index_select(0, plan.blocks).view(r, length, self.num_kv_heads, -1)
+        q = query.index_select(0, plan.tokens)  # [R, Hq, D]
         # [R, heads, len, dim] views; SDPA's fused kernel handles the padding mask.
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         kwargs = {}
+        group = self.num_heads // self.num_kv_heads
         if group > 1:
             if _SDPA_HAS_GQA:
                 kwargs["enable_gqa"] = True
             else:
                 k = k.repeat_interleave(group, dim=1)
                 v = v.repeat_interleave(group, dim=1)
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :],
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=plan.mask,
                                            scale=self.scale, **kwargs)
-        out[tok] = o.reshape(r, self.num_heads, -1).to(out.dtype)
+        out[plan.tokens] = o.reshape(r, self.num_heads, -1).to(out.dtype)
+
+
+class _DecodePlan:
+    """What the decode path of every layer needs from one step's metadata: the requests'
+    blocks (flattened), their query tokens and the padding (and sliding-window) mask."""
+
+    def __init__(self, md: AttentionMetadata, rows: list[int], qsl: list[int],
+                 seq_lens: list[int], block_size: int, sliding_window: int | None) -> None:
+        device = md.block_table.device
+        lens = torch.tensor([seq_lens[i] for i in rows], device=device)
+        num_blocks = -(-max(seq_lens[i] for i in rows) // block_size)
+        row_idx = torch.tensor(rows, device=device)
+        self.blocks = md.block_table[row_idx, :num_blocks].reshape(-1).long()
+        self.length = num_blocks * block_size
+        self.tokens = torch.tensor([qsl[i] for i in rows], device=device)
+        pos = torch.arange(self.length, device=device)
+        valid = pos.unsqueeze(0) < lens.unsqueeze(1)
+        if sliding_window is not None:
+            valid &= pos.unsqueeze(0) > (lens.unsqueeze(1) - 1 - sliding_window)
+        self.mask = valid[:, None, None, :]
 
 
 class TorchSDPABackend(AttentionBackend):
