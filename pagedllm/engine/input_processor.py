@@ -64,21 +64,22 @@ def eos_token_ids(model_config: ModelConfig, tokenizer: Any) -> tuple[int | None
     return eos, extra
 
 
-def tokenize_prompt(prompt: PromptType, tokenizer: Any, model_config: ModelConfig,
-                    params: SamplingParams | None) -> tuple[str | None, list[int]]:
-    """Validate a prompt and return (text or None, token ids)."""
+def prompt_token_ids(prompt: PromptType, tokenizer: Any, vocab_size: int,
+                     lower_case: bool = False) -> tuple[str | None, list[int]]:
+    """Validate a prompt (a string, or a dict with 'prompt' / 'prompt_token_ids') and return
+    (text or None, its non-empty token ids, all inside the vocabulary)."""
     text: str | None
+    ids: list[int] | None
     if isinstance(prompt, str):
         text, ids = prompt, None
     elif isinstance(prompt, dict):
         if "prompt_token_ids" in prompt:
-            ids = prompt["prompt_token_ids"]
-            text = prompt.get("prompt")
-            if not isinstance(ids, (list, tuple)) or any(
-                isinstance(t, bool) or not isinstance(t, int) for t in ids
+            raw = prompt["prompt_token_ids"]
+            if not isinstance(raw, (list, tuple)) or any(
+                isinstance(t, bool) or not isinstance(t, int) for t in raw
             ):
                 raise ValueError("prompt_token_ids must be a list of integers.")
-            ids = list(ids)
+            text, ids = prompt.get("prompt"), list(raw)
         elif "prompt" in prompt:
             text, ids = prompt["prompt"], None
             if not isinstance(text, str):
@@ -96,15 +97,21 @@ def tokenize_prompt(prompt: PromptType, tokenizer: Any, model_config: ModelConfi
                              "skip_tokenizer_init=True; pass {'prompt_token_ids': [...]}.")
         if not text:
             raise ValueError("The prompt is empty; pass at least one character or token.")
-        ids = tokenizer.encode(text, add_special_tokens=True)
+        ids = tokenizer.encode(text.lower() if lower_case else text, add_special_tokens=True)
     if not ids:
         raise ValueError("The prompt is empty; pass at least one token.")
-    vocab = model_config.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
+    bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(
-            f"Token id {bad[0]} is out of range: the vocabulary has {vocab} tokens."
+            f"Token id {bad[0]} is out of range: the vocabulary has {vocab_size} tokens."
         )
+    return text, ids
+
+
+def tokenize_prompt(prompt: PromptType, tokenizer: Any, model_config: ModelConfig,
+                    params: SamplingParams | None) -> tuple[str | None, list[int]]:
+    """Validate a prompt and return (text or None, token ids) that leave room to generate."""
+    text, ids = prompt_token_ids(prompt, tokenizer, model_config.vocab_size)
     truncate = params.truncate_prompt_tokens if params is not None else None
     if truncate is not None and len(ids) > truncate:
         ids = ids[-truncate:]

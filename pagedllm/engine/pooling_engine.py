@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from pagedllm.attention.backends.abstract import AttentionMetadata
 from pagedllm.attention.selector import get_attention_backend
 from pagedllm.config import EngineConfig, ModelConfig
-from pagedllm.engine.input_processor import PromptType, load_tokenizer
+from pagedllm.engine.input_processor import PromptType, load_tokenizer, prompt_token_ids
 from pagedllm.models.loader.model_loader import load_model
 from pagedllm.models.pooling import Pooler
 from pagedllm.models.registry import get_model_class
@@ -118,45 +118,8 @@ class PoolingEngine:
     # ------------------------------------------------------------ inputs
     def _tokenize(self, prompt: PromptType, params: PoolingParams) -> tuple[str | None, list[int]]:
         """Validate one prompt and return (text or None, token ids) within the max length."""
-        text: str | None
-        ids: list[int] | None
-        if isinstance(prompt, str):
-            text, ids = prompt, None
-        elif isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                raw = prompt["prompt_token_ids"]
-                if not isinstance(raw, (list, tuple)) or any(
-                    isinstance(t, bool) or not isinstance(t, int) for t in raw
-                ):
-                    raise ValueError("prompt_token_ids must be a list of integers.")
-                text, ids = prompt.get("prompt"), list(raw)
-            elif "prompt" in prompt:
-                text, ids = prompt["prompt"], None
-                if not isinstance(text, str):
-                    raise ValueError("prompt must be a string.")
-            else:
-                raise ValueError("A prompt dict needs 'prompt' or 'prompt_token_ids'.")
-        else:
-            raise ValueError(
-                "A prompt must be a string or a dict with 'prompt' / 'prompt_token_ids', got "
-                f"{type(prompt).__name__}."
-            )
-        if ids is None:
-            if self.tokenizer is None:
-                raise ValueError("Text prompts need a tokenizer, but the engine was started "
-                                 "with skip_tokenizer_init=True; pass {'prompt_token_ids': "
-                                 "[...]}.")
-            if not text:
-                raise ValueError("The prompt is empty; pass at least one character or token.")
-            source = text.lower() if self.pooler.do_lower_case else text
-            ids = self.tokenizer.encode(source, add_special_tokens=True)
-        if not ids:
-            raise ValueError("The prompt is empty; pass at least one token.")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"Token id {bad[0]} is out of range: the vocabulary has {vocab} "
-                             "tokens.")
+        text, ids = prompt_token_ids(prompt, self.tokenizer, self.model_config.vocab_size,
+                                     lower_case=self.pooler.do_lower_case)
         limit = self.max_model_len
         truncate = params.truncate_prompt_tokens
         if truncate is not None:

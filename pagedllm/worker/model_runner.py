@@ -273,6 +273,13 @@ class ModelRunner:
                 generators[row] = gen
         return SamplingMetadata(temperature, top_k, top_p, min_p, all_greedy, generators)
 
+    def _forget(self, finished_ids: list[str]) -> None:
+        """Drop the per-request state (seeded generators, block-table rows) of finished
+        requests."""
+        for rid in finished_ids:
+            self._generators.pop(rid, None)
+        self._block_rows.forget(finished_ids)
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput,
                 broadcast: Callable[[StepInputs], None] | None = None) -> ModelRunnerOutput:
@@ -282,9 +289,7 @@ class ModelRunner:
         With tensor parallelism this is the driver rank: `broadcast` sends the step's inputs
         to the other ranks; sampling happens here only.
         """
-        for rid in out.finished_ids:
-            self._generators.pop(rid, None)
-        self._block_rows.forget(out.finished_ids)
+        self._forget(out.finished_ids)
         if out.block_copies:
             self.copy_blocks(out.block_copies)
         if out.is_empty:
@@ -311,9 +316,7 @@ class ModelRunner:
         A request's last input token may still be pending from the previous launched step;
         it is taken from that step's sampled ids on the device.
         """
-        for rid in out.finished_ids:
-            self._generators.pop(rid, None)
-        self._block_rows.forget(out.finished_ids)
+        self._forget(out.finished_ids)
         step = self.prepare_host_inputs(out)
         input_ids, positions, md, sample_rows = self.device_inputs(step)
         dst, src = [], []

@@ -10,6 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
+try:
+    from pagedllm.worker import triton_sampling
+except ImportError:  # no triton: the torch pipeline samples everywhere
+    triton_sampling = None
+
 _EPS = 1e-5
 
 
@@ -81,12 +86,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         """Sampled ids only. Plain greedy / temperature batches on CUDA take one fused
         Triton pass (Gumbel-max) instead of the torch pipeline."""
-        if (logits.is_cuda and md.top_k is None and md.top_p is None and md.min_p is None
-                and not md.generators):
-            try:
-                from pagedllm.worker import triton_sampling
-            except ImportError:
-                pass
-            else:
-                return triton_sampling.sample(logits, md.temperature)
+        if (triton_sampling is not None and logits.is_cuda and md.top_k is None
+                and md.top_p is None and md.min_p is None and not md.generators):
+            return triton_sampling.sample(logits, md.temperature)
         return self(logits, md)[0]

@@ -68,17 +68,21 @@ class TorchSDPAImpl(AttentionImpl):
             out[start:end] = self._attend(query[start:end], k, v)
         return out
 
+    def _grouped(self, k: torch.Tensor, v: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, bool]]:
+        """K/V heads (dim 1) for grouped-query attention: SDPA's enable_gqa where torch has
+        it, else each KV head repeated for its group of query heads."""
+        group = self.num_heads // self.num_kv_heads
+        if group == 1:
+            return k, v, {}
+        if _SDPA_HAS_GQA:
+            return k, v, {"enable_gqa": True}
+        return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), {}
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of q [n, Hq, D] (the last n positions) over k/v [L, Hkv, D]."""
-        group = self.num_heads // self.num_kv_heads
         q_len, kv_len = q.shape[0], k.shape[0]
-        kwargs = {}
-        if group > 1:
-            if _SDPA_HAS_GQA:
-                kwargs["enable_gqa"] = True
-            else:
-                k = k.repeat_interleave(group, dim=1)
-                v = v.repeat_interleave(group, dim=1)
+        k, v, kwargs = self._grouped(k, v)
         # 4-D contiguous [1, heads, len, dim] inputs take SDPA's fast fused CPU kernel.
         q, k, v = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
         if q_len == kv_len and self.sliding_window is None:
@@ -103,15 +107,7 @@ class TorchSDPAImpl(AttentionImpl):
         v = kv_cache[1].index_select(0, plan.blocks).view(r, length, self.num_kv_heads, -1)
         q = query.index_select(0, plan.tokens)  # [R, Hq, D]
         # [R, heads, len, dim] views; SDPA's fused kernel handles the padding mask.
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        kwargs = {}
-        group = self.num_heads // self.num_kv_heads
-        if group > 1:
-            if _SDPA_HAS_GQA:
-                kwargs["enable_gqa"] = True
-            else:
-                k = k.repeat_interleave(group, dim=1)
-                v = v.repeat_interleave(group, dim=1)
+        k, v, kwargs = self._grouped(k.transpose(1, 2), v.transpose(1, 2))
         o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=plan.mask,
                                            scale=self.scale, **kwargs)
         out[plan.tokens] = o.reshape(r, self.num_heads, -1).to(out.dtype)
