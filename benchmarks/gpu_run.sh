@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the throughput workloads and the decode microbenchmark.
 # Usage (repo root, on the GPU machine): OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel]...
-# Two GPUs (issue 9): OUT=/some/dir bash benchmarks/gpu_run.sh tp-tests tp
+# Two GPUs (issue 9): OUT=/some/dir bash benchmarks/gpu_run.sh tp-tests tp tp-small
 set -u
 OUT=${OUT:-/tmp/pagedllm-out}
 mkdir -p "$OUT"
@@ -20,7 +20,7 @@ for part in $parts; do
           --num-prompts 1000 --input-len 256 256 --output-len 256 256 \
           --hf-num-prompts 64 --json "$OUT/llama8b.json" 2>&1 | tee "$OUT/llama8b.log" | tail -8 ;;
     kernel) timeout 120 python benchmarks/kernel_decode.py 2>&1 | tee "$OUT/kernel.log" | tail -12 ;;
-    tp-tests) timeout 300 python -m pytest tests/gpu/test_gpu_tensor_parallel.py -q -p no:cacheprovider \
+    tp-tests) timeout 400 python -m pytest tests/gpu/test_gpu_tensor_parallel.py -q -p no:cacheprovider \
                 2>&1 | tee "$OUT/tp_tests.log" | tail -15 ;;
     tp) for n in 1 2; do
           timeout 280 python benchmarks/throughput.py --preset llama-3-8b --device cuda \
@@ -30,5 +30,11 @@ for part in $parts; do
         done
         python -c "import json, sys; r = [json.load(open(f'$OUT/llama8b_tp{n}.json'))['results'][0]['output_tok_s'] for n in (1, 2)]; print(f'TP=1 {r[0]:.0f} out tok/s, TP=2 {r[1]:.0f} out tok/s, ratio {r[1] / r[0]:.2f}x')" \
           2>&1 | tee "$OUT/tp_ratio.txt" ;;
+    tp-small) for n in 1 2; do  # few concurrent requests: per-token latency bound
+          timeout 150 python benchmarks/throughput.py --preset llama-3-8b --device cuda \
+            --num-prompts 8 --max-num-seqs 8 --input-len 256 256 --output-len 512 512 --skip-hf \
+            --tensor-parallel-size $n --json "$OUT/llama8b_small_tp$n.json" 2>&1 \
+            | tee "$OUT/llama8b_small_tp$n.log" | tail -3
+        done ;;
   esac
 done

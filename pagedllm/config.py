@@ -223,8 +223,8 @@ class EngineArgs:
         g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                        default=None,
                        help="Schedule and prepare step N+1 while the GPU runs step N "
-                            "(default: on for CUDA with one GPU; plain sampling only, other "
-                            "steps run synchronously).")
+                            "(default: on for CUDA; plain sampling only, other steps run "
+                            "synchronously).")
         g.add_argument("--attention-backend",
                        help="TRITON_ATTN, TORCH_SDPA, FLASH_ATTN or FLASHINFER.")
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
@@ -329,8 +329,8 @@ class EngineArgs:
             max_num_batched_tokens=max_batched,
             max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
-            async_scheduling=(device == "cuda" and self.tensor_parallel_size == 1
-                              if self.async_scheduling is None else self.async_scheduling),
+            async_scheduling=(device == "cuda" if self.async_scheduling is None
+                              else self.async_scheduling),
         )
         parallel = ParallelConfig(
             tensor_parallel_size=self.tensor_parallel_size,
@@ -338,18 +338,10 @@ class EngineArgs:
                 model, self.tensor_parallel_size, self.distributed_executor_backend, device),
         )
         attention_backend = self.attention_backend or os.environ.get("PAGEDLLM_ATTENTION_BACKEND")
-        enforce_eager = self.enforce_eager
-        if device == "cuda" and self.tensor_parallel_size > 1 and not enforce_eager:
-            # On the first two-GPU run, capturing decode graphs whose all-reduces go through
-            # torch.distributed's NCCL process group hung on every rank; until graph-safe
-            # collectives are in place, tensor-parallel steps run eagerly.
-            logger.warning("CUDA graphs are not used with tensor_parallel_size > 1 yet; "
-                           "running eagerly.")
-            enforce_eager = True
         device_config = DeviceConfig(
             device=device,
             attention_backend=attention_backend.upper() if attention_backend else None,
-            enforce_eager=enforce_eager,
+            enforce_eager=self.enforce_eager,
         )
         return EngineConfig(
             model=model,

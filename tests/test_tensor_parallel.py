@@ -122,6 +122,30 @@ def test_tp2_replicated_kv_head_with_chunking_and_preemption(models, reference):
         assert_pool_whole(llm)
 
 
+def test_tp2_async_scheduling_matches_tp1(models, reference):
+    """Async scheduling over two ranks: a pending token's id reaches the worker as rank 0's
+    sampled ids, broadcast over the group, never through the host. Under chunked prefill and
+    preemption, and mixed with steps that run synchronously (a logprobs request, a seeded
+    random one), TP=2 gives TP=1's tokens."""
+    folder = models["llama_kv1"]
+    limits = dict(max_num_batched_tokens=24, max_num_seqs=4, num_gpu_blocks_override=16,
+                  max_model_len=128, block_size=8)
+    with tp_llm(folder, async_scheduling=True, **limits) as llm:
+        assert llm.engine.config.scheduler.async_scheduling
+        assert _tokens(llm, _prompts(folder)) == reference["llama_kv1"]
+        assert llm.engine.get_stats()["num_preemptions"] > 0
+        mixed = [GREEDY, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                                        logprobs=2),
+                 SamplingParams(temperature=0.8, seed=7, max_tokens=NEW_TOKENS, ignore_eos=True),
+                 GREEDY, GREEDY]
+        got = [o.outputs[0].token_ids
+               for o in llm.generate(_prompts(folder), mixed, use_tqdm=False)]
+        assert_pool_whole(llm)
+    one = LLM(folder, device="cpu", dtype="float32", async_scheduling=False, **limits)
+    assert got == [o.outputs[0].token_ids
+                   for o in one.generate(_prompts(folder), mixed, use_tqdm=False)]
+
+
 def test_tp2_logprobs_prompt_logprobs_and_forks_match_tp1(models):
     """The extra LM-head calls of prompt logprobs happen on every rank, and n > 1 forks copy
     KV blocks on every rank."""

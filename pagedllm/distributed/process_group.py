@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from pagedllm.distributed.group import TensorParallelGroup
+
+if TYPE_CHECKING:
+    from pagedllm.distributed.nccl import NcclCommunicator
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +47,36 @@ def init_tensor_parallel(device: str, init_method: str, rank: int,
     check_no_process_group()
     dist.init_process_group(backend_for(device), init_method=init_method, rank=rank,
                             world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
-    return TensorParallelGroup(rank, world_size, dist.group.WORLD)
+    communicator = None
+    if device == "cuda":
+        from pagedllm.distributed.nccl import NcclCommunicator
+
+        try:
+            communicator = NcclCommunicator(rank, world_size, dist.group.WORLD)
+        except BaseException:
+            dist.destroy_process_group()
+            raise
+    return TensorParallelGroup(rank, world_size, dist.group.WORLD, communicator)
 
 
-def destroy_tensor_parallel() -> None:
-    """Leave the process group (no-op when this process has none)."""
+def destroy_tensor_parallel(group: TensorParallelGroup | None = None) -> None:
+    """Free the group's NCCL communicator and leave the process group (no-op when this
+    process has none)."""
+    if group is not None and group.communicator is not None:
+        group.communicator.abort()  # frees it without waiting for ranks that have left
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def abort_tensor_parallel() -> None:
-    """Abort this process's NCCL communicators so that a collective blocked on a dead peer
-    returns with an error. (gloo needs nothing: a peer's exit closes its sockets.)"""
+def abort_tensor_parallel(communicator: NcclCommunicator | None = None) -> None:
+    """Abort this process's NCCL communicators (the direct one, then the process group's)
+    so that a collective blocked on a dead peer returns. (gloo needs nothing: a peer's exit
+    closes its sockets.)"""
+    if communicator is not None:
+        try:
+            communicator.abort()
+        except Exception:  # noqa: BLE001 - best effort while failing anyway
+            logger.warning("Could not abort the NCCL communicator", exc_info=True)
     try:
         if not dist.is_initialized() or dist.get_backend() != "nccl":
             return

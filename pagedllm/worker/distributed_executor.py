@@ -24,7 +24,7 @@ from pagedllm.worker.step_inputs import StepInputs
 from pagedllm.worker.worker import Worker
 
 if TYPE_CHECKING:
-    from pagedllm.worker.model_runner import ModelRunner
+    from pagedllm.worker.model_runner import ModelRunner, PendingStep
     from pagedllm.worker.output import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class WorkerHealth:
         self.error: str | None = None
         self.closing = False
         self.joined = False  # this process (rank 0) is in the process group: leave it at stop
+        self.communicator: Any = None  # rank 0's direct NCCL communicator, aborted on failure
 
     def fail(self, error: str) -> bool:
         """Record the first failure; False if one was recorded or shutdown began."""
@@ -76,6 +77,7 @@ class DistributedExecutor(ABC):
             self._start_workers(init_method)
             self._run_all("init_device")
             self.health.joined = True
+            self.health.communicator = self.driver.tp.communicator
             self._run_all("load_model")
         except BaseException:
             self.shutdown()
@@ -149,6 +151,24 @@ class DistributedExecutor(ABC):
                 self._send("copy_blocks", (out.block_copies,), reply=False)
             result = self.runner.execute(out, self._broadcast_step)
             if self.health.error is not None:  # a rank died during the step: drop its result
+                raise WorkerFailure(self.health.error)
+            return result
+        except BaseException as e:
+            raise self._fail("execute", e) from e
+
+    def execute_async(self, out: SchedulerOutput) -> PendingStep:
+        """Launch a plain step on every rank without waiting for it (async scheduling)."""
+        self._check_healthy("execute")
+        try:
+            return self.runner.execute_async(out, self._broadcast_step)
+        except BaseException as e:
+            raise self._fail("execute", e) from e
+
+    def fetch(self, pending: PendingStep) -> ModelRunnerOutput:
+        """Wait for a launched step's sampled ids (an error if a rank died meanwhile)."""
+        try:
+            result = self.runner.fetch(pending)
+            if self.health.error is not None:
                 raise WorkerFailure(self.health.error)
             return result
         except BaseException as e:

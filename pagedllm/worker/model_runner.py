@@ -236,13 +236,18 @@ class ModelRunner:
         """A tensor-parallel worker rank's part of a step the driver broadcast: the forward
         pass and the LM head. The vocab-parallel LM head all-gathers, so every rank must
         compute logits over the same rows in the same order as the driver's `execute`:
-        prompt-logprob rows in slices, then sample_rows (once)."""
+        prompt-logprob rows in slices, then sample_rows (once). After an async step the
+        driver's sampled ids arrive by broadcast, for the next step's pending tokens."""
         input_ids, positions, md, sample_rows = self.device_inputs(step)
+        self._fill_pending(input_ids, step.pending_dst, step.pending_src)
         hidden = self.run_model(input_ids, positions, md)
         for s in range(0, len(step.prompt_rows), _PROMPT_LP_SLICE):
             self.model.compute_logits(hidden[step.prompt_rows[s:s + _PROMPT_LP_SLICE]])
         if sample_rows:
             self.model.compute_logits(hidden[sample_rows])
+        if step.shares_sampled:
+            sampled = torch.empty(len(sample_rows), dtype=torch.long, device=self.device)
+            self._last_sampled = self.tp.broadcast(sampled)
 
     def _sampling_metadata(self, requests: list[Any]) -> SamplingMetadata:
         params = [r.sampling_params for r in requests]
@@ -309,33 +314,38 @@ class ModelRunner:
         return ModelRunnerOutput({req.request_id: tok for req, tok in zip(sampling_reqs, ids)})
 
     @torch.inference_mode()
-    def execute_async(self, out: SchedulerOutput) -> PendingStep:
+    def execute_async(self, out: SchedulerOutput,
+                      broadcast: Callable[[StepInputs], None] | None = None) -> PendingStep:
         """Launch one plain step (no logprobs, logits processors or forks) without waiting
         for it: the sampled ids start their copy to the host and `fetch` collects them.
 
         A request's last input token may still be pending from the previous launched step;
-        it is taken from that step's sampled ids on the device.
+        it is taken from that step's sampled ids on the device. With tensor parallelism,
+        `broadcast` sends the step to the other ranks, and the sampled ids follow them over
+        NCCL, so no rank waits for the host.
         """
         self._forget(out.finished_ids)
         step = self.prepare_host_inputs(out)
-        input_ids, positions, md, sample_rows = self.device_inputs(step)
-        dst, src = [], []
         for i, it in enumerate(out.scheduled):
             known = len(it.request.all_token_ids)
             if it.start + it.num_tokens > known:
-                dst.append(int(step.query_start_loc[i]) + known - it.start)
-                src.append(self._last_rows[it.request.request_id])
-        if dst:
-            index = torch.tensor([dst, src]).to(self.device, non_blocking=True)
-            input_ids[index[0]] = self._last_sampled[index[1]]
-        hidden = self.run_model(input_ids, positions, md)
+                step.pending_dst.append(int(step.query_start_loc[i]) + known - it.start)
+                step.pending_src.append(self._last_rows[it.request.request_id])
         reqs = [it.request for it in out.scheduled if it.samples]
+        step.shares_sampled = bool(reqs) and self.tp.world_size > 1
+        if broadcast is not None:
+            broadcast(step)
+        input_ids, positions, md, sample_rows = self.device_inputs(step)
+        self._fill_pending(input_ids, step.pending_dst, step.pending_src)
+        hidden = self.run_model(input_ids, positions, md)
         if not reqs:
             self._last_rows = {}
             return PendingStep([], None, None)
         rows = torch.tensor(sample_rows).to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         sampled = self.sampler.sample(logits, self._sampling_metadata(reqs))
+        if step.shares_sampled:
+            sampled = self.tp.broadcast(sampled.contiguous())
         self._last_sampled = sampled
         self._last_rows = {r.request_id: i for i, r in enumerate(reqs)}
         host, done = sampled, None
@@ -345,6 +355,12 @@ class ModelRunner:
             done = torch.cuda.Event()
             done.record()
         return PendingStep([r.request_id for r in reqs], host, done)
+
+    def _fill_pending(self, input_ids: torch.Tensor, dst: list[int], src: list[int]) -> None:
+        """Write the previous step's sampled ids (still on the device) into input rows."""
+        if dst:
+            index = torch.tensor([dst, src]).to(self.device, non_blocking=True)
+            input_ids[index[0]] = self._last_sampled[index[1]]
 
     @staticmethod
     def fetch(pending: PendingStep) -> ModelRunnerOutput:

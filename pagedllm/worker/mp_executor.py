@@ -161,7 +161,7 @@ def _monitor(workers: _Workers, health: WorkerHealth) -> None:
         if health.fail(_describe_exit(rank, proc)):
             logger.error("Tensor-parallel worker failed: %s", health.error)
             _kill(workers)
-            abort_tensor_parallel()
+            abort_tensor_parallel(health.communicator)
         return
 
 

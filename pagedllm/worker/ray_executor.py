@@ -220,7 +220,7 @@ def _monitor(state: _RayState, health: WorkerHealth) -> None:
                 if health.fail(f"rank {calls[ref]} failed: {e}"):
                     logger.error("Tensor-parallel worker failed: %s", health.error)
                     _kill_actors(state)
-                    abort_tensor_parallel()
+                    abort_tensor_parallel(health.communicator)
                 return
         with state.lock:
             done = set(ready)

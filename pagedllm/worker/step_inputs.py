@@ -23,6 +23,12 @@ class StepInputs:
     slot_mapping: np.ndarray  # int64 [num_tokens]: KV cache slot of each new token
     sample_rows: list[int]  # token rows whose logits are sampled (last token of a request)
     prompt_rows: list[int] = field(default_factory=list)  # rows scored for prompt logprobs
+    # Async scheduling: token rows whose id is still on the device (dst), taken from the
+    # previous step's sampled ids (src); and whether rank 0 broadcasts this step's sampled
+    # ids to the other ranks (for the next step's pending tokens).
+    pending_dst: list[int] = field(default_factory=list)
+    pending_src: list[int] = field(default_factory=list)
+    shares_sampled: bool = False
 
     @property
     def num_tokens(self) -> int:

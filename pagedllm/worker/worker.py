@@ -61,8 +61,11 @@ class Worker:
         return (own or getattr(self.runner, method))(*args)
 
     def shutdown(self) -> None:
-        """Free the model and leave the process group."""
-        self._runner = None
+        """Free the model (its CUDA graphs before the NCCL communicator they use) and leave
+        the process group."""
+        if self._runner is not None:
+            self._runner.graphs = None
+            self._runner = None
         if self.tp is not None:  # never leave a group another engine of this process joined
-            self.tp = None
-            destroy_tensor_parallel()
+            tp, self.tp = self.tp, None
+            destroy_tensor_parallel(tp)
