@@ -446,6 +446,15 @@ class ModelRunner:
             for s in range(0, len(rows), _PROMPT_LP_SLICE)]
         step.add_packed(torch.cat(packed), entries, prompt=True)
 
+    @torch.inference_mode()
+    def _warm_up_sampler(self) -> None:
+        """One greedy and one temperature row through the fast sampler."""
+        vocab = self.config.model.vocab_size
+        logits = torch.zeros(2, vocab, dtype=self.dtype, device=self.device)
+        temperature = torch.tensor([0.0, 1.0], device=self.device)
+        self.sampler.sample(logits, SamplingMetadata(temperature, None, None, None, False, {}))
+        torch.cuda.synchronize(self.device)
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy KV blocks src -> dst in every layer (copy-on-write for forked samples)."""
         src = torch.tensor([p[0] for p in pairs], device=self.device)
@@ -453,9 +462,13 @@ class ModelRunner:
         self.backend.copy_blocks(self.kv_caches, src, dst)
 
     def warm_up(self) -> None:
-        """Capture CUDA graphs for decode batches (unless enforce_eager or on CPU)."""
-        if (self.device.type != "cuda" or self.config.device.enforce_eager
-                or not self.backend.supports_cuda_graphs()):
+        """On CUDA: compile the sampling kernel and capture CUDA graphs for decode batches
+        (unless enforce_eager), so that no compilation happens while serving."""
+        if self.device.type != "cuda":
+            return
+        if self.tp.rank == 0:  # only rank 0 samples
+            self._warm_up_sampler()
+        if self.config.device.enforce_eager or not self.backend.supports_cuda_graphs():
             return
         from pagedllm.worker.cuda_graphs import DecodeGraphs
 

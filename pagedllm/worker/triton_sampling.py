@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_row", "seed"])  # one compiled variant for all steps
 def _gumbel_argmax_kernel(out_ptr, logits_ptr, temperature_ptr, stride_row, vocab, seed,
                           BLOCK: tl.constexpr):
     row = tl.program_id(0)

@@ -24,7 +24,9 @@ from pagedllm.attention.ops.triton_prefill_attention import (
 MAX_SPLITS = 16
 
 
-@triton.jit
+# Values that change from step to step are not specialized on (Triton would compile a
+# variant for 1 and for multiples of 16 the first time one occurs, in the middle of serving).
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(
     out_ptr,
     part_out_ptr,
@@ -114,7 +116,7 @@ def _decode_kernel(
         tl.store(part_lse_ptr + row, lse, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_kernel(
     out_ptr,
     part_out_ptr,

@@ -145,7 +145,9 @@ def _attend_range(
     return acc, l_i, m_i
 
 
-@triton.jit
+# num_reqs and the block table width change every step: not specialized on, so one
+# compiled variant serves every batch.
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt"])
 def _prefill_kernel(
     out_ptr,
     q_ptr,
