@@ -34,13 +34,15 @@ class _UniqueId(ctypes.Structure):
 
 
 def _library_candidates() -> list[str]:
-    """Where libnccl may be: the soname (found if PyTorch already loaded it), then the
-    nvidia-nccl wheels beside PyTorch."""
-    names = [os.environ.get("PAGEDLLM_NCCL_LIBRARY", ""), "libnccl.so.2", "libnccl.so"]
+    """Where libnccl may be: PAGEDLLM_NCCL_LIBRARY alone when set; else the soname (found if
+    PyTorch already loaded it), then the nvidia-nccl wheels beside PyTorch."""
+    chosen = os.environ.get("PAGEDLLM_NCCL_LIBRARY")
+    if chosen:
+        return [chosen]
+    names = ["libnccl.so.2", "libnccl.so"]
     for base in sys.path:
         names += sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libnccl.so*")))
-        names += sorted(glob.glob(os.path.join(base, "nvidia", "nccl", "lib", "libnccl.so*")))
-    return [n for n in names if n]
+    return names
 
 
 def load_nccl() -> ctypes.CDLL:
@@ -56,9 +58,8 @@ def load_nccl() -> ctypes.CDLL:
         _declare(lib)
         return lib
     raise RuntimeError(
-        "Could not load NCCL (libnccl.so.2) for tensor parallelism on GPUs; tried: "
-        f"{', '.join(tried)}. Install PyTorch's CUDA build (it ships NCCL) or point "
-        "PAGEDLLM_NCCL_LIBRARY at libnccl.so.2.")
+        f"could not load NCCL (libnccl.so.2); tried {', '.join(tried)}. PyTorch's CUDA "
+        "wheels ship it; else set PAGEDLLM_NCCL_LIBRARY to its path")
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -82,11 +83,12 @@ class NcclCommunicator:
     current CUDA device. Collectives run on the current stream (so they can be captured
     in a CUDA graph) and work in place or into a new tensor, like their torch equivalents."""
 
-    def __init__(self, rank: int, world_size: int, process_group: object) -> None:
+    def __init__(self, rank: int, world_size: int, process_group: object,
+                 lib: ctypes.CDLL) -> None:
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device("cuda", torch.cuda.current_device())
-        self._lib = load_nccl()
+        self._lib = lib
         self._lock = threading.Lock()  # abort may come from a monitor thread
         uid = _UniqueId()
         if rank == 0:

@@ -49,14 +49,34 @@ def init_tensor_parallel(device: str, init_method: str, rank: int,
                             world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
     communicator = None
     if device == "cuda":
-        from pagedllm.distributed.nccl import NcclCommunicator
-
         try:
-            communicator = NcclCommunicator(rank, world_size, dist.group.WORLD)
+            communicator = _direct_communicator(rank, world_size)
         except BaseException:
             dist.destroy_process_group()
             raise
     return TensorParallelGroup(rank, world_size, dist.group.WORLD, communicator)
+
+
+def _direct_communicator(rank: int, world_size: int) -> NcclCommunicator | None:
+    """A NCCL communicator called directly (CUDA-graph safe), or None when a rank cannot
+    load libnccl: the ranks then use the process group's collectives, without graphs."""
+    from pagedllm.distributed.nccl import NcclCommunicator, load_nccl
+
+    lib, problem = None, None
+    try:
+        lib = load_nccl()
+    except RuntimeError as e:
+        problem = str(e)
+    problems: list[str | None] = [None] * world_size
+    dist.all_gather_object(problems, problem, group=dist.group.WORLD)
+    missing = [(r, p) for r, p in enumerate(problems) if p is not None]
+    if missing:
+        if rank == 0:
+            logger.warning("Tensor-parallel steps run without CUDA graphs: rank %d %s",
+                           *missing[0])
+        return None
+    assert lib is not None
+    return NcclCommunicator(rank, world_size, dist.group.WORLD, lib)
 
 
 def destroy_tensor_parallel(group: TensorParallelGroup | None = None) -> None:

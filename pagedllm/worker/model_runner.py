@@ -470,6 +470,8 @@ class ModelRunner:
             self._warm_up_sampler()
         if self.config.device.enforce_eager or not self.backend.supports_cuda_graphs():
             return
+        if self.tp.world_size > 1 and self.tp.communicator is None:
+            return  # torch.distributed's collectives are not captured (no libnccl: warned)
         from pagedllm.worker.cuda_graphs import DecodeGraphs
 
         start = time.perf_counter()

@@ -38,9 +38,11 @@ def folders(tmp_path_factory):
     }
 
 
-def _run(folder: str, tp: int, logprobs: int | None = None, **kwargs) -> list:
+def _run(folder: str, tp: int, logprobs: int | None = None, graphs: bool | None = None,
+         **kwargs) -> list:
     """Greedy completions from a fresh engine, shut down (GPU memory freed) before
-    returning."""
+    returning; checks that it captured CUDA graphs iff `graphs` (default: unless
+    enforce_eager)."""
     from pagedllm import LLM, SamplingParams
 
     llm = LLM(folder, device="cuda", gpu_memory_utilization=0.3, tensor_parallel_size=tp,
@@ -54,8 +56,9 @@ def _run(folder: str, tp: int, logprobs: int | None = None, **kwargs) -> list:
                                            ignore_eos=True, logprobs=logprobs), use_tqdm=False)
         kv = llm.engine.scheduler.kv
         assert kv.pool.num_free_blocks == kv.pool.num_blocks
-        eager = kwargs.get("enforce_eager", False)
-        assert (llm.engine.executor.runner.graphs is None) == eager
+        if graphs is None:
+            graphs = not kwargs.get("enforce_eager", False)
+        assert (llm.engine.executor.runner.graphs is not None) == graphs
         assert llm.engine.config.scheduler.async_scheduling
         return [o.outputs[0] for o in outs]
     finally:
@@ -134,6 +137,15 @@ def test_fp32_tp2_matches_tp1(folders, arch, enforce_eager):
     one = _ours(folder, 1, dtype="float32", enforce_eager=enforce_eager)
     two = _ours(folder, 2, dtype="float32", enforce_eager=enforce_eager)
     assert two == one
+
+
+def test_without_libnccl_tp_runs_eagerly_and_matches(folders, monkeypatch):
+    """A rank that cannot load libnccl (here: PAGEDLLM_NCCL_LIBRARY names no file) makes
+    every rank use torch.distributed's collectives, without CUDA graphs."""
+    folder = folders["llama"]
+    one = _ours(folder, 1, dtype="float32")
+    monkeypatch.setenv("PAGEDLLM_NCCL_LIBRARY", "/nonexistent/libnccl.so.2")
+    assert _ours(folder, 2, dtype="float32", graphs=False) == one
 
 
 def test_bf16_tp2_matches_tp1(folders):
