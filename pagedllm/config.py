@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +26,6 @@ LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "gguf")
 RUNNERS = ("auto", "generate", "pooling")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits")
 DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
-
-logger = logging.getLogger(__name__)
 
 
 def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype | None,

@@ -114,7 +114,8 @@ class NcclCommunicator:
 
     def _handle(self) -> ctypes.c_void_p:
         if self._comm is None:
-            raise RuntimeError("The NCCL communicator was aborted or destroyed.")
+            raise RuntimeError("The NCCL communicator was aborted (the engine stopped or a rank "
+                               "failed).")
         return self._comm
 
     @staticmethod
