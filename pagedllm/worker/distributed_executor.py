@@ -14,7 +14,7 @@ import threading
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pagedllm.config import EngineConfig
 from pagedllm.distributed.process_group import check_no_process_group
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from pagedllm.worker.output import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # How long a call to the workers (model loading, memory profiling, CUDA graph capture) may
 # take before the engine gives up on them.
@@ -146,28 +148,28 @@ class DistributedExecutor(ABC):
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self._check_healthy("execute")
-        try:
+
+        def run() -> ModelRunnerOutput:
             if out.block_copies:
                 self._send("copy_blocks", (out.block_copies,), reply=False)
-            result = self.runner.execute(out, self._broadcast_step)
-            if self.health.error is not None:  # a rank died during the step: drop its result
-                raise WorkerFailure(self.health.error)
-            return result
-        except BaseException as e:
-            raise self._fail("execute", e) from e
+            return self.runner.execute(out, self._broadcast_step)
+
+        return self._step(run)
 
     def execute_async(self, out: SchedulerOutput) -> PendingStep:
         """Launch a plain step on every rank without waiting for it (async scheduling)."""
         self._check_healthy("execute")
-        try:
-            return self.runner.execute_async(out, self._broadcast_step)
-        except BaseException as e:
-            raise self._fail("execute", e) from e
+        return self._step(lambda: self.runner.execute_async(out, self._broadcast_step))
 
     def fetch(self, pending: PendingStep) -> ModelRunnerOutput:
         """Wait for a launched step's sampled ids (an error if a rank died meanwhile)."""
+        return self._step(lambda: self.runner.fetch(pending))
+
+    def _step(self, run: Callable[[], _T]) -> _T:
+        """The driver's part of a step; a rank that fails meanwhile (the monitor records
+        it) voids the result and stops the engine."""
         try:
-            result = self.runner.fetch(pending)
+            result = run()
             if self.health.error is not None:
                 raise WorkerFailure(self.health.error)
             return result
