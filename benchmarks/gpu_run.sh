@@ -19,6 +19,26 @@ for part in $parts; do
     8b) timeout 300 python benchmarks/throughput.py --preset llama-3-8b --device cuda \
           --num-prompts 1000 --input-len 256 256 --output-len 256 256 \
           --hf-num-prompts 64 --json "$OUT/llama8b.json" 2>&1 | tee "$OUT/llama8b.log" | tail -8 ;;
+    serve) svo="python benchmarks/serve_vs_offline.py --device cuda"  # issue 14
+        timeout 200 $svo --preset qwen2.5-0.5b --num-prompts 256 --input-len 512 --output-len 512 \
+          --concurrency 256 --clients 2 --json "$OUT/svo_05b_c256.json" > "$OUT/svo_05b_c256.log" 2>&1
+        timeout 200 $svo --preset qwen2.5-0.5b --num-prompts 2048 --input-len 256 --output-len 256 \
+          --concurrency 1024 --clients 4 --json "$OUT/svo_05b_c1024.json" > "$OUT/svo_05b_c1024.log" 2>&1
+        timeout 150 $svo --preset qwen2.5-0.5b --num-prompts 8 --input-len 256 --output-len 256 \
+          --concurrency 1 --max-num-seqs 1 --json "$OUT/svo_05b_c1.json" > "$OUT/svo_05b_c1.log" 2>&1
+        timeout 240 $svo --preset llama-3-8b --num-prompts 512 --input-len 256 --output-len 256 \
+          --concurrency 256 --clients 2 --json "$OUT/svo_8b_c256.json" > "$OUT/svo_8b_c256.log" 2>&1
+        python - "$OUT" <<'PY' 2>&1 | tee "$OUT/svo_summary.txt"
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/svo_*.json")):
+    r = json.load(open(f)); s = r["served"]
+    print(f"{f.rsplit('/', 1)[1]}: offline {r['offline']['output_tok_s']:.0f} served "
+          f"{s['output_tok_s']:.0f} out tok/s ({r['served_over_offline']:.2f}x); TPOT p50 "
+          f"{s['median_tpot_ms']:.2f} ms vs step {r['offline_step_ms']:.2f} ms "
+          f"({r['tpot_over_step']:.2f}x); CPU s/1k tok: front {s['frontend_cpu_s_per_1k']:.3f} "
+          f"core {s['core_cpu_s_per_1k']:.3f}; errors {s['errors']}")
+PY
+        ;;
     kernel) timeout 120 python benchmarks/kernel_decode.py 2>&1 | tee "$OUT/kernel.log" | tail -12 ;;
     tp-tests) timeout 400 python -m pytest tests/gpu/test_gpu_tensor_parallel.py -q -p no:cacheprovider \
                 2>&1 | tee "$OUT/tp_tests.log" | tail -15 ;;

@@ -632,38 +632,39 @@ def test_api_key(key_server, model_path):
 class _SpyEngine:
     """Wraps a real AsyncLLM for in-process tests.
 
-    Records which request ids reach the engine core's `abort_request`, counts the tokens
-    each request generated (streaming uses DELTA outputs), can slow each engine step down,
-    and makes `generate` raise a RuntimeError while `fail` is set (a real server fault).
+    Records which request ids the front-end sends to the engine core as aborts, counts the
+    tokens each request got from the core and how it finished there, can slow the core's
+    steps down (`set_step_delay`), and makes `generate` raise a RuntimeError while `fail`
+    is set (a real server fault).
     """
 
     def __init__(self, engine) -> None:
         self._engine = engine
         self.fail = False
-        self.step_delay = 0.0
         self.aborted: list[str] = []
         self.tokens: dict[str, int] = {}
         self.finished: dict[str, list[str | None]] = {}
-        core = engine.engine
-        step, abort = core.step, core.abort_request
+        client = engine.client
+        abort, on_outputs = client.abort, client.on_outputs
 
-        def spy_step():
-            if self.step_delay:
-                time.sleep(self.step_delay)
-            outputs = step()
-            for out in outputs:
-                self.tokens[out.request_id] = self.tokens.get(out.request_id, 0) + sum(
-                    len(c.token_ids) for c in out.outputs)
-                if out.finished:
-                    self.finished[out.request_id] = [c.finish_reason for c in out.outputs]
-            return outputs
+        def spy_outputs(msg):
+            for out in msg.outputs:
+                self.tokens[out.request_id] = (self.tokens.get(out.request_id, 0)
+                                               + len(out.new_token_ids))
+                if out.finish_reason is not None:
+                    self.finished[out.request_id] = [out.finish_reason]
+            on_outputs(msg)
 
-        def spy_abort(request_ids):
-            ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-            self.aborted.extend(ids)
-            return abort(request_ids)
+        def spy_abort(request_ids, reason="abort"):
+            self.aborted.extend(request_ids)
+            return abort(request_ids, reason)
 
-        core.step, core.abort_request = spy_step, spy_abort
+        client.abort, client.on_outputs = spy_abort, spy_outputs
+
+    def set_step_delay(self, seconds: float) -> None:
+        """Make the engine core sleep this long before each step (blocks until set)."""
+        asyncio.run_coroutine_threadsafe(self._engine.client.call("set_step_delay", seconds),
+                                         self.loop).result(timeout=30)
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
@@ -691,6 +692,7 @@ def inproc(model_path):
     args = argparse.Namespace(served_model_name=["m"], api_key="k2", chat_template=None)
     try:
         with ThreadServer(build_app(spy, args), api_key="k2") as srv:
+            spy.loop = srv.loop
             yield srv, spy
     finally:
         engine.shutdown()
@@ -720,11 +722,11 @@ async def _close_some_streams(srv, n_total: int, n_close: int, max_tokens: int) 
 
 def test_closed_streams_are_aborted_in_the_engine(inproc):
     srv, spy = inproc
-    spy.step_delay = 0.01  # 200 tokens take > 2 s: a closed stream cannot finish first
+    spy.set_step_delay(0.01)  # 200 tokens take > 2 s: a closed stream cannot finish first
     try:
         seen = asyncio.run(_close_some_streams(srv, 32, 8, max_tokens=200))
     finally:
-        spy.step_delay = 0.0
+        spy.set_step_delay(0.0)
     assert seen[:8] == [3] * 8
     closed = {f"cmpl-r{i}-0" for i in range(8)}
     assert closed <= set(spy.aborted)
@@ -739,7 +741,7 @@ def test_closed_streams_are_aborted_in_the_engine(inproc):
 
 def test_non_streaming_disconnect_is_aborted_in_the_engine(inproc):
     srv, spy = inproc
-    spy.step_delay = 0.01
+    spy.set_step_delay(0.01)
     try:
         body = {"model": "m", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True,
                 "n": 3, "request_id": "gone"}
@@ -748,7 +750,7 @@ def test_non_streaming_disconnect_is_aborted_in_the_engine(inproc):
                        timeout=0.5)
         stats = srv.wait_idle(timeout=10)
     finally:
-        spy.step_delay = 0.0
+        spy.set_step_delay(0.0)
     assert "cmpl-gone-0" in spy.aborted
     assert "cmpl-gone-0" not in spy.finished
     assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
@@ -797,7 +799,7 @@ def test_drain_on_shutdown_ends_streams_cleanly(inproc):
     """What SIGTERM does first: running streams end with finish_reason "abort" + [DONE]."""
     srv, spy = inproc
     streams = srv.server.config.app.state.streams
-    spy.step_delay = 0.01
+    spy.set_step_delay(0.01)
     try:
         with httpx.stream("POST", srv.url_for("v1/chat/completions"), headers=srv.headers(),
                           json={"model": "m", "messages": MESSAGES, "max_tokens": 200, "n": 2,
@@ -821,7 +823,7 @@ def test_drain_on_shutdown_ends_streams_cleanly(inproc):
         stats = srv.wait_idle(timeout=10)
         assert stats["num_free_blocks"] == stats["num_total_blocks"]
     finally:
-        spy.step_delay = 0.0
+        spy.set_step_delay(0.0)
         streams.draining = False
     _assert_serving_model(srv, "m")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pagedllm.config import ModelConfig
+from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.sampling_params import SamplingParams
 
 PromptType = str | dict[str, Any]
@@ -123,3 +123,88 @@ def tokenize_prompt(prompt: PromptType, tokenizer: Any, model_config: ModelConfi
             "max_model_len."
         )
     return text, ids
+
+
+class InputProcessor:
+    """The front-end's request checks: tokenizer, EOS ids, prompt and params validation.
+
+    Shared by the offline engine and the server's `AsyncLLM`; the engine core receives only
+    what this has checked."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = config.model
+        if config.model.skip_tokenizer_init:
+            self.tokenizer: Any = None
+            eos = getattr(config.model.hf_config, "eos_token_id", None)
+            self.eos_token_id = eos[0] if isinstance(eos, list) and eos else eos
+            self.extra_eos_ids: set[int] = set(eos[1:]) if isinstance(eos, list) else set()
+        else:
+            self.tokenizer = load_tokenizer(config.model)
+            self.eos_token_id, self.extra_eos_ids = eos_token_ids(config.model, self.tokenizer)
+
+    def process_inputs(self, prompt: PromptType, params: SamplingParams,
+                       prompt_token_ids: list[int] | None = None,
+                       prompt_text: str | None = None,
+                       check_length: bool = False) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt, with `params` checked and completed.
+
+        `check_length`: refuse prompt + max_tokens over max_model_len (the server's rule;
+        offline, max_tokens is cut to what fits)."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(
+                f"sampling_params must be a SamplingParams, got {type(params).__name__}.")
+        if prompt_token_ids is None:
+            prompt_text, prompt_token_ids = tokenize_prompt(
+                prompt, self.tokenizer, self.model_config, params)
+        max_len = self.model_config.max_model_len
+        max_tokens = params.max_tokens
+        if check_length and max_tokens is not None and len(prompt_token_ids) + max_tokens > max_len:
+            raise ValueError(
+                f"This model's maximum context length is {max_len} tokens. However, you "
+                f"requested {len(prompt_token_ids) + max_tokens} tokens "
+                f"({len(prompt_token_ids)} in the prompt, {max_tokens} for the completion). "
+                "Reduce the prompt or max_tokens.")
+        self.prepare_params(params)
+        return prompt_text, prompt_token_ids
+
+    def prepare_params(self, params: SamplingParams) -> None:
+        """Fill engine-known parts of the params (extra EOS ids, bad words) and check
+        limits that depend on the model."""
+        params._all_stop_token_ids |= self.extra_eos_ids
+        if self.tokenizer is None:
+            if params.stop:
+                raise ValueError("stop strings need a tokenizer; the engine was started with "
+                                 "skip_tokenizer_init=True.")
+            params.detokenize = False
+        vocab = self.model_config.vocab_size
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            for tid in getattr(params, name) or []:
+                if tid >= vocab:
+                    raise ValueError(f"{name} holds {tid}, outside the vocabulary of {vocab}.")
+        for tid in params.logit_bias or {}:
+            if not 0 <= tid < vocab:
+                raise ValueError(f"logit_bias token {tid} is outside the vocabulary of {vocab}.")
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("bad_words need a tokenizer; the engine was started with "
+                                 "skip_tokenizer_init=True.")
+            from pagedllm.worker.logits_processors import bad_words_token_ids
+
+            params._bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
+            bad = [t for ids in params._bad_words_token_ids for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"bad_words tokenize to id {bad[0]}, outside the model's "
+                                 f"vocabulary of {vocab}.")
+        max_seqs = self.config.scheduler.max_num_seqs
+        if params.best_of > max_seqs:
+            raise ValueError(f"n / best_of ({params.best_of}) is more than max_num_seqs "
+                             f"({max_seqs}), the most sequences one step can run.")
+        max_lp = self.model_config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and (vocab if value == -1 else value) > max_lp:
+                raise ValueError(
+                    f"{name}={value} asks for more than max_logprobs={max_lp} alternatives "
+                    f"(-1 means the whole vocabulary of {vocab}); raise max_logprobs or ask "
+                    "for fewer.")

@@ -7,10 +7,10 @@ from typing import Any
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.logprobs import TokenTexts, logprob_dicts
-from pagedllm.engine.request import Request
+from pagedllm.engine.messages import EngineCoreOutput
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
-from pagedllm.worker.output import LogprobsLists, ModelRunnerOutput
+from pagedllm.worker.output import LogprobsLists
 
 
 @dataclass
@@ -38,7 +38,6 @@ class ParentState:
     prompt_logprobs: Any = None
     prompt_logprobs_sent: bool = False
     arrival_time: float = 0.0
-    first_token_time: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -77,63 +76,52 @@ class OutputProcessor:
         parent = self.parents.get(request_id)
         return list(parent.children) if parent else []
 
-    def process(self, updated: list[Request], finished_elsewhere: list[Request],
-                runner_out: ModelRunnerOutput | None = None,
+    def process(self, outputs: list[EngineCoreOutput]
                 ) -> tuple[list[RequestOutput], list[str]]:
-        """Detokenize new tokens (and take their logprobs from runner_out); returns
-        (outputs to deliver, child ids hit by a stop string that the scheduler must now
-        finish)."""
+        """Detokenize the core's new tokens and check stop strings; returns (outputs to
+        deliver, sequence ids hit by a stop string, which the core must now finish)."""
         touched: dict[str, ParentState] = {}
         stop_hits: list[str] = []
-        sample_lp: dict[str, LogprobsLists] = {}
-        if runner_out is not None:
-            sample_lp = runner_out.logprobs
-            if runner_out.prompt_logprobs:
-                self._add_prompt_logprobs(runner_out.prompt_logprobs)
-        for req in updated:
-            pid = self.child_to_parent.get(req.request_id)
+        parents = self.parents
+        child_to_parent = self.child_to_parent
+        for core_out in outputs:
+            pid = child_to_parent.get(core_out.request_id)
             if pid is None:
-                continue
-            parent = self.parents[pid]
-            seq = parent.children[req.request_id]
-            token = req.output_token_ids[-1]
-            seq.token_ids.append(token)
-            if sample_lp:
-                lists = sample_lp.get(req.request_id)
-                if lists is not None:
-                    self._add_logprobs(parent, seq, lists)
-            stop = seq.detokenizer.add_token(token)
-            if parent.num_cached_tokens == 0 and req.num_cached_tokens > 0:
-                parent.num_cached_tokens = req.num_cached_tokens
-            if parent.first_token_time is None:
-                parent.first_token_time = req.first_token_time
+                continue  # finished or aborted here meanwhile
+            parent = parents[pid]
+            if core_out.prompt_logprobs is not None:
+                self._add_prompt_logprobs(parent, core_out.prompt_logprobs)
+            seq = parent.children[core_out.request_id]
+            touched[pid] = parent
+            if seq.finish_reason is not None:
+                continue  # stopped by a stop string; the core has not heard yet
+            if core_out.num_cached_tokens and not parent.num_cached_tokens:
+                parent.num_cached_tokens = core_out.num_cached_tokens
+            if core_out.logprobs is not None:
+                self._add_logprobs(parent, seq, core_out.logprobs)
+            stop = None
+            for token in core_out.new_token_ids:
+                seq.token_ids.append(token)
+                stop = seq.detokenizer.add_token(token)
+                if stop is not None:
+                    break
             if stop is not None:
                 seq.finish_reason, seq.stop_reason = "stop", stop
-                if not req.is_finished:
-                    stop_hits.append(req.request_id)
-            elif req.is_finished:
-                seq.finish_reason, seq.stop_reason = req.finish_reason, req.stop_reason
-            touched[pid] = parent
-        for req in finished_elsewhere:
-            pid = self.child_to_parent.get(req.request_id)
-            if pid is None:
-                continue
-            parent = self.parents[pid]
-            seq = parent.children[req.request_id]
-            if seq.finish_reason is None:
-                seq.finish_reason, seq.stop_reason = req.finish_reason, req.stop_reason
-            touched[pid] = parent
-        outputs = []
+                if core_out.finish_reason is None:
+                    stop_hits.append(core_out.request_id)
+            elif core_out.finish_reason is not None:
+                seq.finish_reason, seq.stop_reason = core_out.finish_reason, core_out.stop_reason
+        delivered = []
         for parent in touched.values():
             finished = parent.finished
             if not finished and parent.params.output_kind == RequestOutputKind.FINAL_ONLY:
                 continue  # nothing to deliver before the end (the common offline case)
             out = self._make_output(parent)
             if out is not None:
-                outputs.append(out)
+                delivered.append(out)
             if finished:
                 self._remove(parent)
-        return outputs, stop_hits
+        return delivered, stop_hits
 
     def _add_logprobs(self, parent: ParentState, seq: SequenceState,
                       lists: LogprobsLists) -> None:
@@ -143,22 +131,18 @@ class OutputProcessor:
             decode = self.token_texts if parent.params.detokenize else None
             seq.logprobs.extend(logprob_dicts(lists, parent.params.logprobs or 0, decode))
 
-    def _add_prompt_logprobs(self, chunks: dict[str, LogprobsLists]) -> None:
+    def _add_prompt_logprobs(self, parent: ParentState, lists: LogprobsLists) -> None:
         """Append prompt logprob rows in position order; rows recomputed after a
         preemption (positions already held) are dropped."""
-        for rid, lists in chunks.items():
-            pid = self.child_to_parent.get(rid)
-            parent = self.parents.get(pid) if pid is not None else None
-            if parent is None or parent.prompt_logprobs is None:
-                continue
-            skip = len(parent.prompt_logprobs) - lists.start
-            if skip < 0 or skip >= len(lists):
-                continue
-            rows = LogprobsLists(lists.token_ids[skip:], lists.logprobs[skip:],
-                                 lists.ranks[skip:])
-            decode = self.token_texts if parent.params.detokenize else None
-            parent.prompt_logprobs.extend(
-                logprob_dicts(rows, parent.params.prompt_logprobs or 0, decode))
+        if parent.prompt_logprobs is None:
+            return
+        skip = len(parent.prompt_logprobs) - lists.start
+        if skip < 0 or skip >= len(lists):
+            return
+        rows = LogprobsLists(lists.token_ids[skip:], lists.logprobs[skip:], lists.ranks[skip:])
+        decode = self.token_texts if parent.params.detokenize else None
+        parent.prompt_logprobs.extend(
+            logprob_dicts(rows, parent.params.prompt_logprobs or 0, decode))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Mark all children of a parent aborted; returns its final output."""

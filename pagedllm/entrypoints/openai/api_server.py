@@ -58,12 +58,13 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeRequest,
     VersionResponse,
 )
-from pagedllm.entrypoints.openai.serving_base import StreamRegistry
+from pagedllm.entrypoints.openai.request_limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
+from pagedllm.entrypoints.openai.streaming import StreamRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,8 @@ def build_app(engine: Any, args: argparse.Namespace | None = None) -> FastAPI:
     api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodySizeLimit, max_bytes=int(
+        getattr(args, "max_request_body_bytes", None) or DEFAULT_MAX_BODY_BYTES))
     _add_routes(app)
     install_observability(app, engine, models.served_model_names[0])
     return app
@@ -237,7 +240,10 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/stats", summary="Engine scheduler and KV cache counters")
     async def stats(raw_request: Request) -> JSONResponse:
-        return JSONResponse(jsonable_encoder(raw_request.app.state.engine.get_stats()))
+        engine = raw_request.app.state.engine
+        read = getattr(engine, "get_stats_async", None)
+        stats = await read() if read is not None else engine.get_stats()
+        return JSONResponse(jsonable_encoder(stats))
 
 
 # ---------------------------------------------------------------------------- CLI options
@@ -269,6 +275,14 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Log level of pagedllm and uvicorn.")
     g.add_argument("--disable-uvicorn-access-log", action="store_true",
                    help="Do not log one line per HTTP request.")
+    g.add_argument("--api-server-count", type=int, default=1, metavar="N",
+                   help="API server processes sharing the port and one engine core "
+                        "(tokenizing, detokenizing and HTTP spread over N processes; "
+                        "metrics count the whole engine on each).")
+    g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   metavar="BYTES",
+                   help="Larger request bodies get 413 before they are read "
+                        f"(default {DEFAULT_MAX_BODY_BYTES >> 20} MiB).")
     g.add_argument("--log-stats-interval", type=float, default=5.0, metavar="SECONDS",
                    help="Seconds between the throughput / queue / KV-usage log lines while "
                         "requests are served (silent when idle; --disable-log-stats turns "
@@ -336,9 +350,9 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def _describe(engine: Any, engine_args: Any) -> str:
+def _describe(engine: Any, args: Any) -> str:
     config = engine.model_config
-    device = getattr(engine_args, "device", "auto")
+    device = getattr(args, "device", "auto")
     for holder in ("engine_config", "config", "vllm_config"):
         device_config = getattr(getattr(engine, holder, None), "device", None)
         if device_config is not None and hasattr(device_config, "device"):
@@ -357,52 +371,169 @@ def _describe(engine: Any, engine_args: Any) -> str:
 
 
 def run_server(args: argparse.Namespace) -> int:
-    """Load the engine, serve until SIGINT/SIGTERM, then shut the engine down."""
-    configure_logging(args.log_level)
-    from pagedllm.engine.async_llm import AsyncLLM
-    from pagedllm.engine.async_pooling import AsyncPoolingEngine
+    """Load the engine, serve until SIGINT/SIGTERM, then shut the engine down.
 
+    With `--api-server-count N > 1`, this process starts the engine core and N API server
+    processes sharing the port, and supervises them."""
+    configure_logging(args.log_level)
     interval = getattr(args, "log_stats_interval", 5.0)
     if interval <= 0:
         logger.error("--log-stats-interval must be > 0 seconds (got %s); use "
                      "--disable-log-stats to turn the log lines off.", interval)
         return 2
+    count = getattr(args, "api_server_count", 1)
+    if count < 1:
+        logger.error("--api-server-count must be >= 1 (got %s).", count)
+        return 2
+    if getattr(args, "max_request_body_bytes", 1) < 1:
+        logger.error("--max-request-body-bytes must be >= 1 (got %s).",
+                     args.max_request_body_bytes)
+        return 2
     try:
         engine_args = engine_args_from(args)
         engine_config = engine_args.create_engine_config()
-        engine: Any
-        if engine_config.model.runner == "pooling":
-            engine = AsyncPoolingEngine(engine_config)
-        else:
-            engine = AsyncLLM(engine_config, log_stats_interval=interval)
+        if count > 1 and engine_config.model.runner == "pooling":
+            raise ValueError("--api-server-count > 1 serves generative models only; pooling "
+                             "(embedding) models run with one API server.")
+        if count > 1:
+            return _run_api_servers(args, engine_config, count, interval)
+        engine = _make_engine(engine_config, interval)
     except ValueError as e:  # bad flags or model: say what to fix, no traceback
         logger.error("Cannot start the engine: %s", e)
         return 2
     try:
-        app = build_app(engine, args)
-        config = uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            access_log=not args.disable_uvicorn_access_log,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        )
-        server = _Server(config)
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        logger.info("Serving %s as %s", _describe(engine, engine_args),
-                    ", ".join(app.state.models.served_model_names))
-        logger.info("OpenAI-compatible API at http://%s:%d/v1 (health: /health, metrics: "
-                    "/metrics, dashboard: /dashboard)", host, args.port)
-        server.run()
-        if not server.started:
-            logger.error("The server could not start (is port %d free?).", args.port)
-            return 1
+        return _serve(engine, args)
     finally:
         logger.info("Shutting down the engine.")
         engine.shutdown()
-    logger.info("Server stopped.")
+        logger.info("Server stopped.")
+
+
+def _make_engine(engine_config: Any, interval: float) -> Any:
+    from pagedllm.engine.async_llm import AsyncLLM
+    from pagedllm.engine.async_pooling import AsyncPoolingEngine
+
+    if engine_config.model.runner == "pooling":
+        return AsyncPoolingEngine(engine_config)
+    return AsyncLLM(engine_config, log_stats_interval=interval)
+
+
+def _serve(engine: Any, args: argparse.Namespace,
+           sockets: list[socket.socket] | None = None) -> int:
+    """Run uvicorn on `engine` until SIGINT/SIGTERM; 0 when it stopped normally."""
+    app = build_app(engine, args)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=not args.disable_uvicorn_access_log,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    server = _Server(config)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    logger.info("Serving %s as %s", _describe(engine, args),
+                ", ".join(app.state.models.served_model_names))
+    logger.info("OpenAI-compatible API at http://%s:%d/v1 (health: /health, metrics: "
+                "/metrics, dashboard: /dashboard)", host, args.port)
+    server.run(sockets=sockets)
+    if not server.started:
+        logger.error("The server could not start (is port %d free?).", args.port)
+        return 1
     return 0
+
+
+def _reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket that other API server processes bind too (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+def _api_server_process(args: argparse.Namespace, engine_config: Any, addresses: Any,
+                        core_pid: int, index: int, interval: float) -> None:
+    """One of N API server processes: an AsyncLLM on the shared core, uvicorn on the port."""
+    from pagedllm.engine.async_llm import AsyncLLM
+    from pagedllm.engine.core_proc import die_with_parent
+
+    die_with_parent()
+    configure_logging(args.log_level)
+    try:
+        sock = _reuse_port_socket(args.host, args.port)
+        engine = AsyncLLM(engine_config, log_stats_interval=interval, client_index=index,
+                          core_addresses=addresses, core_pid=core_pid)
+    except (OSError, ValueError, RuntimeError) as e:
+        logger.error("API server %d cannot start: %s", index, e)
+        sys.exit(1)
+    try:
+        sys.exit(_serve(engine, args, sockets=[sock]))
+    finally:
+        engine.shutdown()
+
+
+def _run_api_servers(args: argparse.Namespace, engine_config: Any, count: int,
+                     interval: float) -> int:
+    """Start the engine core and `count` API server processes; stop all when one ends or
+    a signal comes."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    from pagedllm.engine.core_client import CoreClient, start_core_process
+
+    try:  # the port must be free (this socket is closed before the servers bind theirs)
+        _reuse_port_socket(args.host, args.port).close()
+    except OSError as e:
+        logger.error("Cannot listen on %s:%d: %s", args.host, args.port, e)
+        return 1
+    core = start_core_process(engine_config, num_clients=count + 1)
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    servers: list[multiprocessing.process.BaseProcess] = []
+    code = 0
+    try:
+        probe = CoreClient(core.addresses, count, core)  # waits for the model to load
+        try:
+            probe.wait_ready()
+        finally:
+            probe.close()
+        ctx = multiprocessing.get_context("spawn")
+        for index in range(count):
+            proc = ctx.Process(target=_api_server_process, name=f"pagedllm-api-{index}",
+                               args=(args, engine_config, core.addresses, core.pid, index,
+                                     interval))
+            proc.start()
+            servers.append(proc)
+        logger.info("Started %d API server processes on port %d.", count, args.port)
+        sentinels = [p.sentinel for p in servers] + [core.process.sentinel]
+        while not stopping.is_set():
+            if wait(sentinels, timeout=0.5):
+                gone = [p.name for p in [*servers, core.process] if not p.is_alive()]
+                logger.error("%s stopped; shutting the server down.", ", ".join(gone))
+                code = 1
+                break
+    except (ValueError, RuntimeError) as e:
+        logger.error("Cannot start the engine: %s", e)
+        code = 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for proc in servers:
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: each drains its streams and exits
+        for proc in servers:
+            proc.join(GRACEFUL_SHUTDOWN_S + 10)
+            if proc.is_alive():
+                proc.kill()
+        logger.info("Shutting down the engine.")
+        core.shutdown()
+        logger.info("Server stopped.")
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

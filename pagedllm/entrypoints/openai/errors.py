@@ -64,6 +64,12 @@ class AuthenticationError(OpenAIError):
     status_code = HTTPStatus.UNAUTHORIZED
 
 
+class RequestTooLargeError(OpenAIError):
+    """A body or prompt over the server's size limits (413)."""
+
+    status_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
 def error_type(status_code: int) -> str:
     """The `type` string used for an HTTP status."""
     if status_code in _ERROR_TYPES:
@@ -151,6 +157,8 @@ async def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    if type(exc).__name__ == "EngineDeadError":  # logged once, where the core was lost
+        return error_json(str(exc), HTTPStatus.INTERNAL_SERVER_ERROR)
     logger.exception("Unhandled error in %s %s", request.method, request.url.path,
                      exc_info=exc)
     return error_json(internal_error_message(exc), HTTPStatus.INTERNAL_SERVER_ERROR)

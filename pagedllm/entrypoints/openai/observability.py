@@ -2,7 +2,8 @@
 `GET /dashboard/data` (the JSON it polls: queues, KV block map, throughput history).
 
 `install_observability(app, engine, model_name)` gives the app its own Prometheus registry
-and a throughput history, both fed by the engine thread through `engine.stat_loggers`.
+and a throughput history, both fed with every engine step's stats through
+`engine.stat_loggers`.
 Engines without that hook (the pooling engine) still get the routes, with what
 `get_stats()` tells.
 """
@@ -18,12 +19,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from pagedllm.entrypoints.openai.errors import error_json
-from pagedllm.metrics.block_map import block_map
 from pagedllm.metrics.loggers import ThroughputHistory
 from pagedllm.metrics.prometheus import PrometheusStatLogger
 
 DASHBOARD_PATH = "/dashboard"
-# How long /dashboard/data waits for the engine thread (busy with a long step, or dead).
+# How long /dashboard/data waits for the engine core (busy with a long step, or dead).
 ENGINE_CALL_TIMEOUT_S = 10.0
 # Blocks drawn at most; larger pools are grouped into this many cells.
 MAX_BLOCK_CELLS = 4096
@@ -42,10 +42,11 @@ class Observability:
             loggers.extend([self.prometheus, self.history])
 
     async def dashboard_data(self) -> dict[str, Any]:
-        """Queues, KV usage, block map and history, read in the engine thread when it can."""
-        call = getattr(self.engine, "call_in_engine", None)
-        if call is not None:
-            data = await asyncio.wait_for(call(_engine_view), ENGINE_CALL_TIMEOUT_S)
+        """Queues, KV usage, block map and history, read in the engine core between two
+        steps where the engine has one."""
+        view = getattr(self.engine, "dashboard_view", None)
+        if view is not None:
+            data = await asyncio.wait_for(view(MAX_BLOCK_CELLS), ENGINE_CALL_TIMEOUT_S)
         else:
             stats = self.engine.get_stats()
             data = {"num_running": stats.get("num_running", 0),
@@ -53,22 +54,6 @@ class Observability:
                     "kv_cache_usage": stats.get("kv_cache_usage", 0.0), "blocks": None}
         data.update(model=self.model_name, time=time.time(), history=self.history.samples())
         return data
-
-
-def _engine_view(engine: Any) -> dict[str, Any]:
-    """Runs in the engine thread: a consistent view of queues and blocks."""
-    scheduler = engine.scheduler
-    kv = scheduler.kv
-    return {
-        "num_running": len(scheduler.running),
-        "num_waiting": len(scheduler.waiting),
-        "kv_cache_usage": kv.usage,
-        "prefix_cache_queries": kv.prefix_queries,
-        "prefix_cache_hits": kv.prefix_hits,
-        "num_preemptions": scheduler.num_preemptions,
-        "block_size": kv.block_size,
-        "blocks": block_map(kv.pool, MAX_BLOCK_CELLS),
-    }
 
 
 def dashboard_html() -> str:

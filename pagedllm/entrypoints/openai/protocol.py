@@ -79,7 +79,7 @@ class _SamplingFields(OpenAIBaseModel):
     """Sampling/stopping fields shared by completions and chat completions."""
 
     model: str | None = None
-    n: int = 1
+    n: int | None = 1  # null means absent (1)
     best_of: int | None = None
     frequency_penalty: float | None = 0.0
     presence_penalty: float | None = 0.0
@@ -345,6 +345,8 @@ class VersionResponse(ResponseModel):
 
 
 def _check_stream_options(request: _SamplingFields) -> None:
+    if request.n is None:
+        request.n = 1
     if request.stream_options is not None and not request.stream:
         raise ValueError("stream_options can only be set when stream=true.")
 

@@ -1,4 +1,4 @@
-"""What completions, chat and tokenize share: prompt checks, SamplingParams, SSE, aborts.
+"""What completions, chat and tokenize share: prompt checks, SamplingParams, aborts.
 
 The engine is used through the `AsyncLLM` interface only: `generate`, `abort`,
 `model_config`, `tokenizer`.
@@ -7,21 +7,17 @@ The engine is used through the `AsyncLLM` interface only: `generate`, `abort`,
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
 from fastapi import Request
-from pydantic import BaseModel
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from pagedllm.engine.logprobs import TokenBytes
-from pagedllm.entrypoints.openai.errors import BadRequestError, OpenAIError, make_error
+from pagedllm.entrypoints.openai.errors import BadRequestError
 from pagedllm.entrypoints.openai.protocol import (
     ChatLogProbs,
     ChatLogProbToken,
@@ -30,7 +26,14 @@ from pagedllm.entrypoints.openai.protocol import (
     OpenAIBaseModel,
     _SamplingFields,
 )
+from pagedllm.entrypoints.openai.request_limits import (
+    check_stop,
+    prompt_token_limit,
+    text_prefix_to_check,
+    too_long,
+)
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
+from pagedllm.entrypoints.openai.streaming import MergedStreams, StreamRegistry
 from pagedllm.outputs import Logprob
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.utils import random_uuid
@@ -39,7 +42,24 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SSE_DONE = "data: [DONE]\n\n"
+# Prompts longer than this many characters are tokenized in a worker thread.
+THREAD_TOKENIZE_CHARS = 20_000
+
+# vLLM request fields that this server does not implement: refused, never ignored.
+UNSUPPORTED_FIELDS = {
+    "structured_outputs": "structured outputs are not implemented yet",
+    "guided_json": "structured outputs are not implemented yet",
+    "guided_regex": "structured outputs are not implemented yet",
+    "guided_choice": "structured outputs are not implemented yet",
+    "guided_grammar": "structured outputs are not implemented yet",
+    "guided_decoding_backend": "structured outputs are not implemented yet",
+    "guided_whitespace_pattern": "structured outputs are not implemented yet",
+    "return_token_ids": "token ids are not returned in responses",
+    "return_tokens_as_token_ids": "token ids are not returned in responses",
+    "kv_transfer_params": "KV transfer is not implemented",
+    "vllm_xargs": "extra engine arguments are not implemented",
+    "cache_salt": "prefix-cache salts are not implemented",
+}
 
 # Request fields copied into SamplingParams when the client sets them (None = unset).
 _SAMPLING_FIELDS = (
@@ -57,44 +77,6 @@ class Prompt:
 
     token_ids: list[int]
     text: str | None = None
-
-
-class ServerShuttingDown(OpenAIError):
-    """In-flight generations end with this when the server drains for shutdown."""
-
-    status_code = 503
-
-
-class StreamRegistry:
-    """The output queues of in-flight generations, so that shutdown can end them promptly.
-
-    `drain()` (called when SIGINT/SIGTERM arrives) makes every running generation stop:
-    streams send `finish_reason: "abort"` and `[DONE]`, other requests get a 503, and the
-    engine requests are aborted, instead of being cut off at the graceful-shutdown timeout.
-    """
-
-    def __init__(self) -> None:
-        self.draining = False
-        self._queues: set[asyncio.Queue[Any]] = set()
-
-    def register(self, queue: asyncio.Queue[Any]) -> None:
-        if self.draining:
-            raise ServerShuttingDown("The server is shutting down.")
-        self._queues.add(queue)
-
-    def unregister(self, queue: asyncio.Queue[Any]) -> None:
-        self._queues.discard(queue)
-
-    def drain(self) -> None:
-        self.draining = True
-        for queue in list(self._queues):
-            queue.put_nowait(_DRAIN)
-
-    def __len__(self) -> int:
-        return len(self._queues)
-
-
-_DRAIN = object()
 
 
 class OpenAIServing:
@@ -124,14 +106,24 @@ class OpenAIServing:
         return f"{self.request_id_prefix}-{given or random_uuid()}"
 
     def log_ignored_fields(self, request: OpenAIBaseModel) -> None:
-        ignored = request.ignored_fields()
-        if ignored:
-            logger.warning("Ignoring unknown request fields: %s", ", ".join(ignored))
+        """Refuse vLLM fields this server does not implement; log other unknown ones."""
+        extra = request.ignored_fields()
+        for name in extra:
+            if name in UNSUPPORTED_FIELDS:
+                raise BadRequestError(
+                    f"{name} is not supported by this server ({UNSUPPORTED_FIELDS[name]}); "
+                    "remove it from the request.", param=name)
+        if extra:
+            logger.warning("Ignoring unknown request fields: %s", ", ".join(extra))
 
     def check_common(self, request: _SamplingFields) -> str:
         """Checks shared by generation requests; returns the model name to report."""
         model_name = self.models.resolve(request.model)
         self.log_ignored_fields(request)
+        check_stop(request.stop)
+        if request.seed is not None and not -(1 << 63) <= request.seed < (1 << 63):
+            raise BadRequestError(f"seed must fit in a signed 64-bit integer, got {request.seed}.",
+                                  param="seed")
         if request.use_beam_search:
             raise BadRequestError("Beam search is not supported yet; set use_beam_search=false.",
                                   param="use_beam_search")
@@ -177,6 +169,26 @@ class OpenAIServing:
     # ------------------------------------------------------------------ prompts
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+    async def tokenize_prompt(self, text: str, add_special_tokens: bool,
+                              param: str = "prompt") -> list[int]:
+        """Token ids of a prompt, off the event loop when it is long; 413 for a prompt far
+        over max_model_len, found without tokenizing all of it."""
+        if len(text) < THREAD_TOKENIZE_CHARS:
+            ids = self.tokenize(text, add_special_tokens)
+        else:
+            prefix = text_prefix_to_check(text, self.max_model_len)
+            if prefix is not None:
+                head = await asyncio.to_thread(self.tokenize, prefix, add_special_tokens)
+                if len(head) > prompt_token_limit(self.max_model_len):
+                    raise too_long(len(head), self.max_model_len, param)
+            ids = await asyncio.to_thread(self.tokenize, text, add_special_tokens)
+        self.check_prompt_size(len(ids), param)
+        return ids
+
+    def check_prompt_size(self, num_tokens: int, param: str) -> None:
+        if num_tokens > prompt_token_limit(self.max_model_len):
+            raise too_long(num_tokens, self.max_model_len, param)
 
     def make_prompt(self, token_ids: list[int], text: str | None, param: str,
                     truncate: int | None = None) -> Prompt:
@@ -249,9 +261,9 @@ class OpenAIServing:
         except ValueError as e:
             raise BadRequestError(str(e)) from e
 
-    def merge(self, *iterators: AsyncIterator[T]) -> AsyncIterator[tuple[int, T]]:
-        """merge_async_iterators that also ends when the server drains for shutdown."""
-        return merge_async_iterators(*iterators, registry=self.streams)
+    def merge(self, *iterators: AsyncIterator[T]) -> MergedStreams[T]:
+        """The engine streams merged, registered for draining at shutdown."""
+        return MergedStreams(*iterators, registry=self.streams)
 
     async def abort(self, request_ids: list[str]) -> None:
         """Abort unfinished requests even while the caller is being cancelled."""
@@ -294,10 +306,13 @@ class OpenAIServing:
             out.token_logprobs.append(json_logprob(sampled.logprob) if sampled else None)
             out.text_offset.append(offset)
             offset += len(token)
+            # The sampled (or echoed) token is always listed, as in vLLM, then the `num`
+            # most likely ones.
             top = sorted(step.items(), key=lambda kv: -kv[1].logprob)[:max(num, 0)]
-            out.top_logprobs.append(
-                {self.token_str(tid, lp): json_logprob(lp.logprob) for tid, lp in top}
-                if num > 0 else None)
+            entries = {token: json_logprob(sampled.logprob)} if sampled else {}
+            for tid, lp in top:
+                entries.setdefault(self.token_str(tid, lp), json_logprob(lp.logprob))
+            out.top_logprobs.append(entries)
         return out
 
     @staticmethod
@@ -346,128 +361,4 @@ def _param_of(message: str, fields: dict[str, Any]) -> str | None:
     match = re.match(r"\s*([a-z_]+)", message)
     if match and match.group(1) in fields:
         return match.group(1)
-    return None
-
-
-# ---------------------------------------------------------------------- streaming helpers
-def sse(chunk: BaseModel, include_usage: bool = False) -> str:
-    """One server-sent event carrying a JSON chunk.
-
-    Like OpenAI: a chat `delta` lists only the fields it carries, and `usage` appears
-    (as null until the last chunk) only when the client asked for it.
-    """
-    data = chunk.model_dump(mode="json")
-    for choice in data.get("choices", ()):
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            choice["delta"] = {k: v for k, v in delta.items() if v is not None}
-    if data.get("usage") is None and not include_usage:
-        data.pop("usage", None)
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-def sse_error(exc: BaseException) -> str:
-    """An error event sent in place of further chunks when a stream fails."""
-    if isinstance(exc, OpenAIError):
-        body = exc.to_response()
-    else:
-        body = make_error(f"Internal server error ({type(exc).__name__}); see the server log.",
-                          500)
-    return f"data: {body.model_dump_json()}\n\n"
-
-
-class SSEResponse(StreamingResponse):
-    """A text/event-stream response that always closes its generator when it ends.
-
-    Closing the generator (client gone, server shutting down) aborts the engine requests.
-    """
-
-    media_type = "text/event-stream"
-
-    def __init__(self, content: AsyncIterator[str], **kwargs: Any) -> None:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        super().__init__(content, headers=headers, **kwargs)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                with anyio.CancelScope(shield=True):
-                    await aclose()
-
-
-async def merge_async_iterators(
-        *iterators: AsyncIterator[T],
-        registry: StreamRegistry | None = None) -> AsyncIterator[tuple[int, T]]:
-    """Yield `(index, item)` from several async iterators as items arrive.
-
-    Each iterator is drained by its own task; when the consumer stops early, the tasks are
-    cancelled, which closes the engine streams (and so aborts their requests). With a
-    `registry`, `registry.drain()` makes this raise ServerShuttingDown.
-    """
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    if registry is not None:
-        registry.register(queue)
-
-    async def drain(index: int, iterator: AsyncIterator[T]) -> None:
-        try:
-            async for item in iterator:
-                await queue.put((index, item, None, False))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            queue.put_nowait((index, None, e, True))
-            return
-        finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                try:
-                    await aclose()
-                except BaseException:
-                    logger.debug("closing an engine stream failed", exc_info=True)
-        queue.put_nowait((index, None, None, True))
-
-    tasks = [asyncio.ensure_future(drain(i, it)) for i, it in enumerate(iterators)]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            entry = await queue.get()
-            if entry is _DRAIN:
-                raise ServerShuttingDown("The server is shutting down; request aborted.")
-            index, item, error, done = entry
-            if error is not None:
-                raise error
-            if done:
-                remaining -= 1
-                continue
-            yield index, item
-    finally:
-        if registry is not None:
-            registry.unregister(queue)
-        for task in tasks:
-            task.cancel()
-
-
-async def cancel_on_disconnect(raw_request: Request, work: Awaitable[T]) -> T | None:
-    """Await `work`, cancelling it if the client disconnects first (returns None then)."""
-    task = asyncio.ensure_future(work)
-
-    async def wait_disconnect() -> None:
-        while True:
-            message = await raw_request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(wait_disconnect())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task in done:
-        return task.result()
-    logger.info("Client disconnected; request cancelled.")
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -11,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from pagedllm.entrypoints.openai.chat_utils import message_text, render_chat
-from pagedllm.entrypoints.openai.errors import BadRequestError, OpenAIError
+from pagedllm.entrypoints.openai.errors import BadRequestError
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -23,17 +24,18 @@ from pagedllm.entrypoints.openai.protocol import (
     UsageInfo,
 )
 from pagedllm.entrypoints.openai.serving_base import (
-    SSE_DONE,
+    THREAD_TOKENIZE_CHARS,
     OpenAIServing,
     Prompt,
-    ServerShuttingDown,
+)
+from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
+from pagedllm.entrypoints.openai.streaming import (
     SSEResponse,
     StreamRegistry,
     cancel_on_disconnect,
+    finish_stream,
     sse,
-    sse_error,
 )
-from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -66,18 +68,25 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest,
                                      raw_request: Request | None = None) -> Response:
         model_name = self.check_common(request)
-        if isinstance(request.tool_choice, dict) or request.tool_choice not in (
-                None, "none", "auto"):
-            raise BadRequestError("Only tool_choice 'none' and 'auto' are supported; tool call "
-                                  "parsing is not implemented yet.", param="tool_choice")
+        tool_choice = request.tool_choice
+        if tool_choice is None or "tool_choice" not in request.model_fields_set:
+            tool_choice = "auto" if request.tools else "none"  # OpenAI's default
+        if tool_choice != "none":
+            raise BadRequestError(
+                f"tool_choice {tool_choice!r} needs tool-call parsing, which this server does "
+                "not implement yet; send tool_choice 'none' (tools are then only shown to "
+                "the model) or leave tools out.", param="tool_choice")
         if request.top_logprobs is not None and request.top_logprobs < 0:
             raise BadRequestError(f"top_logprobs must be >= 0, got {request.top_logprobs}.",
                                   param="top_logprobs")
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         self.check_logprobs(num_logprobs, "top_logprobs")
-        text = self.render(request)
-        prompt = self.make_prompt(self.tokenize(text, request.add_special_tokens), text,
-                                  "messages", request.truncate_prompt_tokens)
+        if sum(len(message_text(m)) for m in request.messages) > THREAD_TOKENIZE_CHARS:
+            text = await asyncio.to_thread(self.render, request)
+        else:
+            text = self.render(request)
+        ids = await self.tokenize_prompt(text, request.add_special_tokens, "messages")
+        prompt = self.make_prompt(ids, text, "messages", request.truncate_prompt_tokens)
         if request.max_completion_tokens is not None:
             max_tokens, param = request.max_completion_tokens, "max_completion_tokens"
         else:
@@ -96,8 +105,8 @@ class OpenAIServingChat(OpenAIServing):
         request_id = self.request_id(raw_request, request)
         created = int(time.time())
         if stream:
-            return SSEResponse(self._stream(request, model_name, request_id, created, prompt,
-                                            params, role, echo))
+            return SSEResponse(await self._stream(request, model_name, request_id, created,
+                                                  prompt, params, role, echo))
         work = self._full(request, model_name, request_id, created, prompt, params, role, echo)
         response = await (cancel_on_disconnect(raw_request, work) if raw_request else work)
         if response is None:  # client went away
@@ -147,6 +156,8 @@ class OpenAIServingChat(OpenAIServing):
     async def _stream(self, request: ChatCompletionRequest, model_name: str, request_id: str,
                       created: int, prompt: Prompt, params: SamplingParams, role: str,
                       echo: str) -> AsyncIterator[str]:
+        """The SSE chunks of a streamed chat completion (its engine stream is registered
+        for draining before the response starts)."""
         n = request.n
         finished = [False] * n
         completion_tokens = [0] * n
@@ -169,7 +180,9 @@ class OpenAIServingChat(OpenAIServing):
             ), include_usage)
 
         merged = self.merge(self.generate(prompt, params, request_id))
-        try:
+
+        async def chunks() -> AsyncIterator[str]:
+            nonlocal done
             for i in range(n):
                 yield chunk(i, DeltaMessage(role=role, content=""))
                 if echo:
@@ -191,24 +204,20 @@ class OpenAIServingChat(OpenAIServing):
                                 finish_reason=out.finish_reason, stop_reason=out.stop_reason)
                     if out.finish_reason is not None:
                         finished[i] = True
-            if include_usage:
-                yield sse(ChatCompletionStreamResponse(id=request_id, created=created,
-                                                       model=model_name, choices=[],
-                                                       usage=usage()), include_usage)
-        except ServerShuttingDown:
-            for i in range(n):
-                if not finished[i]:
-                    yield chunk(i, DeltaMessage(), finish_reason="abort")
-            if include_usage:
-                yield sse(ChatCompletionStreamResponse(id=request_id, created=created,
-                                                       model=model_name, choices=[],
-                                                       usage=usage()), include_usage)
-        except Exception as e:
-            if not isinstance(e, OpenAIError):
-                logger.exception("Chat stream %s failed", request_id)
-            yield sse_error(e)
-        finally:
+
+        def usage_chunk() -> str | None:
+            if not include_usage:
+                return None
+            return sse(ChatCompletionStreamResponse(id=request_id, created=created,
+                                                   model=model_name, choices=[],
+                                                   usage=usage()), include_usage)
+
+        async def close() -> None:
             await merged.aclose()
             if not done:
                 await self.abort([request_id])
-        yield SSE_DONE
+
+        return finish_stream(
+            chunks(), label=request_id, usage_chunk=usage_chunk, on_close=close,
+            abort_chunks=lambda: [chunk(i, DeltaMessage(), finish_reason="abort")
+                                  for i in range(n) if not finished[i]])

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from pagedllm.entrypoints.openai.errors import BadRequestError, OpenAIError
+from pagedllm.entrypoints.openai.errors import BadRequestError
 from pagedllm.entrypoints.openai.protocol import (
     CompletionLogProbs,
     CompletionRequest,
@@ -20,15 +20,12 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionStreamResponse,
     UsageInfo,
 )
-from pagedllm.entrypoints.openai.serving_base import (
-    SSE_DONE,
-    OpenAIServing,
-    Prompt,
-    ServerShuttingDown,
+from pagedllm.entrypoints.openai.serving_base import OpenAIServing, Prompt
+from pagedllm.entrypoints.openai.streaming import (
     SSEResponse,
     cancel_on_disconnect,
+    finish_stream,
     sse,
-    sse_error,
 )
 from pagedllm.sampling_params import SamplingParams
 
@@ -46,7 +43,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.suffix is not None:
             raise BadRequestError("suffix is not supported.", param="suffix")
         self.check_logprobs(request.logprobs, "logprobs")
-        prompts = self._prompts(request)
+        prompts = await self._prompts(request)
         stream = bool(request.stream)
         prompt_logprobs = request.prompt_logprobs
         if request.echo and request.logprobs is not None:  # echoed tokens get logprobs too
@@ -65,8 +62,8 @@ class OpenAIServingCompletion(OpenAIServing):
         engine_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         created = int(time.time())
         if stream:
-            return SSEResponse(self._stream(request, model_name, request_id, created,
-                                            prompts, params, engine_ids))
+            return SSEResponse(await self._stream(request, model_name, request_id, created,
+                                                  prompts, params, engine_ids))
         work = self._full(request, model_name, request_id, created, prompts, params, engine_ids)
         response = await (cancel_on_disconnect(raw_request, work) if raw_request else work)
         if response is None:  # client went away
@@ -74,7 +71,7 @@ class OpenAIServingCompletion(OpenAIServing):
         return JSONResponse(response.model_dump(mode="json"))
 
     # ------------------------------------------------------------------ prompts
-    def _prompts(self, request: CompletionRequest) -> list[Prompt]:
+    async def _prompts(self, request: CompletionRequest) -> list[Prompt]:
         raw = request.prompt
         truncate = request.truncate_prompt_tokens
         if isinstance(raw, str):
@@ -88,9 +85,10 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = []
         for item in items:
             if isinstance(item, str):
-                ids = self.tokenize(item, request.add_special_tokens)
+                ids = await self.tokenize_prompt(item, request.add_special_tokens)
                 prompts.append(self.make_prompt(ids, item, "prompt", truncate))
             else:
+                self.check_prompt_size(len(item), "prompt")
                 prompts.append(self.make_prompt(list(item), None, "prompt", truncate))
         return prompts
 
@@ -107,8 +105,8 @@ class OpenAIServingCompletion(OpenAIServing):
             return self.completion_logprobs(
                 prompt.token_ids + out.token_ids, prompt_logprobs + (out.logprobs or []),
                 request.logprobs, text_offset)
-        offset = text_offset or (len(self.prompt_text(prompt)) if request.echo else 0)
-        return self.completion_logprobs(out.token_ids, out.logprobs, request.logprobs, offset)
+        return self.completion_logprobs(out.token_ids, out.logprobs, request.logprobs,
+                                        text_offset)
 
     # ------------------------------------------------------------------ non-streaming
     async def _full(self, request: CompletionRequest, model_name: str, request_id: str,
@@ -139,7 +137,10 @@ class OpenAIServingCompletion(OpenAIServing):
                 choices.append(CompletionResponseChoice(
                     index=i * request.n + out.index,
                     text=self._text(request, prompt, out.text),
-                    logprobs=self._logprobs(request, prompt, final.prompt_logprobs, out),
+                    logprobs=self._logprobs(
+                        request, prompt, final.prompt_logprobs, out,
+                        len(self.prompt_text(prompt))
+                        if request.echo and final.prompt_logprobs is None else 0),
                     finish_reason=out.finish_reason,
                     stop_reason=out.stop_reason,
                     prompt_logprobs=prompt_logprobs,
@@ -157,11 +158,15 @@ class OpenAIServingCompletion(OpenAIServing):
     async def _stream(self, request: CompletionRequest, model_name: str, request_id: str,
                       created: int, prompts: list[Prompt], params: list[SamplingParams],
                       engine_ids: list[str]) -> AsyncIterator[str]:
+        """The SSE chunks of a streamed completion (its engine streams are registered
+        for draining before the response starts)."""
         n = request.n
         num_choices = len(prompts) * n
         finished = [False] * num_choices
         echoed = [False] * num_choices
-        text_offset = [0] * num_choices
+        # Where each choice's next token starts in its text (as the non-streamed
+        # text_offset counts it: token by token, also while a stop string holds text back).
+        next_offset = [0] * num_choices
         completion_tokens = [0] * num_choices
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         options = request.stream_options
@@ -174,10 +179,16 @@ class OpenAIServingCompletion(OpenAIServing):
             return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=done,
                              total_tokens=prompt_tokens + done)
 
-        streams = [self.generate(p, sp, rid) for p, sp, rid in zip(prompts, params, engine_ids,
-                                                                   strict=True)]
-        merged = self.merge(*streams)
-        try:
+        def chunk(idx: int, text: str, **fields: Any) -> str:
+            return sse(CompletionStreamResponse(
+                id=request_id, created=created, model=model_name,
+                choices=[CompletionResponseStreamChoice(index=idx, text=text, **fields)],
+                usage=usage() if continuous else None), include_usage)
+
+        merged = self.merge(*(self.generate(p, sp, rid) for p, sp, rid in
+                              zip(prompts, params, engine_ids, strict=True)))
+
+        async def chunks() -> AsyncIterator[str]:
             async for i, output in merged:
                 if output.finished:
                     unfinished.discard(engine_ids[i])
@@ -191,43 +202,32 @@ class OpenAIServingCompletion(OpenAIServing):
                         text = self.prompt_text(prompts[i]) + text
                         prompt_logprobs = output.prompt_logprobs
                         echoed[idx] = True
+                        if prompt_logprobs is None:
+                            next_offset[idx] = len(self.prompt_text(prompts[i]))
                     completion_tokens[idx] += len(out.token_ids)
                     if not text and not out.token_ids and out.finish_reason is None:
                         continue
                     logprobs = self._logprobs(request, prompts[i], prompt_logprobs, out,
-                                              text_offset[idx])
-                    text_offset[idx] += len(text)
-                    chunk = CompletionStreamResponse(
-                        id=request_id, created=created, model=model_name,
-                        choices=[CompletionResponseStreamChoice(
-                            index=idx, text=text, logprobs=logprobs,
-                            finish_reason=out.finish_reason, stop_reason=out.stop_reason)],
-                        usage=usage() if continuous else None,
-                    )
-                    yield sse(chunk, include_usage)
+                                              next_offset[idx])
+                    if logprobs is not None and logprobs.tokens:
+                        next_offset[idx] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+                    yield chunk(idx, text, logprobs=logprobs, finish_reason=out.finish_reason,
+                                stop_reason=out.stop_reason)
                     if out.finish_reason is not None:
                         finished[idx] = True
-            if include_usage:
-                yield sse(CompletionStreamResponse(id=request_id, created=created,
-                                                   model=model_name, choices=[], usage=usage()),
-                          include_usage)
-        except ServerShuttingDown:
-            for idx in range(num_choices):
-                if not finished[idx]:
-                    yield sse(CompletionStreamResponse(
-                        id=request_id, created=created, model=model_name,
-                        choices=[CompletionResponseStreamChoice(index=idx, text="",
-                                                                finish_reason="abort")],
-                        usage=usage() if continuous else None), include_usage)
-            if include_usage:
-                yield sse(CompletionStreamResponse(id=request_id, created=created,
-                                                   model=model_name, choices=[], usage=usage()),
-                          include_usage)
-        except Exception as e:
-            if not isinstance(e, OpenAIError):
-                logger.exception("Completion stream %s failed", request_id)
-            yield sse_error(e)
-        finally:
+
+        def usage_chunk() -> str | None:
+            if not include_usage:
+                return None
+            return sse(CompletionStreamResponse(id=request_id, created=created,
+                                                model=model_name, choices=[], usage=usage()),
+                       include_usage)
+
+        async def close() -> None:
             await merged.aclose()
             await self.abort(sorted(unfinished))
-        yield SSE_DONE
+
+        return finish_stream(
+            chunks(), label=request_id, usage_chunk=usage_chunk, on_close=close,
+            abort_chunks=lambda: [chunk(idx, "", finish_reason="abort")
+                                  for idx in range(num_choices) if not finished[idx]])

@@ -20,8 +20,9 @@ from pagedllm.entrypoints.openai.protocol import (
     EmbeddingResponse,
     EmbeddingUsage,
 )
-from pagedllm.entrypoints.openai.serving_base import OpenAIServing, cancel_on_disconnect
+from pagedllm.entrypoints.openai.serving_base import OpenAIServing
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
+from pagedllm.entrypoints.openai.streaming import cancel_on_disconnect
 from pagedllm.pooling_params import PoolingParams
 
 ENCODING_FORMATS = ("float", "base64")

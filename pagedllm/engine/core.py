@@ -1,0 +1,238 @@
+"""EngineCore: scheduler, KV cache manager and executor stepping the model.
+
+The core takes tokenized, validated requests and turns each step into `EngineCoreOutput`s
+(new token ids, finish reasons, logprob arrays). It knows no tokenizer and no HTTP: text,
+stop strings and output objects belong to the front-end (`OutputProcessor`). It runs in the
+caller's process (offline `LLM`) or in a process of its own (`core_proc`, the server).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.messages import EngineCoreOutput, EngineCoreRequest, child_request_ids
+from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
+from pagedllm.metrics.stats import IterationStats, SchedulerSnapshot, StatsCollector
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.utils import cdiv
+from pagedllm.worker.logits_processors import needs_processing
+from pagedllm.worker.output import ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+_FINISH_STATUS = {"abort": RequestStatus.FINISHED_ABORTED, "stop": RequestStatus.FINISHED_STOPPED}
+
+
+class EngineCore:
+    """Steps the model over the scheduled batch; one instance per engine."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        start = time.perf_counter()
+        self.config = config
+        from pagedllm.worker.executor import make_executor
+
+        self.executor = make_executor(config)
+        try:
+            num_blocks = self.executor.determine_num_blocks()
+            self._check_kv_capacity(num_blocks)
+            self.executor.allocate_kv_cache(num_blocks)
+            self.executor.warm_up()
+        except BaseException:
+            self.executor.shutdown()  # tensor-parallel workers must not outlive a failed start
+            raise
+        self.num_blocks = num_blocks
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        self.stats = StatsCollector()
+        # request id -> ids of its sequences (n > 1 requests have several)
+        self._children: dict[str, list[str]] = {}
+        self._parent_of: dict[str, str] = {}
+        # Async scheduling: the launched step whose sampled tokens are not processed yet.
+        self._in_flight: tuple[SchedulerOutput, Any] | None = None
+        model = config.model
+        logger.info(
+            "Engine core ready in %.1f s: model %s on %s, %d KV blocks of %d tokens "
+            "(max concurrency %.1f requests of %d tokens)",
+            time.perf_counter() - start, model.model, config.device.device, num_blocks,
+            config.cache.block_size, num_blocks * config.cache.block_size / model.max_model_len,
+            model.max_model_len)
+
+    def _check_kv_capacity(self, num_blocks: int) -> None:
+        block_size = self.config.cache.block_size
+        max_len = self.config.model.max_model_len
+        needed = cdiv(max_len, block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"The KV cache has room for {num_blocks} blocks ({num_blocks * block_size} "
+                f"tokens), fewer than one request of max_model_len={max_len} needs ({needed} "
+                "blocks). Raise gpu_memory_utilization or kv_cache_memory_bytes, or lower "
+                "max_model_len.")
+
+    # ------------------------------------------------------------ requests
+    def add_request(self, request: EngineCoreRequest) -> list[str]:
+        """Queue a request from a front-end; returns the ids of its sequences."""
+        return self.add(request.request_id, request.prompt_token_ids,
+                        request.sampling_params(), request.eos_token_id, request.arrival_time)
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+            eos_token_id: int | None, arrival_time: float) -> list[str]:
+        """Queue a request; n > 1 becomes n sequences that fork off the first."""
+        if request_id in self._children:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        child_ids = child_request_ids(request_id, params.best_of or params.n)
+        max_len = self.config.model.max_model_len
+        seqs = [Request(cid, prompt_token_ids, _child_params(params, i), eos_token_id,
+                        arrival_time, max_total_tokens=max_len)
+                for i, cid in enumerate(child_ids)]
+        # One sequence computes the prompt; the others fork off it when it samples.
+        seqs[0].pending_forks = seqs[1:]
+        seqs[0].sampling_extras = seqs[0].sampling_extras or len(seqs) > 1
+        self._children[request_id] = child_ids
+        for cid in child_ids:
+            self._parent_of[cid] = request_id
+        self.scheduler.add_request(seqs[0])
+        return child_ids
+
+    def abort(self, request_ids: list[str], reason: str = "abort") -> None:
+        """Finish requests (their ids as added, or one sequence's id) wherever they are and
+        free their blocks; `reason` "stop" is a stop string the front-end found."""
+        status = _FINISH_STATUS[reason]
+        for rid in request_ids:
+            children = self._children.pop(rid, None)
+            if children is None:
+                if rid not in self._parent_of:
+                    continue
+                children = [rid]  # one sequence of an n > 1 request
+                self._forget(rid)
+            else:
+                for cid in children:
+                    self._parent_of.pop(cid, None)
+            for cid in children:
+                req = self.scheduler.requests.get(cid)
+                if req is not None and not req.is_finished:
+                    self.stats.record_finished(req, reason=reason)
+            self.scheduler.finish_requests(children, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+
+    # ------------------------------------------------------------ step
+    def step(self) -> list[EngineCoreOutput]:
+        """Schedule, run the model once, and return the progress of every sequence.
+
+        With async scheduling, a step of plain requests is launched before the previous
+        step's tokens are processed, so that host work overlaps the GPU; its own outputs
+        come with the next call. Other steps first collect the one in flight."""
+        sched_out = self.scheduler.schedule()
+        if self._can_overlap(sched_out):
+            pending = self.executor.execute_async(sched_out)
+            self.scheduler.mark_launched(sched_out)
+            outputs = self._collect_in_flight()
+            self._in_flight = (sched_out, pending)
+            return outputs
+        outputs = self._collect_in_flight()
+        if sched_out.is_empty and not sched_out.block_copies:
+            return outputs
+        runner_out = self.executor.execute(sched_out)
+        return outputs + self._process(sched_out, runner_out, launched=False)
+
+    def _can_overlap(self, sched_out: SchedulerOutput) -> bool:
+        if not self.config.scheduler.async_scheduling or sched_out.is_empty:
+            return False
+        if sched_out.block_copies or not hasattr(self.executor, "execute_async"):
+            return False
+        return not any(it.request.sampling_extras or it.request.pending_forks
+                       or needs_processing(it.request) for it in sched_out.scheduled)
+
+    def _collect_in_flight(self) -> list[EngineCoreOutput]:
+        if self._in_flight is None:
+            return []
+        sched_out, pending = self._in_flight
+        self._in_flight = None
+        return self._process(sched_out, self.executor.fetch(pending), launched=True)
+
+    def _process(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput,
+                 launched: bool) -> list[EngineCoreOutput]:
+        updated = self.scheduler.update(sched_out, runner_out.sampled, launched=launched)
+        self.stats.record_step(updated)
+        logprobs = runner_out.logprobs
+        outputs = []
+        for req in updated:
+            finish = req.finish_reason
+            if finish is not None:
+                self._forget(req.request_id)
+            outputs.append(EngineCoreOutput(
+                req.request_id, [req.output_token_ids[-1]], finish,
+                req.stop_reason if isinstance(req.stop_reason, int) else None,
+                max(req.num_cached_tokens, 0),
+                logprobs.get(req.request_id) if logprobs else None))
+        if runner_out.prompt_logprobs:
+            for rid, lists in runner_out.prompt_logprobs.items():
+                outputs.append(EngineCoreOutput(rid, [], prompt_logprobs=lists))
+        return outputs
+
+    def _forget(self, child_id: str) -> None:
+        """Drop a finished sequence from its request; the request goes with its last one."""
+        parent = self._parent_of.pop(child_id, None)
+        children = self._children.get(parent) if parent is not None else None
+        if children is None:
+            return
+        if all(cid not in self._parent_of for cid in children):
+            del self._children[parent]
+
+    # ------------------------------------------------------------ introspection
+    def take_stats(self) -> tuple[IterationStats, SchedulerSnapshot]:
+        """This turn's iteration stats and a constant-time view of the scheduler."""
+        return self.stats.take(), self.stats.snapshot(self.scheduler)
+
+    def get_stats(self) -> dict[str, Any]:
+        s = self.scheduler.stats()
+        return {
+            "num_running": s.num_running,
+            "num_waiting": s.num_waiting,
+            "num_free_blocks": s.num_free_blocks,
+            "num_total_blocks": s.num_total_blocks,
+            "num_cached_blocks": s.num_cached_free_blocks,
+            "kv_cache_usage": s.kv_usage,
+            "prefix_cache_queries": s.prefix_queries,
+            "prefix_cache_hits": s.prefix_hits,
+            "num_preemptions": s.num_preemptions,
+        }
+
+    def dashboard_view(self, max_cells: int) -> dict[str, Any]:
+        """Queues and the KV block map, read between two steps."""
+        from pagedllm.metrics.block_map import block_map
+
+        scheduler = self.scheduler
+        kv = scheduler.kv
+        return {
+            "num_running": len(scheduler.running),
+            "num_waiting": len(scheduler.waiting),
+            "kv_cache_usage": kv.usage,
+            "prefix_cache_queries": kv.prefix_queries,
+            "prefix_cache_hits": kv.prefix_hits,
+            "num_preemptions": scheduler.num_preemptions,
+            "block_size": kv.block_size,
+            "blocks": block_map(kv.pool, max_cells),
+        }
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.kv.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Params of sample `index` of a request: seeds differ per sample, and only the first
+    sample (the one that runs the prompt) computes prompt logprobs."""
+    if index == 0 or (params.seed is None and params.prompt_logprobs is None):
+        return params
+    child = params.clone()
+    if params.seed is not None:
+        child.seed = params.seed + index
+    child.prompt_logprobs = None
+    return child
