@@ -40,6 +40,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
 def offline(args: argparse.Namespace, out: str) -> dict:
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "throughput.py"), "--preset",
            args.preset, "--device", args.device, "--num-prompts", str(args.offline_prompts
@@ -91,9 +104,7 @@ def served(args: argparse.Namespace, folder: str, workdir: str) -> dict:
         core_pid = int(re.findall(r"engine core \(process (\d+)\)", text)[0])
         front_pids = [server.pid]
         if args.api_server_count > 1:  # the supervisor's children but the core
-            out = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True,
-                                 text=True).stdout.split()
-            front_pids = [int(p) for p in out if int(p) != core_pid]
+            front_pids = [p for p in children(server.pid) if p != core_pid]
         cpu0 = {pid: cpu_seconds(pid) for pid in [core_pid, *front_pids]}
         per = args.num_prompts // args.clients
         clients = []
