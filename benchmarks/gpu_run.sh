@@ -5,7 +5,7 @@
 set -u
 OUT=${OUT:-/tmp/pagedllm-out}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 parts=${*:-tests w1 8b kernel}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
 for part in $parts; do
@@ -19,7 +19,7 @@ for part in $parts; do
     8b) timeout 300 python benchmarks/throughput.py --preset llama-3-8b --device cuda \
           --num-prompts 1000 --input-len 256 256 --output-len 256 256 \
           --hf-num-prompts 64 --json "$OUT/llama8b.json" 2>&1 | tee "$OUT/llama8b.log" | tail -8 ;;
-    serve) svo="python benchmarks/serve_vs_offline.py --device cuda"  # issue 14
+    serve) svo="python benchmarks/serve_vs_offline.py --device cuda ${TOKENIZER_DIR:+--tokenizer-dir $TOKENIZER_DIR}"  # issue 14
         timeout 200 $svo --preset qwen2.5-0.5b --num-prompts 256 --input-len 512 --output-len 512 \
           --concurrency 256 --clients 2 --json "$OUT/svo_05b_c256.json" > "$OUT/svo_05b_c256.log" 2>&1
         timeout 200 $svo --preset qwen2.5-0.5b --num-prompts 2048 --input-len 256 --output-len 256 \

