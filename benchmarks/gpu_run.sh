@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the throughput workloads and the decode microbenchmark.
 # Usage (repo root, on the GPU machine): OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel]...
+# FLASH_ATTN against TRITON_ATTN (issue 15): OUT=/some/dir bash benchmarks/gpu_run.sh flash
 # Two GPUs (issue 9): OUT=/some/dir bash benchmarks/gpu_run.sh tp-tests tp tp-small
 set -u
 OUT=${OUT:-/tmp/pagedllm-out}
@@ -20,6 +21,19 @@ for part in $parts; do
           --num-prompts 1000 --input-len 256 256 --output-len 256 256 \
           --hf-num-prompts 64 --json "$OUT/llama8b.json" 2>&1 | tee "$OUT/llama8b.log" | tail -8 ;;
     kernel) timeout 120 python benchmarks/kernel_decode.py 2>&1 | tee "$OUT/kernel.log" | tail -12 ;;
+    flash) timeout 300 python -m pytest tests/gpu/test_flash_attn.py tests/gpu/test_triton_attention.py \
+             -q -p no:cacheprovider 2>&1 | tee "$OUT/flash_tests.log" | tail -8
+           timeout 120 python benchmarks/kernel_attention.py 2>&1 | tee "$OUT/kernel_attention.log"
+           for backend in FLASH_ATTN TRITON_ATTN; do
+             timeout 200 python benchmarks/throughput.py --preset qwen2.5-0.5b --device cuda \
+               --num-prompts 256 --input-len 100 1024 --output-len 100 1024 --skip-hf \
+               --attention-backend $backend --json "$OUT/w1_$backend.json" 2>&1 \
+               | tee "$OUT/w1_$backend.log" | tail -3
+             timeout 250 python benchmarks/throughput.py --preset llama-3-8b --device cuda \
+               --num-prompts 1000 --input-len 256 256 --output-len 256 256 --skip-hf \
+               --attention-backend $backend --json "$OUT/llama8b_$backend.json" 2>&1 \
+               | tee "$OUT/llama8b_$backend.log" | tail -3
+           done ;;
     tp-tests) timeout 400 python -m pytest tests/gpu/test_gpu_tensor_parallel.py -q -p no:cacheprovider \
                 2>&1 | tee "$OUT/tp_tests.log" | tail -15 ;;
     tp) for n in 1 2; do

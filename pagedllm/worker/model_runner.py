@@ -59,7 +59,8 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.backend: type[AttentionBackend] = get_attention_backend(
             config.device.attention_backend, config.device.device)
-        logger.info("Attention backend: %s", self.backend.name)
+        logger.info("Attention backend: %s (%s)", self.backend.name,
+                    self.backend.implementation())
         self.model = load_model(config.model, self.backend.get_impl_cls(), self.device, tp)
         self.dtype = config.model.dtype
         self.sampler = Sampler()

@@ -1,0 +1,301 @@
+"""FLASH_ATTN: FlashAttention kernels over the paged KV cache (CUDA, fp16/bf16).
+
+One kernel call per layer attends the whole mixed batch: varlen queries (prefill chunks,
+with or without a cached prefix, and decodes) against K/V read through the block table,
+with GQA and sliding windows. Our Triton ``reshape_and_cache`` writes the new K/V first.
+
+The kernel is FA2 from the ``flash_attn`` package when it is importable, else PyTorch's
+bundled FlashAttention (``aten::_flash_attention_forward`` with ``seqused_k`` and
+``block_table``; FA2, or FA3 where the user activated it with
+``torch.nn.attention.activate_flash_attention_impl``). At start-up each candidate runs a
+small paged case against a torch reference, eagerly and inside a CUDA graph; the first that
+passes is used, and whether its graph replay matched decides CUDA graphs for decode.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.attention.backends.abstract import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadata,
+)
+
+logger = logging.getLogger(__name__)
+
+# FA2's paged kernels need a KV block size divisible by 256.
+BLOCK_SIZE = 256
+DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_SIZE = 256
+
+# (q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, seqused_k, max_q, max_k, scale,
+#  (window_left, window_right), block_table) -> out
+KernelFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FlashKernel:
+    """A FlashAttention implementation that passed the start-up probe."""
+
+    label: str  # what the start-up log names, e.g. "FA2, bundled with PyTorch 2.11.0"
+    fn: KernelFn
+    cuda_graphs: bool  # its replay inside a captured graph matched the eager call
+
+
+def _torch_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  cu_q: torch.Tensor, cu_k: torch.Tensor, seqused_k: torch.Tensor,
+                  max_q: int, max_k: int, scale: float, window: tuple[int, int],
+                  block_table: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._flash_attention_forward(
+        q, k_cache, v_cache, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale,
+        window_size_left=window[0], window_size_right=window[1], seqused_k=seqused_k,
+        block_table=block_table)[0]
+
+
+def _package_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    cu_q: torch.Tensor, cu_k: torch.Tensor, seqused_k: torch.Tensor,
+                    max_q: int, max_k: int, scale: float, window: tuple[int, int],
+                    block_table: torch.Tensor) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    # The package takes each request's KV length from cu_seqlens_k (no seqused_k).
+    return flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, max_q, max_k,
+                                  softmax_scale=scale, causal=True, window_size=window,
+                                  block_table=block_table)
+
+
+def _torch_has_paged_kernel() -> bool:
+    """True when this torch's aten::_flash_attention_forward takes a block table."""
+    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    if op is None:
+        return False
+    names = {a.name for a in op.default._schema.arguments}
+    return {"seqused_k", "block_table"} <= names
+
+
+def _package_version() -> str | None:
+    """The flash_attn package's version when it has the paged varlen entry point."""
+    try:
+        import flash_attn
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    import inspect
+
+    if "block_table" not in inspect.signature(flash_attn_varlen_func).parameters:
+        return None
+    return getattr(flash_attn, "__version__", "?")
+
+
+def _torch_impl_name() -> str:
+    """FA2 (PyTorch's own build) or the implementation activated in torch's registry."""
+    current = getattr(torch.nn.attention, "current_flash_attention_impl", None)
+    name = current() if current is not None else None
+    return str(name) if name else "FA2"
+
+
+def candidates() -> list[tuple[str, KernelFn]]:
+    """The implementations present here, preferred first."""
+    found: list[tuple[str, KernelFn]] = []
+    version = _package_version()
+    if version is not None:
+        found.append((f"FA2, flash_attn package {version}", _package_kernel))
+    if _torch_has_paged_kernel():
+        found.append((f"{_torch_impl_name()}, bundled with PyTorch {torch.__version__}",
+                      _torch_kernel))
+    return found
+
+
+def cu_seqlens(seq_lens: torch.Tensor) -> torch.Tensor:
+    """[0, l0, l0 + l1, ...] as int32 (on the device of seq_lens; graph capturable)."""
+    out = torch.zeros(seq_lens.shape[0] + 1, dtype=torch.int32, device=seq_lens.device)
+    torch.cumsum(seq_lens, 0, out=out[1:])
+    return out
+
+
+def window_sizes(sliding_window: int | None) -> tuple[int, int]:
+    """FlashAttention's (left, right): a query at p sees keys p - left .. p + right."""
+    return (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+
+
+def _probe_reference(q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor,
+                     q_lens: list[int], seq_lens: list[int], scale: float) -> torch.Tensor:
+    """Causal attention per request over its gathered blocks, in fp32."""
+    outs = []
+    start = 0
+    group = q.shape[1] // kv_cache.shape[3]
+    for i, (ql, sl) in enumerate(zip(q_lens, seq_lens, strict=True)):
+        blocks = table[i, :math.ceil(sl / kv_cache.shape[2])].long()
+        k = kv_cache[0, blocks].flatten(0, 1)[:sl].float().repeat_interleave(group, 1)
+        v = kv_cache[1, blocks].flatten(0, 1)[:sl].float().repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,khd->hqk", q[start:start + ql].float(), k) * scale
+        qpos = torch.arange(sl - ql, sl, device=q.device)[:, None]
+        scores = scores.masked_fill(torch.arange(sl, device=q.device)[None, :] > qpos,
+                                    float("-inf"))
+        outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
+        start += ql
+    return torch.cat(outs)
+
+
+def _probe(fn: KernelFn, device: torch.device) -> bool:
+    """Run a small mixed paged batch (GQA, a prefix hit, a decode) eagerly; raise when it
+    fails or is wrong. Returns whether a CUDA-graph replay of it gives the same output."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    hq, hkv, d = 4, 2, 64
+    q_lens, seq_lens = [3, 1, 7], [BLOCK_SIZE + 44, 5, 7]
+    kv_cache = torch.randn(2, 5, BLOCK_SIZE, hkv, d, device=device, generator=gen,
+                           dtype=torch.bfloat16)
+    table = torch.tensor([[3, 1], [2, 0], [4, 0]], dtype=torch.int32, device=device)
+    q = torch.randn(sum(q_lens), hq, d, device=device, generator=gen, dtype=torch.bfloat16)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    cu_q = cu_seqlens(torch.tensor(q_lens, dtype=torch.int32, device=device))
+    scale = d**-0.5
+
+    def call() -> torch.Tensor:
+        return fn(q, kv_cache[0], kv_cache[1], cu_q, cu_seqlens(lens), lens, max(q_lens),
+                  table.shape[1] * BLOCK_SIZE, scale, (-1, -1), table)
+
+    out = call()
+    ref = _probe_reference(q, kv_cache, table, q_lens, seq_lens, scale)
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    if not err < 1e-2:
+        raise RuntimeError(f"wrong result (relative error {err:.2e})")
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = call()
+        graph.replay()
+        torch.cuda.synchronize(device)
+        return torch.equal(replayed, out)
+    except RuntimeError as exc:
+        logger.warning("FLASH_ATTN kernel does not capture in a CUDA graph (%s)", exc)
+        return False
+
+
+@functools.cache
+def select_kernel(device_index: int) -> FlashKernel:
+    """The first FlashAttention implementation that passes the probe on this GPU (once per
+    process and device). Raises ValueError naming each failure."""
+    device = torch.device("cuda", device_index)
+    failures = []
+    for label, fn in candidates():
+        try:
+            with torch.cuda.device(device), torch.inference_mode():
+                graphs = _probe(fn, device)
+        except (RuntimeError, TypeError) as exc:
+            failures.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            continue
+        return FlashKernel(label, fn, graphs)
+    raise ValueError(
+        "FLASH_ATTN: no FlashAttention kernel with a paged KV cache works here ("
+        + ("; ".join(failures) or "torch has no paged _flash_attention_forward and the "
+           "flash_attn package is not installed")
+        + "); use --attention-backend TRITON_ATTN.")
+
+
+class FlashAttentionImpl(AttentionImpl):
+    """Writes K/V into the paged cache, then one FlashAttention call for the whole batch."""
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Attend causally over the paged cache; returns ``[T, Hq, D]`` in query dtype.
+
+        Rows past ``metadata.num_actual_tokens`` are left unwritten (they may hold anything).
+        """
+        from pagedllm.attention.ops.triton_reshape_and_cache import reshape_and_cache
+
+        num_tokens = query.shape[0]
+        query = query.view(num_tokens, self.num_heads, self.head_size)
+        key = key.view(-1, self.num_kv_heads, self.head_size)
+        value = value.view(-1, self.num_kv_heads, self.head_size)
+        num_actual = min(metadata.num_actual_tokens, num_tokens)
+        if num_actual == 0:
+            return torch.empty_like(query)
+        reshape_and_cache(key, value, kv_cache,
+                          metadata.slot_mapping[: min(num_actual, metadata.slot_mapping.shape[0])])
+        kernel = select_kernel(query.device.index)
+        # Once per step, shared by every layer; computed afresh inside a graph capture (the
+        # warm-up runs before it left an eager one behind, which a replay would not update).
+        key = ("flash_attn_cu_k", torch.cuda.is_current_stream_capturing())
+        cu_k = metadata.backend_cache.get(key)
+        if cu_k is None:
+            cu_k = metadata.backend_cache[key] = cu_seqlens(metadata.seq_lens)
+        block_table = metadata.block_table
+        # An upper bound of every request's KV length that depends only on shapes, so that
+        # a captured decode graph stays right for any context its table can hold.
+        max_k = block_table.shape[1] * kv_cache.shape[2]
+        return kernel.fn(query, kv_cache[0], kv_cache[1], metadata.query_start_loc, cu_k,
+                         metadata.seq_lens, max(metadata.max_query_len, 1), max_k, self.scale,
+                         window_sizes(self.sliding_window), block_table)
+
+
+class FlashAttentionBackend(AttentionBackend):
+    """FlashAttention (the flash_attn package, or PyTorch's bundled kernels) on CUDA."""
+
+    name = "FLASH_ATTN"
+
+    @staticmethod
+    def is_available(device: str) -> bool:
+        """True on a CUDA device where a paged FlashAttention entry point exists."""
+        if not str(device).startswith("cuda") or not torch.cuda.is_available():
+            return False
+        return bool(candidates())
+
+    @staticmethod
+    def unavailable_reason(device: str) -> str:
+        if not str(device).startswith("cuda"):
+            return (f"FLASH_ATTN runs FlashAttention's CUDA kernels and cannot run on "
+                    f"{device}; use attention_backend='TORCH_SDPA' there.")
+        if not torch.cuda.is_available():
+            return "FLASH_ATTN needs a CUDA GPU; use attention_backend='TORCH_SDPA'."
+        return (f"FLASH_ATTN needs the flash_attn package or a torch whose "
+                f"_flash_attention_forward takes block_table (this is {torch.__version__}); "
+                "use attention_backend='TRITON_ATTN'.")
+
+    @staticmethod
+    def get_impl_cls() -> type[AttentionImpl]:
+        return FlashAttentionImpl
+
+    @staticmethod
+    def supports_cuda_graphs() -> bool:
+        return select_kernel(torch.cuda.current_device()).cuda_graphs
+
+    @staticmethod
+    def implementation() -> str:
+        return select_kernel(torch.cuda.current_device()).label
+
+    @classmethod
+    def resolve_block_size(cls, block_size: int | None) -> int:
+        if block_size is None:
+            return BLOCK_SIZE
+        if block_size % BLOCK_SIZE:
+            raise ValueError(
+                f"block_size={block_size} is not supported by FLASH_ATTN: FlashAttention's "
+                f"paged kernels need a multiple of {BLOCK_SIZE}. Leave block_size unset "
+                f"(FLASH_ATTN then uses {BLOCK_SIZE}), pass --block-size {BLOCK_SIZE}, or use "
+                "--attention-backend TRITON_ATTN.")
+        return block_size
+
+    @classmethod
+    def check_model(cls, dtype: torch.dtype, head_size: int) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(
+                f"FLASH_ATTN runs in float16 or bfloat16, not {str(dtype).removeprefix('torch.')};"
+                " pass dtype='bfloat16' (or 'float16'), or use --attention-backend TRITON_ATTN.")
+        if head_size % 8 or head_size > MAX_HEAD_SIZE:
+            raise ValueError(
+                f"FLASH_ATTN supports head sizes that are multiples of 8 up to {MAX_HEAD_SIZE}; "
+                f"this model's is {head_size}. Use --attention-backend TRITON_ATTN.")
