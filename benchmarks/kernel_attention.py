@@ -1,9 +1,11 @@
 """FLASH_ATTN against TRITON_ATTN, kernel against kernel, on Llama-3-8B attention shapes
 (32 q heads, 8 kv heads, head_dim 128, bf16, blocks scattered randomly over the cache; each
-backend at its engine block size: 16 for Triton, 256 for FlashAttention).
+backend at its engine block size: 16 for Triton, 256 or 16 for FlashAttention).
 
 - decode: batch 64 at 4k context; bytes moved (K+V read, q read, out written) as GB/s and
-  as a fraction of a measured device-to-device copy; plain launches and CUDA-graph replays.
+  as a fraction of a measured device-to-device copy; plain launches and CUDA-graph replays
+  (FLASH_ATTN's where its kernel is captured). A FLASH_ATTN kernel that gathers K/V from the
+  blocks is timed with its per-layer gather (the slot list is made once per step).
 - prefill: 8 x 2048 causal, fresh; FLOPs (4 * causal pairs * heads * head_dim) as TFLOP/s
   and as a fraction of a measured bf16 8192^3 matmul.
 
@@ -24,7 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_decode import bench, copy_bandwidth, rel_err  # noqa: E402
 
+from pagedllm.attention.backends.abstract import AttentionMetadata  # noqa: E402
 from pagedllm.attention.backends.flash_attn import (  # noqa: E402
+    FlashAttentionBackend,
     cu_seqlens,
     select_kernel,
 )
@@ -33,6 +37,7 @@ from pagedllm.attention.ops.triton_prefill_attention import prefill_attention  #
 
 HQ, HKV, D = 32, 8, 128
 DTYPE = torch.bfloat16
+FLASH_BLOCK = FlashAttentionBackend.resolve_block_size(None)  # the engine's: 256 or 16
 
 
 def matmul_rate(n: int = 8192) -> float:
@@ -59,17 +64,20 @@ def paged(seq_lens: list[int], block_size: int) -> tuple[torch.Tensor, torch.Ten
 
 def flash_call(query: torch.Tensor, q_lens: list[int], seq_lens: list[int]
                ) -> tuple[Callable[[], torch.Tensor], torch.Tensor, torch.Tensor]:
-    """The FLASH_ATTN kernel call of one step (as the backend makes it), and its cache."""
+    """One layer's FLASH_ATTN kernel call (as the backend makes it, after the step's shared
+    values are made), and its cache and block table."""
     kernel = select_kernel(torch.cuda.current_device())
-    kv_cache, table = paged(seq_lens, 256)
-    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
-    cu_q = cu_seqlens(torch.tensor(q_lens, dtype=torch.int32, device="cuda"))
-    cu_k = cu_seqlens(lens)
-    max_k = table.shape[1] * 256
+    kv_cache, table = paged(seq_lens, FLASH_BLOCK)
+    qsl = cu_seqlens(torch.tensor(q_lens, dtype=torch.int32))
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    md = AttentionMetadata(
+        num_actual_tokens=sum(q_lens), num_reqs=len(q_lens), max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens), query_start_loc=qsl.cuda(), seq_lens=lens.cuda(),
+        block_table=table, slot_mapping=torch.empty(0, dtype=torch.long, device="cuda"),
+        query_start_loc_cpu=qsl, seq_lens_cpu=lens)
 
     def fn() -> torch.Tensor:
-        return kernel.fn(query, kv_cache[0], kv_cache[1], cu_q, cu_k, lens, max(q_lens), max_k,
-                         D**-0.5, (-1, -1), table)
+        return kernel.attend(query, kv_cache, md, D**-0.5, (-1, -1))
     return fn, kv_cache, table
 
 
@@ -104,9 +112,11 @@ def run_decode(batch: int, ctx: int, copy_gbs: float) -> None:
     def tri() -> torch.Tensor:
         return decode_attention(query, tr_cache, tr_table, lens, D**-0.5, out=out)
     tr_err = rel_err(tri(), reference(query, tr_cache, tr_table, [1] * batch, seq_lens))
-    for name, fn, err in (("TRITON_ATTN decode (bs 16)", tri, tr_err),
-                          ("FLASH_ATTN decode (bs 256)", fa, fa_err)):
-        for graph in (False, True):
+    graphs = select_kernel(torch.cuda.current_device()).cuda_graphs
+    for name, fn, err, graph_too in (
+            ("TRITON_ATTN decode (bs 16)", tri, tr_err, True),
+            (f"FLASH_ATTN decode (bs {FLASH_BLOCK})", fa, fa_err, graphs)):
+        for graph in (False, True)[:1 + graph_too]:
             ms = bench(fn, graph=graph)
             rows.append((f"{name}{' graph' if graph else ''} (err {err:.1e})", ms,
                          nbytes / ms / 1e6))
@@ -139,7 +149,7 @@ def run_prefill(num_reqs: int, seq: int, tflops: float) -> None:
     rows = []
     for name, fn, err in (
             ("TRITON_ATTN prefill (bs 16)", tri, f"{tr_err:.1e}"),
-            ("FLASH_ATTN prefill (bs 256)", fa, f"{fa_err:.1e}"),
+            (f"FLASH_ATTN prefill (bs {FLASH_BLOCK})", fa, f"{fa_err:.1e}"),
             ("torch SDPA, contiguous K/V (not paged)", lambda: torch.nn.functional.
              scaled_dot_product_attention(q, k, v, is_causal=True, scale=D**-0.5,
                                           enable_gqa=True), "ref")):

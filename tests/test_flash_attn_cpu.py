@@ -45,7 +45,15 @@ def test_flashinfer_is_not_offered():
         get_attention_backend("FLASHINFER", "cpu")
 
 
-def test_block_size_is_picked_or_named():
+def test_block_size_is_picked_or_named(monkeypatch):
+    from pagedllm.attention.backends import flash_attn
+
+    # Where only a gathering kernel exists (torch 2.11), any of the usual sizes works.
+    monkeypatch.setattr(flash_attn, "paged_block_size", lambda: False)
+    assert FlashAttentionBackend.resolve_block_size(None) == 16
+    assert FlashAttentionBackend.resolve_block_size(32) == 32
+    # Paged kernels (the flash_attn package, torch >= 2.13) need multiples of 256.
+    monkeypatch.setattr(flash_attn, "paged_block_size", lambda: True)
     assert FlashAttentionBackend.resolve_block_size(None) == 256
     assert FlashAttentionBackend.resolve_block_size(512) == 512
     with pytest.raises(ValueError, match="block_size=16 is not supported by FLASH_ATTN.*"
@@ -72,6 +80,16 @@ def test_dtype_and_head_size_are_named():
     with pytest.raises(ValueError, match="this model's is 36"):
         FlashAttentionBackend.check_model(torch.float16, 36)
     FlashAttentionBackend.check_model(torch.bfloat16, 128)
+
+
+def test_kernels_found_in_this_torch():
+    """torch's CPU build has the FlashAttention op's schema: at least the gathering
+    kernel is offered (it is probed on a GPU only)."""
+    from pagedllm.attention.backends.flash_attn import candidates
+
+    labels = [k.label for k in candidates()]
+    assert labels and all(f"PyTorch {torch.__version__}" in x or "package" in x
+                          for x in labels)
 
 
 def test_kernel_arguments():

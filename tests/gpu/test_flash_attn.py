@@ -20,7 +20,15 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 sys.path.insert(0, str(Path(__file__).parent))
 
 TOL = 1e-2
-BLOCK = 256
+
+
+def _block_size() -> int:
+    from pagedllm.attention.backends.flash_attn import FlashAttentionBackend
+
+    return FlashAttentionBackend.resolve_block_size(None)  # 256 (paged) or 16 (gathered)
+
+
+BLOCK = _block_size()
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -137,7 +145,7 @@ def test_decode_graph_replay_matches_eager():
 
 
 def test_engine_bf16_parity_with_hf_eager_and_graphs(tmp_path_factory):
-    """Greedy bf16 through FLASH_ATTN (block size picked: 256) against HF, as the Triton
+    """Greedy bf16 through FLASH_ATTN (block size picked by the backend) against HF, as the Triton
     backend's test does: eagerly and with decode CUDA graphs."""
     from model_utils import make_tiny_model
     from test_gpu_engine import NEW_TOKENS, TINY, _hf, _prompts
@@ -174,6 +182,17 @@ def test_engine_start_up_checks_on_cuda(tmp_path_factory):
     folder = make_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
     with pytest.raises(ValueError, match="not float32; pass dtype='bfloat16'"):
         LLM(folder, device="cuda", dtype="float32", attention_backend="FLASH_ATTN")
-    with pytest.raises(ValueError, match="block_size=16 is not supported by FLASH_ATTN"):
-        LLM(folder, device="cuda", dtype="bfloat16", block_size=16,
+    bad = 16 if BLOCK == 256 else 256
+    with pytest.raises(ValueError, match=f"block_size={bad} is not supported by FLASH_ATTN"):
+        LLM(folder, device="cuda", dtype="bfloat16", block_size=bad,
             attention_backend="FLASH_ATTN")
+
+
+def test_start_up_names_the_kernel():
+    from pagedllm.attention.backends.flash_attn import FlashAttentionBackend, select_kernel
+
+    kernel = select_kernel(torch.cuda.current_device())
+    assert FlashAttentionBackend.implementation() == kernel.label
+    assert ("FA2" in kernel.label or "FA3" in kernel.label) and (
+        "PyTorch" in kernel.label or "package" in kernel.label)
+    assert kernel.paged == (BLOCK == 256)

@@ -1,19 +1,24 @@
 """FLASH_ATTN: FlashAttention kernels over the paged KV cache (CUDA, fp16/bf16).
 
 One kernel call per layer attends the whole mixed batch: varlen queries (prefill chunks,
-with or without a cached prefix, and decodes) against K/V read through the block table,
-with GQA and sliding windows. Our Triton ``reshape_and_cache`` writes the new K/V first.
+with or without a cached prefix, and decodes) with GQA and sliding windows. Our Triton
+``reshape_and_cache`` writes the new K/V first.
 
-The kernel is FA2 from the ``flash_attn`` package when it is importable, else PyTorch's
-bundled FlashAttention (``aten::_flash_attention_forward`` with ``seqused_k`` and
-``block_table``; FA2, or FA3 where the user activated it with
-``torch.nn.attention.activate_flash_attention_impl``). At start-up each candidate runs a
-small paged case against a torch reference, eagerly and inside a CUDA graph; the first that
-passes is used, and whether its graph replay matched decides CUDA graphs for decode.
+Implementations, preferred first:
+- FA2 from the ``flash_attn`` package, reading K/V through the block table;
+- PyTorch's bundled FlashAttention (``aten::_flash_attention_forward``) where it takes
+  ``seqused_k`` and ``block_table`` (FA2, or FA3 where the user activated it with
+  ``torch.nn.attention.activate_flash_attention_impl``). Both need blocks of 256 tokens;
+- PyTorch's bundled FlashAttention where it takes no block table (torch 2.11): each layer
+  gathers the step's contexts from the paged cache into one varlen K/V buffer first. Any
+  block size works; decode steps run eagerly (the gather's size changes every step).
+At start-up each candidate runs a small mixed paged batch against a torch reference (and,
+paged ones, inside a CUDA graph); the first that passes is used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -37,16 +42,83 @@ MAX_HEAD_SIZE = 256
 
 # (q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, seqused_k, max_q, max_k, scale,
 #  (window_left, window_right), block_table) -> out
-KernelFn = Callable[..., torch.Tensor]
+PagedFn = Callable[..., torch.Tensor]
+
+
+def cu_seqlens(seq_lens: torch.Tensor) -> torch.Tensor:
+    """[0, l0, l0 + l1, ...] as int32 (on the device of seq_lens; graph capturable)."""
+    out = torch.zeros(seq_lens.shape[0] + 1, dtype=torch.int32, device=seq_lens.device)
+    torch.cumsum(seq_lens, 0, out=out[1:])
+    return out
+
+
+def window_sizes(sliding_window: int | None) -> tuple[int, int]:
+    """FlashAttention's (left, right): a query at p sees keys p - left .. p + right."""
+    return (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+
+
+def _step_value(md: AttentionMetadata, name: str, make: Callable[[], object]) -> object:
+    """A value derived once per step and shared by every layer; made afresh inside a graph
+    capture (the warm-up runs before it leave eager ones behind, which a replay would not
+    update)."""
+    key = ("flash_attn", name, torch.cuda.is_current_stream_capturing())
+    value = md.backend_cache.get(key)
+    if value is None:
+        value = md.backend_cache[key] = make()
+    return value
 
 
 @dataclass(frozen=True)
-class FlashKernel:
-    """A FlashAttention implementation that passed the start-up probe."""
+class PagedKernel:
+    """A kernel that reads K/V through the block table (graph capturable decode)."""
 
-    label: str  # what the start-up log names, e.g. "FA2, bundled with PyTorch 2.11.0"
-    fn: KernelFn
-    cuda_graphs: bool  # its replay inside a captured graph matched the eager call
+    label: str  # what the start-up log names
+    fn: PagedFn
+    paged: bool = True
+    cuda_graphs: bool = False  # set by the probe: its graph replay matched the eager call
+
+    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
+               scale: float, window: tuple[int, int]) -> torch.Tensor:
+        cu_k = _step_value(md, "cu_k", lambda: cu_seqlens(md.seq_lens))
+        # An upper bound of every request's KV length that depends only on shapes, so that
+        # a captured decode graph stays right for any context its table can hold.
+        max_k = md.block_table.shape[1] * kv_cache.shape[2]
+        return self.fn(query, kv_cache[0], kv_cache[1], md.query_start_loc, cu_k, md.seq_lens,
+                       max(md.max_query_len, 1), max_k, scale, window, md.block_table)
+
+
+@dataclass(frozen=True)
+class GatheredKernel:
+    """PyTorch's varlen FlashAttention over K/V gathered from the blocks once per layer."""
+
+    label: str
+    paged: bool = False
+    cuda_graphs: bool = False  # the gather's size changes every step
+
+    @staticmethod
+    def _slots(md: AttentionMetadata, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache slots of every context token, request after request, and cu_seqlens_k."""
+        total = int(md.seq_lens_cpu[:md.num_reqs].sum())
+        cu_k = cu_seqlens(md.seq_lens[:md.num_reqs])
+        req = torch.repeat_interleave(torch.arange(md.num_reqs, device=cu_k.device),
+                                      md.seq_lens[:md.num_reqs], output_size=total)
+        pos = torch.arange(total, device=cu_k.device) - cu_k[req]
+        blocks = md.block_table[req, pos // block_size].long()
+        return blocks * block_size + pos % block_size, cu_k
+
+    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
+               scale: float, window: tuple[int, int]) -> torch.Tensor:
+        slots, cu_k = _step_value(md, "gather", lambda: self._slots(md, kv_cache.shape[2]))
+        heads, dim = kv_cache.shape[3], kv_cache.shape[4]
+        k = kv_cache[0].view(-1, heads, dim).index_select(0, slots)
+        v = kv_cache[1].view(-1, heads, dim).index_select(0, slots)
+        return torch.ops.aten._flash_attention_forward(
+            query, k, v, md.query_start_loc, cu_k, max(md.max_query_len, 1),
+            max(md.max_seq_len, 1), 0.0, True, False, scale=scale, window_size_left=window[0],
+            window_size_right=window[1])[0]
+
+
+FlashKernel = PagedKernel | GatheredKernel
 
 
 def _torch_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -71,13 +143,13 @@ def _package_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                   block_table=block_table)
 
 
-def _torch_has_paged_kernel() -> bool:
-    """True when this torch's aten::_flash_attention_forward takes a block table."""
+def _torch_flash_args() -> set[str]:
+    """Argument names of this torch's aten::_flash_attention_forward (empty: none)."""
     op = getattr(torch.ops.aten, "_flash_attention_forward", None)
-    if op is None:
-        return False
-    names = {a.name for a in op.default._schema.arguments}
-    return {"seqused_k", "block_table"} <= names
+    try:
+        return {a.name for a in op.default._schema.arguments} if op is not None else set()
+    except (AttributeError, RuntimeError):
+        return set()
 
 
 def _package_version() -> str | None:
@@ -101,28 +173,25 @@ def _torch_impl_name() -> str:
     return str(name) if name else "FA2"
 
 
-def candidates() -> list[tuple[str, KernelFn]]:
-    """The implementations present here, preferred first."""
-    found: list[tuple[str, KernelFn]] = []
+def candidates() -> list[FlashKernel]:
+    """The implementations present here, preferred first (none probed yet)."""
+    found: list[FlashKernel] = []
     version = _package_version()
     if version is not None:
-        found.append((f"FA2, flash_attn package {version}", _package_kernel))
-    if _torch_has_paged_kernel():
-        found.append((f"{_torch_impl_name()}, bundled with PyTorch {torch.__version__}",
-                      _torch_kernel))
+        found.append(PagedKernel(f"FA2, flash_attn package {version}", _package_kernel))
+    args = _torch_flash_args()
+    bundled = f"{_torch_impl_name()}, bundled with PyTorch {torch.__version__}"
+    if {"seqused_k", "block_table"} <= args:
+        found.append(PagedKernel(bundled, _torch_kernel))
+    if args:
+        found.append(GatheredKernel(f"{bundled}; its kernel takes no block table, so each "
+                                    "layer gathers the step's K/V from the blocks first"))
     return found
 
 
-def cu_seqlens(seq_lens: torch.Tensor) -> torch.Tensor:
-    """[0, l0, l0 + l1, ...] as int32 (on the device of seq_lens; graph capturable)."""
-    out = torch.zeros(seq_lens.shape[0] + 1, dtype=torch.int32, device=seq_lens.device)
-    torch.cumsum(seq_lens, 0, out=out[1:])
-    return out
-
-
-def window_sizes(sliding_window: int | None) -> tuple[int, int]:
-    """FlashAttention's (left, right): a query at p sees keys p - left .. p + right."""
-    return (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+def paged_block_size() -> bool:
+    """True when a paged kernel is present: FLASH_ATTN then uses blocks of 256 tokens."""
+    return any(k.paged for k in candidates())
 
 
 def _probe_reference(q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor,
@@ -144,33 +213,35 @@ def _probe_reference(q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tenso
     return torch.cat(outs)
 
 
-def _probe(fn: KernelFn, device: torch.device) -> bool:
-    """Run a small mixed paged batch (GQA, a prefix hit, a decode) eagerly; raise when it
-    fails or is wrong. Returns whether a CUDA-graph replay of it gives the same output."""
+def _probe(kernel: FlashKernel, device: torch.device) -> bool:
+    """Run a small mixed paged batch (GQA, a prefix hit, a decode, a fresh prefill)
+    eagerly; raise when it fails or is wrong. Returns whether a CUDA-graph replay of a paged
+    kernel gives the same output (False for gathered ones, which are not captured)."""
     gen = torch.Generator(device=device).manual_seed(0)
-    hq, hkv, d = 4, 2, 64
-    q_lens, seq_lens = [3, 1, 7], [BLOCK_SIZE + 44, 5, 7]
-    kv_cache = torch.randn(2, 5, BLOCK_SIZE, hkv, d, device=device, generator=gen,
-                           dtype=torch.bfloat16)
+    hq, hkv, d, bs = 4, 2, 64, BLOCK_SIZE if kernel.paged else 16
+    q_lens, seq_lens = [3, 1, 7], [bs + 44, 5, 7]
+    kv_cache = torch.randn(2, 6, bs, hkv, d, device=device, generator=gen, dtype=torch.bfloat16)
     table = torch.tensor([[3, 1], [2, 0], [4, 0]], dtype=torch.int32, device=device)
     q = torch.randn(sum(q_lens), hq, d, device=device, generator=gen, dtype=torch.bfloat16)
-    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    cu_q = cu_seqlens(torch.tensor(q_lens, dtype=torch.int32, device=device))
+    qsl = cu_seqlens(torch.tensor(q_lens, dtype=torch.int32))
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    md = AttentionMetadata(
+        num_actual_tokens=sum(q_lens), num_reqs=3, max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens), query_start_loc=qsl.to(device), seq_lens=lens.to(device),
+        block_table=table, slot_mapping=torch.empty(0, dtype=torch.long, device=device),
+        query_start_loc_cpu=qsl, seq_lens_cpu=lens)
     scale = d**-0.5
-
-    def call() -> torch.Tensor:
-        return fn(q, kv_cache[0], kv_cache[1], cu_q, cu_seqlens(lens), lens, max(q_lens),
-                  table.shape[1] * BLOCK_SIZE, scale, (-1, -1), table)
-
-    out = call()
+    out = kernel.attend(q, kv_cache, md, scale, (-1, -1))
     ref = _probe_reference(q, kv_cache, table, q_lens, seq_lens, scale)
     err = ((out.float() - ref).norm() / ref.norm()).item()
     if not err < 1e-2:
         raise RuntimeError(f"wrong result (relative error {err:.2e})")
+    if not kernel.paged:
+        return False
     try:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            replayed = call()
+            replayed = kernel.attend(q, kv_cache, md, scale, (-1, -1))
         graph.replay()
         torch.cuda.synchronize(device)
         return torch.equal(replayed, out)
@@ -182,20 +253,22 @@ def _probe(fn: KernelFn, device: torch.device) -> bool:
 @functools.cache
 def select_kernel(device_index: int) -> FlashKernel:
     """The first FlashAttention implementation that passes the probe on this GPU (once per
-    process and device). Raises ValueError naming each failure."""
+    process and device), with whether it replays in CUDA graphs. Raises ValueError naming
+    each failure."""
     device = torch.device("cuda", device_index)
     failures = []
-    for label, fn in candidates():
+    for kernel in candidates():
         try:
             with torch.cuda.device(device), torch.inference_mode():
-                graphs = _probe(fn, device)
+                graphs = _probe(kernel, device)
         except (RuntimeError, TypeError) as exc:
-            failures.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            failures.append(f"{kernel.label}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0]}")
             continue
-        return FlashKernel(label, fn, graphs)
+        return dataclasses.replace(kernel, cuda_graphs=graphs)
     raise ValueError(
-        "FLASH_ATTN: no FlashAttention kernel with a paged KV cache works here ("
-        + ("; ".join(failures) or "torch has no paged _flash_attention_forward and the "
+        "FLASH_ATTN: no FlashAttention kernel works here ("
+        + ("; ".join(failures) or "this torch has no _flash_attention_forward and the "
            "flash_attn package is not installed")
         + "); use --attention-backend TRITON_ATTN.")
 
@@ -227,19 +300,8 @@ class FlashAttentionImpl(AttentionImpl):
         reshape_and_cache(key, value, kv_cache,
                           metadata.slot_mapping[: min(num_actual, metadata.slot_mapping.shape[0])])
         kernel = select_kernel(query.device.index)
-        # Once per step, shared by every layer; computed afresh inside a graph capture (the
-        # warm-up runs before it left an eager one behind, which a replay would not update).
-        key = ("flash_attn_cu_k", torch.cuda.is_current_stream_capturing())
-        cu_k = metadata.backend_cache.get(key)
-        if cu_k is None:
-            cu_k = metadata.backend_cache[key] = cu_seqlens(metadata.seq_lens)
-        block_table = metadata.block_table
-        # An upper bound of every request's KV length that depends only on shapes, so that
-        # a captured decode graph stays right for any context its table can hold.
-        max_k = block_table.shape[1] * kv_cache.shape[2]
-        return kernel.fn(query, kv_cache[0], kv_cache[1], metadata.query_start_loc, cu_k,
-                         metadata.seq_lens, max(metadata.max_query_len, 1), max_k, self.scale,
-                         window_sizes(self.sliding_window), block_table)
+        return kernel.attend(query, kv_cache, metadata, self.scale,
+                             window_sizes(self.sliding_window))
 
 
 class FlashAttentionBackend(AttentionBackend):
@@ -249,7 +311,7 @@ class FlashAttentionBackend(AttentionBackend):
 
     @staticmethod
     def is_available(device: str) -> bool:
-        """True on a CUDA device where a paged FlashAttention entry point exists."""
+        """True on a CUDA device with the flash_attn package or torch's FlashAttention."""
         if not str(device).startswith("cuda") or not torch.cuda.is_available():
             return False
         return bool(candidates())
@@ -261,9 +323,8 @@ class FlashAttentionBackend(AttentionBackend):
                     f"{device}; use attention_backend='TORCH_SDPA' there.")
         if not torch.cuda.is_available():
             return "FLASH_ATTN needs a CUDA GPU; use attention_backend='TORCH_SDPA'."
-        return (f"FLASH_ATTN needs the flash_attn package or a torch whose "
-                f"_flash_attention_forward takes block_table (this is {torch.__version__}); "
-                "use attention_backend='TRITON_ATTN'.")
+        return (f"FLASH_ATTN needs the flash_attn package or a torch with FlashAttention "
+                f"(this is {torch.__version__}); use attention_backend='TRITON_ATTN'.")
 
     @staticmethod
     def get_impl_cls() -> type[AttentionImpl]:
@@ -279,6 +340,8 @@ class FlashAttentionBackend(AttentionBackend):
 
     @classmethod
     def resolve_block_size(cls, block_size: int | None) -> int:
+        if not paged_block_size():  # K/V gathered: any block size works
+            return super().resolve_block_size(block_size)
         if block_size is None:
             return BLOCK_SIZE
         if block_size % BLOCK_SIZE:
