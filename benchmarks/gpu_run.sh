@@ -21,19 +21,22 @@ for part in $parts; do
           --num-prompts 1000 --input-len 256 256 --output-len 256 256 \
           --hf-num-prompts 64 --json "$OUT/llama8b.json" 2>&1 | tee "$OUT/llama8b.log" | tail -8 ;;
     kernel) timeout 120 python benchmarks/kernel_decode.py 2>&1 | tee "$OUT/kernel.log" | tail -12 ;;
-    flash) timeout 300 python -m pytest tests/gpu/test_flash_attn.py tests/gpu/test_triton_attention.py \
-             -q -p no:cacheprovider 2>&1 | tee "$OUT/flash_tests.log" | tail -8
-           timeout 120 python benchmarks/kernel_attention.py 2>&1 | tee "$OUT/kernel_attention.log"
-           for backend in FLASH_ATTN TRITON_ATTN; do
-             timeout 200 python benchmarks/throughput.py --preset qwen2.5-0.5b --device cuda \
-               --num-prompts 256 --input-len 100 1024 --output-len 100 1024 --skip-hf \
-               --attention-backend $backend --json "$OUT/w1_$backend.json" 2>&1 \
-               | tee "$OUT/w1_$backend.log" | tail -3
-             timeout 250 python benchmarks/throughput.py --preset llama-3-8b --device cuda \
-               --num-prompts 1000 --input-len 256 256 --output-len 256 256 --skip-hf \
-               --attention-backend $backend --json "$OUT/llama8b_$backend.json" 2>&1 \
-               | tee "$OUT/llama8b_$backend.log" | tail -3
-           done ;;
+    flash) timeout 90 python -m pytest tests/gpu/test_flash_attn.py -q -p no:cacheprovider \
+             2>&1 | tee "$OUT/flash_tests.log" | tail -8
+           timeout 40 python benchmarks/kernel_attention.py 2>&1 | tee "$OUT/kernel_attention.log"
+           for w in "w1 40 50" "llama8b 55 60"; do
+             set -- $w
+             for backend in TRITON_ATTN FLASH_ATTN; do
+               [ $1 = w1 ] && preset="qwen2.5-0.5b --num-prompts 256 --input-len 100 1024 --output-len 100 1024" \
+                 || preset="llama-3-8b --num-prompts 1000 --input-len 256 256 --output-len 256 256"
+               [ $backend = TRITON_ATTN ] && limit=$2 || limit=$3
+               timeout $limit python benchmarks/throughput.py --preset $preset --device cuda \
+                 --skip-hf --attention-backend $backend --json "$OUT/$1_$backend.json" 2>&1 \
+                 | tee "$OUT/$1_$backend.log" | tail -2
+             done
+           done
+           timeout 120 python -m pytest tests/gpu/test_triton_attention.py -q -p no:cacheprovider \
+             2>&1 | tee "$OUT/triton_tests.log" | tail -3 ;;
     tp-tests) timeout 400 python -m pytest tests/gpu/test_gpu_tensor_parallel.py -q -p no:cacheprovider \
                 2>&1 | tee "$OUT/tp_tests.log" | tail -15 ;;
     tp) for n in 1 2; do

@@ -69,14 +69,21 @@ def _batch(q_lens: list[int], seq_lens: list[int], hq: int, hkv: int, d: int,
     return q, k, v, kv, md
 
 
-def _flash_vs_sdpa(q_lens, seq_lens, hq, hkv, d, dtype, window, seed=0) -> float:
-    from pagedllm.attention.backends.flash_attn import FlashAttentionImpl
+def _flash_vs_sdpa(q_lens, seq_lens, hq, hkv, d, dtype, window, seed=0, kernel=None) -> float:
+    """Relative error of FLASH_ATTN's forward (or of one given kernel after the same cache
+    write) against TORCH_SDPA's in fp32 on the same step."""
+    from pagedllm.attention.backends.flash_attn import FlashAttentionImpl, window_sizes
     from pagedllm.attention.backends.torch_sdpa import TorchSDPAImpl
+    from pagedllm.attention.ops.triton_reshape_and_cache import reshape_and_cache
 
     q, k, v, kv, md = _batch(q_lens, seq_lens, hq, hkv, d, dtype, seed)
     scale = d**-0.5
     ref_cache = kv.float()
-    out = FlashAttentionImpl(hq, d, scale, hkv, window).forward(q, k, v, kv, md)
+    if kernel is None:
+        out = FlashAttentionImpl(hq, d, scale, hkv, window).forward(q, k, v, kv, md)
+    else:
+        reshape_and_cache(k, v, kv, md.slot_mapping)
+        out = kernel.attend(q, kv, md, scale, window_sizes(window))
     ref = TorchSDPAImpl(hq, d, scale, hkv, window).forward(
         q.float(), k.float(), v.float(), ref_cache, dataclasses.replace(md, backend_cache={}))
     assert out.dtype == dtype and out.shape == q.shape
@@ -100,6 +107,32 @@ def _mixed(max_ctx: int) -> tuple[list[int], list[int]]:
 def test_mixed_batch_matches_torch_sdpa(dtype, hq, hkv, d, window):
     q_lens, seq_lens = _mixed(8192)
     assert _flash_vs_sdpa(q_lens, seq_lens, hq, hkv, d, dtype, window) < TOL
+
+
+def _probed_kernels():
+    from pagedllm.attention.backends.flash_attn import _probe, candidates
+
+    kernels = []
+    for kernel in candidates():
+        try:
+            _probe(kernel, torch.device("cuda", torch.cuda.current_device()))
+        except (RuntimeError, TypeError):
+            continue
+        kernels.append(kernel)
+    return kernels
+
+
+@pytest.mark.parametrize("window", [None, 300])
+def test_every_working_kernel_here_matches_torch_sdpa(window):
+    """Each implementation that passes the start-up probe here (the engine uses the first;
+    the others are its fallbacks) on the mixed batch and on decodes."""
+    kernels = _probed_kernels()
+    assert kernels, "no FlashAttention kernel passed the probe"
+    q_lens, seq_lens = _mixed(8192)
+    for kernel in kernels:
+        for case in ((q_lens, seq_lens, 32, 8, 128), ([1] * 3, [1, 4096, 8192], 8, 1, 64)):
+            err = _flash_vs_sdpa(*case, torch.bfloat16, window, kernel=kernel)
+            assert err < TOL, (kernel.label, case[:2], err)
 
 
 @pytest.mark.parametrize("ctx", [1, 2, 255, 256, 257, 1000, 4096, 8192])

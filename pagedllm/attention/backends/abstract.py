@@ -90,6 +90,11 @@ class AttentionBackend(ABC):
         return "our kernels"
 
     @staticmethod
+    def scratch_layers() -> int:
+        """Layers' worth of KV memory the backend needs besides the cache while it runs."""
+        return 0
+
+    @staticmethod
     def unavailable_reason(device: str) -> str:
         """Why is_available(device) is False, and what to use instead."""
         return ""

@@ -89,33 +89,54 @@ class PagedKernel:
 
 @dataclass(frozen=True)
 class GatheredKernel:
-    """PyTorch's varlen FlashAttention over K/V gathered from the blocks once per layer."""
+    """PyTorch's varlen FlashAttention over K/V gathered from the blocks once per layer.
+
+    by_blocks: copy each request's whole blocks (large contiguous rows) and point the kernel
+    at them with block-aligned cu_seqlens_k and the true lengths in seqused_k; otherwise
+    copy exactly the context tokens (for a torch whose kernel ignores seqused_k).
+    """
 
     label: str
+    by_blocks: bool = True
     paged: bool = False
     cuda_graphs: bool = False  # the gather's size changes every step
 
-    @staticmethod
-    def _slots(md: AttentionMetadata, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cache slots of every context token, request after request, and cu_seqlens_k."""
-        total = int(md.seq_lens_cpu[:md.num_reqs].sum())
-        cu_k = cu_seqlens(md.seq_lens[:md.num_reqs])
-        req = torch.repeat_interleave(torch.arange(md.num_reqs, device=cu_k.device),
-                                      md.seq_lens[:md.num_reqs], output_size=total)
-        pos = torch.arange(total, device=cu_k.device) - cu_k[req]
+    def _plan(self, md: AttentionMetadata, block_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What to gather (block or slot ids), cu_seqlens_k of the gathered rows, and
+        seqused_k (None when the rows are exactly the contexts)."""
+        n = md.num_reqs
+        seq_lens, dev = md.seq_lens[:n], md.seq_lens.device
+        req_ids = torch.arange(n, device=dev)
+        if self.by_blocks:
+            nblocks = (seq_lens + block_size - 1) // block_size
+            total = int(((md.seq_lens_cpu[:n] + block_size - 1) // block_size).sum())
+            cu_blocks = cu_seqlens(nblocks)
+            req = torch.repeat_interleave(req_ids, nblocks, output_size=total)
+            idx = torch.arange(total, device=dev) - cu_blocks[req]
+            return md.block_table[req, idx].long(), cu_blocks * block_size, seq_lens
+        total = int(md.seq_lens_cpu[:n].sum())
+        cu_k = cu_seqlens(seq_lens)
+        req = torch.repeat_interleave(req_ids, seq_lens, output_size=total)
+        pos = torch.arange(total, device=dev) - cu_k[req]
         blocks = md.block_table[req, pos // block_size].long()
-        return blocks * block_size + pos % block_size, cu_k
+        return blocks * block_size + pos % block_size, cu_k, None
 
     def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
                scale: float, window: tuple[int, int]) -> torch.Tensor:
-        slots, cu_k = _step_value(md, "gather", lambda: self._slots(md, kv_cache.shape[2]))
-        heads, dim = kv_cache.shape[3], kv_cache.shape[4]
-        k = kv_cache[0].view(-1, heads, dim).index_select(0, slots)
-        v = kv_cache[1].view(-1, heads, dim).index_select(0, slots)
+        index, cu_k, seqused_k = _step_value(
+            md, f"gather{int(self.by_blocks)}", lambda: self._plan(md, kv_cache.shape[2]))
+        if self.by_blocks:  # [blocks, block_size, H, D] rows, flattened to tokens
+            k = kv_cache[0].index_select(0, index).flatten(0, 1)
+            v = kv_cache[1].index_select(0, index).flatten(0, 1)
+        else:
+            heads, dim = kv_cache.shape[3], kv_cache.shape[4]
+            k = kv_cache[0].view(-1, heads, dim).index_select(0, index)
+            v = kv_cache[1].view(-1, heads, dim).index_select(0, index)
         return torch.ops.aten._flash_attention_forward(
             query, k, v, md.query_start_loc, cu_k, max(md.max_query_len, 1),
             max(md.max_seq_len, 1), 0.0, True, False, scale=scale, window_size_left=window[0],
-            window_size_right=window[1])[0]
+            window_size_right=window[1], seqused_k=seqused_k)[0]
 
 
 FlashKernel = PagedKernel | GatheredKernel
@@ -184,8 +205,11 @@ def candidates() -> list[FlashKernel]:
     if {"seqused_k", "block_table"} <= args:
         found.append(PagedKernel(bundled, _torch_kernel))
     if args:
-        found.append(GatheredKernel(f"{bundled}; its kernel takes no block table, so each "
-                                    "layer gathers the step's K/V from the blocks first"))
+        gathered = f"{bundled}; its kernel takes no block table, so each layer first " \
+                   "gathers the step's K/V"
+        if "seqused_k" in args:
+            found.append(GatheredKernel(f"{gathered} block by block"))
+        found.append(GatheredKernel(f"{gathered} token by token", by_blocks=False))
     return found
 
 
@@ -336,7 +360,14 @@ class FlashAttentionBackend(AttentionBackend):
 
     @staticmethod
     def implementation() -> str:
-        return select_kernel(torch.cuda.current_device()).label
+        kernel = select_kernel(torch.cuda.current_device())
+        return kernel.label + ("" if kernel.cuda_graphs else "; decode runs without CUDA graphs")
+
+    @staticmethod
+    def scratch_layers() -> int:
+        """A gathering kernel holds one layer's gathered K/V at a time: at worst a whole
+        layer of the cache (budgeted like one more layer)."""
+        return 0 if select_kernel(torch.cuda.current_device()).paged else 1
 
     @classmethod
     def resolve_block_size(cls, block_size: int | None) -> int:
