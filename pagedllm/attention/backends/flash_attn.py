@@ -244,8 +244,13 @@ def _probe(kernel: FlashKernel, device: torch.device) -> bool:
     gen = torch.Generator(device=device).manual_seed(0)
     hq, hkv, d, bs = 4, 2, 64, BLOCK_SIZE if kernel.paged else 16
     q_lens, seq_lens = [3, 1, 7], [bs + 44, 5, 7]
-    kv_cache = torch.randn(2, 6, bs, hkv, d, device=device, generator=gen, dtype=torch.bfloat16)
-    table = torch.tensor([[3, 1], [2, 0], [4, 0]], dtype=torch.int32, device=device)
+    need = [math.ceil(sl / bs) for sl in seq_lens]
+    kv_cache = torch.randn(2, sum(need) + 1, bs, hkv, d, device=device, generator=gen,
+                           dtype=torch.bfloat16)
+    ids = torch.randperm(sum(need) + 1, device=device, generator=gen).to(torch.int32)
+    table = torch.zeros(3, max(need), dtype=torch.int32, device=device)
+    for i, start in enumerate([0, need[0], need[0] + need[1]]):
+        table[i, :need[i]] = ids[start:start + need[i]]
     q = torch.randn(sum(q_lens), hq, d, device=device, generator=gen, dtype=torch.bfloat16)
     qsl = cu_seqlens(torch.tensor(q_lens, dtype=torch.int32))
     lens = torch.tensor(seq_lens, dtype=torch.int32)
