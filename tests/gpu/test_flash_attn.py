@@ -225,7 +225,9 @@ def test_start_up_names_the_kernel():
     from pagedllm.attention.backends.flash_attn import FlashAttentionBackend, select_kernel
 
     kernel = select_kernel(torch.cuda.current_device())
-    assert FlashAttentionBackend.implementation() == kernel.label
+    assert FlashAttentionBackend.implementation().startswith(kernel.label)
+    assert ("without CUDA graphs" in FlashAttentionBackend.implementation()) == (
+        not kernel.cuda_graphs)
     assert ("FA2" in kernel.label or "FA3" in kernel.label) and (
         "PyTorch" in kernel.label or "package" in kernel.label)
     assert kernel.paged == (BLOCK == 256)
