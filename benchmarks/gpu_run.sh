@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the throughput workloads and the decode microbenchmark.
 # Usage (repo root, on the GPU machine): OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel]...
+# FLASH_ATTN against TRITON_ATTN (issue 15): OUT=/some/dir bash benchmarks/gpu_run.sh flash
 # Two GPUs (issue 9): OUT=/some/dir bash benchmarks/gpu_run.sh tp-tests tp tp-small
 set -u
 OUT=${OUT:-/tmp/pagedllm-out}
@@ -40,6 +41,22 @@ for f in sorted(glob.glob(sys.argv[1] + "/svo_*.json")):
 PY
         ;;
     kernel) timeout 120 python benchmarks/kernel_decode.py 2>&1 | tee "$OUT/kernel.log" | tail -12 ;;
+    flash) timeout 180 python -m pytest tests/gpu/test_flash_attn.py -q -p no:cacheprovider \
+             2>&1 | tee "$OUT/flash_tests.log" | tail -8
+           timeout 90 python benchmarks/kernel_attention.py 2>&1 | tee "$OUT/kernel_attention.log"
+           for w in "w1 120 150" "llama8b 150 240"; do
+             set -- $w
+             for backend in TRITON_ATTN FLASH_ATTN; do
+               [ $1 = w1 ] && preset="qwen2.5-0.5b --num-prompts 256 --input-len 100 1024 --output-len 100 1024" \
+                 || preset="llama-3-8b --num-prompts 1000 --input-len 256 256 --output-len 256 256"
+               [ $backend = TRITON_ATTN ] && limit=$2 || limit=$3
+               timeout $limit python benchmarks/throughput.py --preset $preset --device cuda \
+                 --skip-hf --attention-backend $backend --json "$OUT/$1_$backend.json" 2>&1 \
+                 | tee "$OUT/$1_$backend.log" | tail -2
+             done
+           done
+           timeout 120 python -m pytest tests/gpu/test_triton_attention.py -q -p no:cacheprovider \
+             2>&1 | tee "$OUT/triton_tests.log" | tail -3 ;;
     tp-tests) timeout 400 python -m pytest tests/gpu/test_gpu_tensor_parallel.py -q -p no:cacheprovider \
                 2>&1 | tee "$OUT/tp_tests.log" | tail -15 ;;
     tp) for n in 1 2; do

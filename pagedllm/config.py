@@ -165,7 +165,7 @@ class EngineArgs:
     max_model_len: int | None = None
     load_format: str = "auto"
     device: str = "auto"
-    block_size: int = 16
+    block_size: int | None = None  # the attention backend's default (16; FLASH_ATTN: 256)
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | str | None = None
     num_gpu_blocks_override: int | None = None
@@ -205,7 +205,8 @@ class EngineArgs:
         g.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                        help="Weight format; 'dummy' makes random weights (benchmarks).")
         g.add_argument("--device", default="auto", help="auto, cpu or cuda.")
-        g.add_argument("--block-size", type=int, default=16, help="Tokens per KV cache block.")
+        g.add_argument("--block-size", type=int, default=None,
+                       help="Tokens per KV cache block (default 16; 256 with FLASH_ATTN).")
         g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                        help="Fraction of GPU memory the engine may use (weights + KV cache).")
         g.add_argument("--kv-cache-memory-bytes", default=None,
@@ -223,7 +224,8 @@ class EngineArgs:
                             "(default: on for CUDA; plain sampling only, other steps run "
                             "synchronously).")
         g.add_argument("--attention-backend",
-                       help="TRITON_ATTN, TORCH_SDPA, FLASH_ATTN or FLASHINFER.")
+                       help="TRITON_ATTN (default on CUDA), TORCH_SDPA (CPU and CUDA) or "
+                            "FLASH_ATTN (CUDA, fp16/bf16).")
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="Number of GPUs (or CPU processes) to shard the model over.")
         g.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
@@ -252,6 +254,7 @@ class EngineArgs:
     # ------------------------------------------------------------- config
     def create_engine_config(self) -> EngineConfig:
         """Validate every knob once and resolve the model; raises ValueError with a fix."""
+        from pagedllm.attention.selector import check_attention_config
         from pagedllm.distributed.checks import resolve_tensor_parallel
         from pagedllm.models.loader.resolve import resolve_model
         from pagedllm.models.registry import resolve_architecture
@@ -308,8 +311,12 @@ class EngineArgs:
         kv_bytes = self.kv_cache_memory_bytes
         if isinstance(kv_bytes, str):
             kv_bytes = parse_bytes(kv_bytes)
+        attention_backend = self.attention_backend or os.environ.get("PAGEDLLM_ATTENTION_BACKEND")
+        attention_backend = attention_backend.upper() if attention_backend else None
+        block_size = check_attention_config(attention_backend, device, self.block_size, dtype,
+                                            model.head_dim)
         cache = CacheConfig(
-            block_size=self.block_size,
+            block_size=block_size,
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_cache_memory_bytes=kv_bytes,
             num_gpu_blocks_override=self.num_gpu_blocks_override,
@@ -334,10 +341,9 @@ class EngineArgs:
             distributed_executor_backend=resolve_tensor_parallel(
                 model, self.tensor_parallel_size, self.distributed_executor_backend, device),
         )
-        attention_backend = self.attention_backend or os.environ.get("PAGEDLLM_ATTENTION_BACKEND")
         device_config = DeviceConfig(
             device=device,
-            attention_backend=attention_backend.upper() if attention_backend else None,
+            attention_backend=attention_backend,
             enforce_eager=self.enforce_eager,
         )
         return EngineConfig(
@@ -353,11 +359,8 @@ class EngineArgs:
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise ValueError("model must be a non-empty string: a local folder, a .gguf file "
                              "or a hub id such as 'Qwen/Qwen2.5-0.5B-Instruct'.")
-        _check_int("block_size", self.block_size, 1)
-        if self.block_size not in (8, 16, 32, 64, 128):
-            raise ValueError(
-                f"block_size={self.block_size} is not supported; use 8, 16, 32, 64 or 128."
-            )
+        if self.block_size is not None:  # which sizes fit: the attention backend's check
+            _check_int("block_size", self.block_size, 1)
         if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]."

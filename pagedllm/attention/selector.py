@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 from pagedllm.attention.backends.abstract import AttentionBackend
 
 # name -> (module, class)
@@ -11,7 +13,6 @@ _BACKENDS = {
     "TORCH_SDPA": ("pagedllm.attention.backends.torch_sdpa", "TorchSDPABackend"),
     "TRITON_ATTN": ("pagedllm.attention.backends.triton_attn", "TritonAttentionBackend"),
     "FLASH_ATTN": ("pagedllm.attention.backends.flash_attn", "FlashAttentionBackend"),
-    "FLASHINFER": ("pagedllm.attention.backends.flashinfer", "FlashInferBackend"),
 }
 
 
@@ -43,6 +44,9 @@ def get_attention_backend(name: str | None, device: str) -> type[AttentionBacken
         raise ValueError(f"No attention backend is available on {device}.")
     key = name.upper()
     cls = _load(key) if key in _BACKENDS else None
+    if cls is not None and not cls.is_available(device) and cls.unavailable_reason(device):
+        raise ValueError(f"{cls.unavailable_reason(device)} Available here: "
+                         f"{', '.join(available_backends(device))}.")
     if cls is None or not cls.is_available(device):
         raise ValueError(
             f"Attention backend {name!r} is unknown or not available on {device}. Available "
@@ -50,3 +54,14 @@ def get_attention_backend(name: str | None, device: str) -> type[AttentionBacken
             "PAGEDLLM_ATTENTION_BACKEND)."
         )
     return cls
+
+
+def check_attention_config(name: str | None, device: str, block_size: int | None,
+                           dtype: torch.dtype, head_size: int) -> int:
+    """Start-up check of the backend against the engine's settings; returns the KV block
+    size to use (the backend's default where the user set none). Raises ValueError naming
+    the setting to change."""
+    backend = get_attention_backend(name, device)
+    resolved = backend.resolve_block_size(block_size)
+    backend.check_model(dtype, head_size)
+    return resolved

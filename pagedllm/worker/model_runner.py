@@ -59,7 +59,8 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.backend: type[AttentionBackend] = get_attention_backend(
             config.device.attention_backend, config.device.device)
-        logger.info("Attention backend: %s", self.backend.name)
+        logger.info("Attention backend: %s (%s)", self.backend.name,
+                    self.backend.implementation())
         self.model = load_model(config.model, self.backend.get_impl_cls(), self.device, tp)
         self.dtype = config.model.dtype
         self.sampler = Sampler()
@@ -79,7 +80,8 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         mc = self.config.model
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * mc.num_layers * self.block_size * self.kv_heads_per_rank() * mc.head_dim * elem
+        layers = mc.num_layers + self.backend.scratch_layers()  # (gathered K/V, FLASH_ATTN)
+        return 2 * layers * self.block_size * self.kv_heads_per_rank() * mc.head_dim * elem
 
     def determine_num_blocks(self) -> int:
         """How many KV blocks fit: fixed override, a byte budget, or GPU memory profiling."""

@@ -85,6 +85,37 @@ class AttentionBackend(ABC):
         return False
 
     @staticmethod
+    def implementation() -> str:
+        """The kernels this backend runs, as the start-up log names them."""
+        return "our kernels"
+
+    @staticmethod
+    def scratch_layers() -> int:
+        """Layers' worth of KV memory the backend needs besides the cache while it runs."""
+        return 0
+
+    @staticmethod
+    def unavailable_reason(device: str) -> str:
+        """Why is_available(device) is False, and what to use instead."""
+        return ""
+
+    @classmethod
+    def resolve_block_size(cls, block_size: int | None) -> int:
+        """The KV block size to use: the user's (checked) or this backend's default."""
+        if block_size is None:
+            return 16
+        if block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size={block_size} is not supported by {cls.name}; use 8, "
+                             "16, 32, 64 or 128.")
+        return block_size
+
+    @classmethod
+    def check_model(cls, dtype: torch.dtype, head_size: int) -> None:
+        """Raise ValueError (naming the setting to change) when the backend cannot run a
+        model of this dtype and head size (the default backends run any)."""
+        del dtype, head_size
+
+    @staticmethod
     def kv_cache_shape(
         num_blocks: int, block_size: int, num_kv_heads: int, head_size: int
     ) -> tuple[int, ...]:

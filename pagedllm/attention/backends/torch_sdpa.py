@@ -143,3 +143,7 @@ class TorchSDPABackend(AttentionBackend):
     @staticmethod
     def get_impl_cls() -> type[AttentionImpl]:
         return TorchSDPAImpl
+
+    @staticmethod
+    def implementation() -> str:
+        return "torch scaled_dot_product_attention"

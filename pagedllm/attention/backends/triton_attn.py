@@ -93,3 +93,7 @@ class TritonAttentionBackend(AttentionBackend):
     @staticmethod
     def supports_cuda_graphs() -> bool:
         return True
+
+    @staticmethod
+    def implementation() -> str:
+        return "pagedllm's Triton kernels"
