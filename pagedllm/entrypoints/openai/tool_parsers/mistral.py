@@ -1,0 +1,120 @@
+"""Mistral calls after the ``[TOOL_CALLS]`` token: a JSON list of
+``{"name", "arguments"}`` objects (older tokenizers), or ``name[ARGS]{...}`` per call
+(tokenizer v11+; several calls each start with ``[TOOL_CALLS]``). Text before is content.
+`[TOOL_CALLS]` is a special token: detokenize with skip_special_tokens=False."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from pagedllm.entrypoints.openai.tool_parsers.base import (
+    CallScan,
+    Piece,
+    ToolParser,
+    split_partial_marker,
+)
+from pagedllm.entrypoints.openai.tool_parsers.json_calls import scan_object
+
+TOOL_CALLS = "[TOOL_CALLS]"
+ARGS = "[ARGS]"
+_NAME = re.compile(r"[A-Za-z_][\w.\-]*")
+_DECODER = json.JSONDecoder()
+_WS = " \t\n\r"
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in _WS:
+        pos += 1
+    return pos
+
+
+class MistralToolParser(ToolParser):
+    names = ("mistral",)
+    needs_special_tokens = True
+
+    def parse(self, text: str, final: bool) -> list[Piece]:
+        i = text.find(TOOL_CALLS)
+        if i < 0:
+            return [text if final else split_partial_marker(text, [TOOL_CALLS])[0]]
+        pieces: list[Piece] = [text[:i]]
+        pos = _skip_ws(text, i + len(TOOL_CALLS))
+        if pos >= len(text):
+            if final:
+                pieces.append(text[i:])
+            return pieces
+        if text[pos] == "[":
+            self._read_list(text, i, pos, final, pieces)
+        else:
+            self._read_args_form(text, i, pos, final, pieces)
+        return pieces
+
+    def _read_list(self, text: str, mark: int, pos: int, final: bool,
+                   pieces: list[Piece]) -> None:
+        calls: list[Piece] = []
+        pos += 1
+        while True:
+            pos = _skip_ws(text, pos)
+            if pos >= len(text):
+                if final and not calls:
+                    pieces.append(text[mark:])
+                else:
+                    pieces.extend(calls)  # final: a list cut after whole calls keeps them
+                return
+            if text[pos] == "]":
+                pieces.extend(calls)
+                pieces.append(text[pos + 1:])
+                return
+            if text[pos] == ",":
+                pos += 1
+                continue
+            scan = scan_object(text, pos) if text[pos] == "{" else None
+            if scan is None or (scan.end is None and final):
+                pieces.extend(calls)
+                pieces.append(text[pos:])
+                return
+            if scan.end is None:
+                pieces.extend(calls)
+                pieces.append(CallScan(pos, scan.name, scan.arguments, False))
+                return
+            calls.append(CallScan(pos, scan.name, scan.arguments, True))
+            pos = scan.end
+
+    def _read_args_form(self, text: str, mark: int, pos: int, final: bool,
+                        pieces: list[Piece]) -> None:
+        while True:
+            name_start = pos
+            k = text.find(ARGS, pos)
+            if k < 0:
+                if not final:
+                    head = split_partial_marker(text[pos:], [ARGS])[0].strip()
+                    if not head or _NAME.fullmatch(head):
+                        return  # the name is still being written
+                pieces.append(text[mark:])
+                return
+            name = text[pos:k].strip()
+            if not _NAME.fullmatch(name):
+                pieces.append(text[mark:])
+                return
+            args_pos = _skip_ws(text, k + len(ARGS))
+            try:
+                value, end = _DECODER.raw_decode(text, args_pos)
+            except json.JSONDecodeError:
+                if final or (args_pos < len(text) and text[args_pos] != "{"):
+                    pieces.append(text[mark:])
+                else:
+                    pieces.append(CallScan(name_start, name, text[args_pos:], False))
+                return
+            if not isinstance(value, dict):
+                pieces.append(text[mark:])
+                return
+            pieces.append(CallScan(name_start, name, text[args_pos:end], True))
+            pos = _skip_ws(text, end)
+            if text.startswith(TOOL_CALLS, pos):
+                mark, pos = pos, _skip_ws(text, pos + len(TOOL_CALLS))
+                continue
+            rest = text[end:]
+            if not final:
+                rest = split_partial_marker(rest, [TOOL_CALLS])[0]
+            pieces.append(rest)
+            return
