@@ -17,12 +17,11 @@ from pagedllm.entrypoints.openai.tool_parsers.base import (
 )
 from pagedllm.entrypoints.openai.tool_parsers.registry import (
     ToolParserRegistry,
-    builtin_tool_parsers,
     load_tool_parser_plugin,
 )
 
 __all__ = [
     "CallScan", "DeltaToolCall", "ExtractedToolCalls", "Piece", "ToolCall", "ToolCallDelta",
-    "ToolCallStream", "ToolParser", "ToolParserRegistry", "builtin_tool_parsers",
-    "load_tool_parser_plugin", "make_tool_call_id",
+    "ToolCallStream", "ToolParser", "ToolParserRegistry", "load_tool_parser_plugin",
+    "make_tool_call_id",
 ]

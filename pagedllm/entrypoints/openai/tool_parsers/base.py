@@ -193,9 +193,10 @@ class ToolCallStream:
     def tools_called(self) -> bool:
         return bool(self.sent)
 
-    def feed(self, delta_text: str) -> ToolCallDelta | None:
+    def feed(self, delta_text: str, final: bool = False) -> ToolCallDelta | None:
+        """Add text; with ``final=True`` the output is complete (held-back text is sent)."""
         self.text += delta_text
-        return self._step(final=False)
+        return self._step(final)
 
     def finish(self) -> ToolCallDelta | None:
         return self._step(final=True)
