@@ -70,8 +70,8 @@ class MistralToolParser(ToolParser):
                 continue
             scan = scan_object(text, pos) if text[pos] == "{" else None
             if scan is None or (scan.end is None and final):
-                pieces.extend(calls)
-                pieces.append(text[pos:])
+                pieces.extend(calls)  # whole calls stay calls; the rest is text
+                pieces.append(text[pos:] if calls else text[mark:])
                 return
             if scan.end is None:
                 pieces.extend(calls)
