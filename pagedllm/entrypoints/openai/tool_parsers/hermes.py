@@ -3,8 +3,14 @@ one block per call, text allowed around them."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pagedllm.entrypoints.openai.tool_parsers.base import Piece, ToolParser, split_partial_marker
-from pagedllm.entrypoints.openai.tool_parsers.json_calls import call_from_body, partial_call
+from pagedllm.entrypoints.openai.tool_parsers.json_calls import (
+    ContainerEnds,
+    call_from_body,
+    partial_call,
+)
 
 
 class DelimitedCallParser(ToolParser):
@@ -48,5 +54,10 @@ class DelimitedCallParser(ToolParser):
 class HermesToolParser(DelimitedCallParser):
     names = ("hermes",)
 
+    def __init__(self, tokenizer: Any = None, tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(tokenizer, tools)
+        self._ends: dict[int, ContainerEnds] = {}  # per call start: its JSON read so far
+
     def read_body(self, body: str, start: int, complete: bool):
-        return call_from_body(body, start) if complete else partial_call(body, start)
+        ends = self._ends.setdefault(start, ContainerEnds())
+        return call_from_body(body, start, ends) if complete else partial_call(body, start, ends)

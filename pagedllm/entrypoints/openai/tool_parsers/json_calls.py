@@ -41,6 +41,57 @@ def _decode(text: str, pos: int) -> tuple[object, int] | None:
         return None
 
 
+class ContainerEnds:
+    """Where JSON objects / arrays of a growing text close, each character read once.
+
+    A stream re-reads its whole text every step; asking raw_decode whether a long object is
+    complete would re-scan it each time. This remembers, per start offset, how far the text
+    was read (checked to be unchanged) and the bracket depth there.
+    """
+
+    def __init__(self) -> None:
+        # start -> [text read so far, depth, in a string, after a backslash, end or -1]
+        self._seen: dict[int, list] = {}
+
+    def end(self, text: str, start: int) -> int | None:
+        """Index just past the container opened at `text[start]`; None while it is open."""
+        state = self._seen.get(start)
+        if state is None or not text.startswith(state[0], start):
+            state = self._seen[start] = ["", 0, False, False, -1]
+        if state[4] >= 0:
+            return state[4]
+        read, depth, in_string, escaped = state[0], state[1], state[2], state[3]
+        i = start + len(read)
+        while i < len(text):
+            c = text[i]
+            i += 1
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif c == "\\":
+                    escaped = True
+                elif c == '"':
+                    in_string = False
+            elif c == '"':
+                in_string = True
+            elif c in "{[":
+                depth += 1
+            elif c in "}]":
+                depth -= 1
+                if depth == 0:
+                    state[4] = i
+                    break
+        state[0], state[1], state[2], state[3] = text[start:i], depth, in_string, escaped
+        return state[4] if state[4] >= 0 else None
+
+
+def decode_container(text: str, pos: int, ends: ContainerEnds | None):
+    """raw_decode of the object / array at `pos`, tried only once it has closed."""
+    if ends is not None and text[pos] in "{[" and ends.end(text, pos) is None:
+        return None
+    return _decode(text, pos)
+
+
 def _arguments_text(value: object, raw: str) -> str | None:
     """The arguments as JSON object text, or None when they are not an object."""
     if isinstance(value, dict):
@@ -54,13 +105,14 @@ def _arguments_text(value: object, raw: str) -> str | None:
     return None
 
 
-def scan_object(text: str, start: int) -> ObjectScan | None:
+def scan_object(text: str, start: int, ends: ContainerEnds | None = None) -> ObjectScan | None:
     """Read the call object at `text[start]` (a ``{``) as far as the text goes.
 
     Returns None when what is there cannot be a call object (not an object, a name that is
     not a string, arguments that are not an object); a complete object has `end` set.
+    `ends` (kept by the parser across a stream's steps) saves re-reading long objects.
     """
-    whole = _decode(text, start)
+    whole = decode_container(text, start, ends)
     if whole is not None:
         value, end = whole
         if not isinstance(value, dict) or not isinstance(value.get("name"), str):
@@ -82,8 +134,9 @@ def scan_object(text: str, start: int) -> ObjectScan | None:
         pos = _skip_ws(text, pos + 1)
         if pos >= len(text):
             break
-        item = _decode(text, pos)
-        if key in ARGUMENT_KEYS and not args_done:
+        is_args = key in ARGUMENT_KEYS and not args_done
+        item = decode_container(text, pos, ends) if is_args else _decode(text, pos)
+        if is_args:
             if item is None:
                 if text[pos] != '"':  # an object still being written: send what is there
                     args = text[pos:]
@@ -108,24 +161,25 @@ def scan_object(text: str, start: int) -> ObjectScan | None:
     return ObjectScan(name, args, args_done, whole[1])
 
 
-def call_from_body(body: str, start: int) -> CallScan | None:
+def call_from_body(body: str, start: int,
+                   ends: ContainerEnds | None = None) -> CallScan | None:
     """A complete call from text that should hold exactly one call object (a delimited
     body); None when it does not."""
     lead = _skip_ws(body, 0)
     if lead >= len(body) or body[lead] != "{":
         return None
-    scan = scan_object(body, lead)
+    scan = scan_object(body, lead, ends)
     if scan is None or scan.end is None or _skip_ws(body, scan.end) != len(body):
         return None
     return CallScan(start, scan.name, scan.arguments, True)
 
 
-def partial_call(body: str, start: int) -> CallScan:
+def partial_call(body: str, start: int, ends: ContainerEnds | None = None) -> CallScan:
     """A call whose object is still being written (name known once complete)."""
     lead = _skip_ws(body, 0)
     if lead >= len(body) or body[lead] != "{":
         return CallScan(start, None, "", False)
-    scan = scan_object(body, lead)
+    scan = scan_object(body, lead, ends)
     if scan is None:
         return CallScan(start, None, "", False)
     return CallScan(start, scan.name, scan.arguments, False)

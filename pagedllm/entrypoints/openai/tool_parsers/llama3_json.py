@@ -5,6 +5,7 @@ is content."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from pagedllm.entrypoints.openai.tool_parsers.base import (
     CallScan,
@@ -12,7 +13,7 @@ from pagedllm.entrypoints.openai.tool_parsers.base import (
     ToolParser,
     split_partial_marker,
 )
-from pagedllm.entrypoints.openai.tool_parsers.json_calls import scan_object
+from pagedllm.entrypoints.openai.tool_parsers.json_calls import ContainerEnds, scan_object
 
 PYTHON_TAG = "<|python_tag|>"
 _LINE_BRACE = re.compile(r"(?m)^[ \t]*\{")
@@ -20,13 +21,13 @@ _NAME_KEY = '"name"'
 _WS = " \t\n\r"
 
 
-def read_call_objects(text: str, pos: int, final: bool, sep: str,
-                      pieces: list[Piece]) -> int | None:
+def read_call_objects(text: str, pos: int, final: bool, sep: str, pieces: list[Piece],
+                      ends: ContainerEnds | None = None) -> int | None:
     """Append the call objects at `text[pos:]` (separated by `sep` and whitespace) to
     `pieces`. Returns where the text after them starts, or None when the text ends inside
     or right after them (more may come). A part that is no call object stays text."""
     while True:
-        scan = scan_object(text, pos)
+        scan = scan_object(text, pos, ends)
         if scan is None:
             pieces.append(text[pos:])
             return None
@@ -51,6 +52,10 @@ def read_call_objects(text: str, pos: int, final: bool, sep: str,
 
 class Llama3JsonToolParser(ToolParser):
     names = ("llama3_json", "llama4_json")
+
+    def __init__(self, tokenizer: Any = None, tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(tokenizer, tools)
+        self._ends = ContainerEnds()
 
     def _section_start(self, text: str, final: bool) -> tuple[int | None, int]:
         """(start of the calls, first object) or (None, where undecided text begins)."""
@@ -85,7 +90,7 @@ class Llama3JsonToolParser(ToolParser):
         if text[first] != "{":
             pieces.append(text[start:])
             return pieces
-        after = read_call_objects(text, first, final, ";", pieces)
+        after = read_call_objects(text, first, final, ";", pieces, self._ends)
         if after is not None:
             pieces.append(text[after:])
         return pieces

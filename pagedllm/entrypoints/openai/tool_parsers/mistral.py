@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
-import json
 import re
+from typing import Any
 
 from pagedllm.entrypoints.openai.tool_parsers.base import (
     CallScan,
@@ -14,12 +14,15 @@ from pagedllm.entrypoints.openai.tool_parsers.base import (
     ToolParser,
     split_partial_marker,
 )
-from pagedllm.entrypoints.openai.tool_parsers.json_calls import scan_object
+from pagedllm.entrypoints.openai.tool_parsers.json_calls import (
+    ContainerEnds,
+    decode_container,
+    scan_object,
+)
 
 TOOL_CALLS = "[TOOL_CALLS]"
 ARGS = "[ARGS]"
 _NAME = re.compile(r"[A-Za-z_][\w.\-]*")
-_DECODER = json.JSONDecoder()
 _WS = " \t\n\r"
 
 
@@ -32,6 +35,10 @@ def _skip_ws(text: str, pos: int) -> int:
 class MistralToolParser(ToolParser):
     names = ("mistral",)
     needs_special_tokens = True
+
+    def __init__(self, tokenizer: Any = None, tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(tokenizer, tools)
+        self._ends = ContainerEnds()
 
     def parse(self, text: str, final: bool) -> list[Piece]:
         i = text.find(TOOL_CALLS)
@@ -68,7 +75,7 @@ class MistralToolParser(ToolParser):
             if text[pos] == ",":
                 pos += 1
                 continue
-            scan = scan_object(text, pos) if text[pos] == "{" else None
+            scan = scan_object(text, pos, self._ends) if text[pos] == "{" else None
             if scan is None or (scan.end is None and final):
                 pieces.extend(calls)  # whole calls stay calls; the rest is text
                 pieces.append(text[pos:] if calls else text[mark:])
@@ -97,14 +104,15 @@ class MistralToolParser(ToolParser):
                 pieces.append(text[mark:])
                 return
             args_pos = _skip_ws(text, k + len(ARGS))
-            try:
-                value, end = _DECODER.raw_decode(text, args_pos)
-            except json.JSONDecodeError:
+            decoded = decode_container(text, args_pos, self._ends) \
+                if args_pos < len(text) else None
+            if decoded is None:
                 if final or (args_pos < len(text) and text[args_pos] != "{"):
                     pieces.append(text[mark:])
                 else:
                     pieces.append(CallScan(name_start, name, text[args_pos:], False))
                 return
+            value, end = decoded
             if not isinstance(value, dict):
                 pieces.append(text[mark:])
                 return

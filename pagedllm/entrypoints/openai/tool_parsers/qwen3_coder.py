@@ -25,7 +25,8 @@ from pagedllm.entrypoints.openai.tool_parsers.base import CallScan
 from pagedllm.entrypoints.openai.tool_parsers.hermes import DelimitedCallParser
 
 _FUNCTION = re.compile(r"\s*<function=([^>\n]+)>")
-_PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+_PARAMETER_OPEN = re.compile(r"\s*<parameter=([^>\n]+)>")
+_PARAMETER_END = "</parameter>"
 _FUNCTION_END = re.compile(r"\s*</function>\s*")
 
 
@@ -75,11 +76,15 @@ class Qwen3CoderToolParser(DelimitedCallParser):
             return None if complete else CallScan(start, None, "", False)
         name = fn.group(1).strip()
         pos, items = fn.end(), []
-        while (param := _PARAMETER.match(body, pos)) is not None:
+        while (param := _PARAMETER_OPEN.match(body, pos)) is not None:
+            close = body.find(_PARAMETER_END, param.end())
+            if close < 0:
+                break  # the value is still being written
             key = param.group(1).strip()
-            value = _typed(_strip_newlines(param.group(2)), self._param_schema(name, key))
+            value = _typed(_strip_newlines(body[param.end():close]),
+                           self._param_schema(name, key))
             items.append(f"{json.dumps(key)}: {json.dumps(value)}")
-            pos = param.end()
+            pos = close + len(_PARAMETER_END)
         args = "{" + ", ".join(items)
         if complete:
             end = _FUNCTION_END.match(body, pos)
