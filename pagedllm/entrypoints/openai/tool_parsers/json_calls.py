@@ -183,3 +183,38 @@ def partial_call(body: str, start: int, ends: ContainerEnds | None = None) -> Ca
     if scan is None:
         return CallScan(start, None, "", False)
     return CallScan(start, scan.name, scan.arguments, False)
+
+
+def read_call_list(text: str, mark: int, pos: int, final: bool, pieces: list,
+                   ends: ContainerEnds | None = None) -> None:
+    """Append the calls of the JSON list at `text[pos]` (a ``[``) to `pieces`. A part that
+    is no call object stays text (from `mark`, where the calls began, when no call came
+    before it); a list cut after whole calls keeps them."""
+    calls: list = []
+    pos += 1
+    while True:
+        pos = _skip_ws(text, pos)
+        if pos >= len(text):
+            if final and not calls:
+                pieces.append(text[mark:])
+            else:
+                pieces.extend(calls)
+            return
+        if text[pos] == "]":
+            pieces.extend(calls)
+            pieces.append(text[pos + 1:])
+            return
+        if text[pos] == ",":
+            pos += 1
+            continue
+        scan = scan_object(text, pos, ends) if text[pos] == "{" else None
+        if scan is None or (scan.end is None and final):
+            pieces.extend(calls)
+            pieces.append(text[pos:] if calls else text[mark:])
+            return
+        if scan.end is None:
+            pieces.extend(calls)
+            pieces.append(CallScan(pos, scan.name, scan.arguments, False))
+            return
+        calls.append(CallScan(pos, scan.name, scan.arguments, True))
+        pos = scan.end

@@ -17,7 +17,7 @@ from pagedllm.entrypoints.openai.tool_parsers.base import (
 from pagedllm.entrypoints.openai.tool_parsers.json_calls import (
     ContainerEnds,
     decode_container,
-    scan_object,
+    read_call_list,
 )
 
 TOOL_CALLS = "[TOOL_CALLS]"
@@ -51,41 +51,10 @@ class MistralToolParser(ToolParser):
                 pieces.append(text[i:])
             return pieces
         if text[pos] == "[":
-            self._read_list(text, i, pos, final, pieces)
+            read_call_list(text, i, pos, final, pieces, self._ends)
         else:
             self._read_args_form(text, i, pos, final, pieces)
         return pieces
-
-    def _read_list(self, text: str, mark: int, pos: int, final: bool,
-                   pieces: list[Piece]) -> None:
-        calls: list[Piece] = []
-        pos += 1
-        while True:
-            pos = _skip_ws(text, pos)
-            if pos >= len(text):
-                if final and not calls:
-                    pieces.append(text[mark:])
-                else:
-                    pieces.extend(calls)  # final: a list cut after whole calls keeps them
-                return
-            if text[pos] == "]":
-                pieces.extend(calls)
-                pieces.append(text[pos + 1:])
-                return
-            if text[pos] == ",":
-                pos += 1
-                continue
-            scan = scan_object(text, pos, self._ends) if text[pos] == "{" else None
-            if scan is None or (scan.end is None and final):
-                pieces.extend(calls)  # whole calls stay calls; the rest is text
-                pieces.append(text[pos:] if calls else text[mark:])
-                return
-            if scan.end is None:
-                pieces.extend(calls)
-                pieces.append(CallScan(pos, scan.name, scan.arguments, False))
-                return
-            calls.append(CallScan(pos, scan.name, scan.arguments, True))
-            pos = scan.end
 
     def _read_args_form(self, text: str, mark: int, pos: int, final: bool,
                         pieces: list[Piece]) -> None:
