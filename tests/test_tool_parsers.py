@@ -99,6 +99,11 @@ def _check_stream(parser, tokenizer, text: str, found) -> None:
     content, calls = _stream(parser, tokenizer, text)
     assert content == found.content
     assert calls == calls_of(found)
+    # One character at a time too: every split point of the markers and the JSON.
+    stream = type(parser)(None, TOOLS).stream()
+    content, calls = assemble_tool_stream([stream.feed(c) for c in text] + [stream.finish()])
+    assert (content, [(c["name"], c["arguments"]) for c in calls]) == \
+        (found.content, calls_of(found))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
