@@ -39,7 +39,7 @@ def assemble_tool_stream(deltas: list[Any]) -> tuple[str | None, list[dict[str, 
             item = entry.to_openai()
             if entry.index not in calls:
                 assert entry.index == len(calls)  # indices count up from 0
-                assert item["id"].startswith("call_") and item["type"] == "function"
+                assert item["id"] and item["type"] == "function"
                 assert item["function"]["name"] and item["function"]["arguments"] == ""
                 calls[entry.index] = {"id": item["id"], "name": item["function"]["name"],
                                       "arguments": ""}

@@ -154,3 +154,16 @@ def test_openai_client_assembles_the_stream(smollm2_tokenizer):
         [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
     assert all(c.id.startswith("call_") and c.type == "function"
                for c in choice.message.tool_calls)
+
+
+def test_reasoning_plugin_file(tmp_path):
+    plugin = tmp_path / "my_reasoning.py"
+    plugin.write_text(
+        "from pagedllm.entrypoints.openai.reasoning.think import ThinkReasoningParser\n"
+        "class Scratch(ThinkReasoningParser):\n"
+        "    names = ('scratch',)\n"
+        "    start, end = '<scratch>', '</scratch>'\n")
+    registry = ReasoningParserRegistry([str(plugin)])
+    found = registry.get("scratch")().extract("<scratch>hmm</scratch>yes")
+    assert (found.reasoning, found.content) == ("hmm", "yes")
+    assert "qwen3" in registry.names()

@@ -150,6 +150,10 @@ class ToolParser(ABC):
         self.tokenizer = tokenizer
         self.tools = validate_tools(tools) or []
 
+    def new_call_id(self) -> str:
+        """The id of a new call (a format whose templates check ids overrides this)."""
+        return make_tool_call_id()
+
     def tool_schema(self, name: str) -> dict[str, Any] | None:
         """The `parameters` schema of the request's function `name`, if given."""
         for tool in self.tools:
@@ -164,7 +168,7 @@ class ToolParser(ABC):
     def extract(self, text: str) -> ExtractedToolCalls:
         """Non-streamed: the content outside calls and the complete calls."""
         pieces = self.parse(text, final=True)
-        calls = [ToolCall(p.name, p.arguments) for p in pieces
+        calls = [ToolCall(p.name, p.arguments, self.new_call_id()) for p in pieces
                  if isinstance(p, CallScan) and p.done and p.name is not None]
         return ExtractedToolCalls(content_of(pieces, final=True) or None, calls)
 
@@ -213,7 +217,7 @@ class ToolCallStream:
             if not isinstance(piece, CallScan) or piece.name is None:
                 continue
             if piece.start not in self.sent:
-                index, call_id = len(self.sent), make_tool_call_id()
+                index, call_id = len(self.sent), self.parser.new_call_id()
                 self.sent[piece.start] = (index, call_id, "")
                 entries.append(DeltaToolCall(index, call_id, piece.name, ""))
             index, call_id, args = self.sent[piece.start]

@@ -1,11 +1,14 @@
 """Mistral calls after the ``[TOOL_CALLS]`` token: a JSON list of
 ``{"name", "arguments"}`` objects (older tokenizers), or ``name[ARGS]{...}`` per call
 (tokenizer v11+; several calls each start with ``[TOOL_CALLS]``). Text before is content.
-`[TOOL_CALLS]` is a special token: detokenize with skip_special_tokens=False."""
+`[TOOL_CALLS]` is a special token: detokenize with skip_special_tokens=False. Call ids are
+9 letters and digits (not ``call_...``), the only ids Mistral's templates accept."""
 
 from __future__ import annotations
 
 import re
+import secrets
+import string
 from typing import Any
 
 from pagedllm.entrypoints.openai.tool_parsers.base import (
@@ -22,6 +25,7 @@ from pagedllm.entrypoints.openai.tool_parsers.json_calls import (
 
 TOOL_CALLS = "[TOOL_CALLS]"
 ARGS = "[ARGS]"
+_ID_CHARS = string.ascii_letters + string.digits
 _NAME = re.compile(r"[A-Za-z_][\w.\-]*")
 _WS = " \t\n\r"
 
@@ -39,6 +43,11 @@ class MistralToolParser(ToolParser):
     def __init__(self, tokenizer: Any = None, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tokenizer, tools)
         self._ends = ContainerEnds()
+
+    def new_call_id(self) -> str:
+        """9 letters and digits: Mistral's chat templates refuse other tool-call ids when
+        the conversation comes back."""
+        return "".join(secrets.choice(_ID_CHARS) for _ in range(9))
 
     def parse(self, text: str, final: bool) -> list[Piece]:
         i = text.find(TOOL_CALLS)
