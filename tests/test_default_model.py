@@ -105,3 +105,45 @@ def test_server_answers_paris():
             model=model, temperature=0, max_tokens=32,
             messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert "Paris" in reply.choices[0].message.content
+
+
+def test_tool_call_from_the_model_parses_whole_and_streamed(llm):
+    """SmolLM2 with the Hermes-style tools template, its reply started with a call: what it
+    writes parses into the same call and content, whole and streamed token by token."""
+    import json
+    from pathlib import Path
+
+    from pagedllm import SamplingParams
+    from pagedllm.engine.detokenizer import IncrementalDetokenizer
+    from pagedllm.entrypoints.openai.chat_output import ChatOutputParser
+    from pagedllm.entrypoints.openai.tool_parsers import ToolParserRegistry
+
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]
+    started = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "'
+    params = SamplingParams(temperature=0, max_tokens=48)
+    out = llm.chat([{"role": "user", "content": "What is the weather in Paris right now?"},
+                    {"role": "assistant", "content": started}], params,
+                   chat_template=str(Path(__file__).parent / "data" /
+                                     "smollm2_hermes_tools.jinja"),
+                   tools=tools, add_generation_prompt=False, continue_final_message=True,
+                   use_tqdm=False)[0]
+    parser = ChatOutputParser(tools=ToolParserRegistry().get("hermes")(None, tools))
+    whole = parser.parse(started + out.outputs[0].text)
+    assert [(c.name, json.loads(c.arguments)) for c in whole.tool_calls] == \
+        [("get_weather", {"city": "Paris"})]
+    assert whole.content and "<tool_call>" not in whole.content
+    assert whole.finish_reason(out.outputs[0].finish_reason) == "tool_calls"
+
+    stream = parser.stream()
+    deltas = [stream.feed(started)]
+    detok = IncrementalDetokenizer(llm.get_tokenizer(), out.prompt_token_ids, params)
+    for token_id in out.outputs[0].token_ids:
+        detok.add_token(token_id)
+        deltas.append(stream.feed(detok.new_text(finished=False)))
+    deltas.append(stream.feed(detok.new_text(finished=True), final=True))
+    content = "".join(d.content or "" for d in deltas if d)
+    args = "".join(c.arguments or "" for d in deltas if d for c in d.tool_calls)
+    assert content == whole.content and args == whole.tool_calls[0].arguments

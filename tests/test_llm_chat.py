@@ -3,6 +3,8 @@ continue_final_message) and SamplingParams.output_kind (CUMULATIVE, DELTA, FINAL
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pagedllm import LLM, SamplingParams
@@ -105,3 +107,35 @@ def test_delta_outputs_of_n_samples(llm):
         text = "".join(c.text for o in delta for c in o.outputs if c.index == i)
         assert tokens == cumulative.outputs[i].token_ids
         assert text == cumulative.outputs[i].text
+
+
+TOOLS_TEMPLATE = str(Path(__file__).parent / "data" / "smollm2_hermes_tools.jinja")
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object",
+                                          "properties": {"city": {"type": "string"}}}}}
+
+
+def test_chat_passes_tools_and_template_kwargs(llm):
+    conv = [{"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "tool_calls": [{"id": "call_7", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": "call_7", "content": "cold"}]
+    out = llm.chat(conv, GREEDY, chat_template=TOOLS_TEMPLATE, tools=[WEATHER_TOOL],
+                   use_tqdm=False)[0]
+    text = _prompt_text(llm, out)
+    assert '<tools>\n{"name": "get_weather", "parameters"' in text
+    assert '{"name": "get_weather", "arguments": {"city": "Oslo"}}' in text
+    assert "<tool_response>\ncold\n</tool_response>" in text
+    assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
+    template = "{{ messages[0]['content'] }}{% if shout %}!{% endif %}"
+    out = llm.chat(CONV, GREEDY, chat_template=template,
+                   chat_template_kwargs={"shout": True}, use_tqdm=False)[0]
+    assert _prompt_text(llm, out) == "You are a helpful assistant.!"
+
+
+def test_chat_refuses_bad_tools_and_tool_messages_naming_the_field(llm):
+    with pytest.raises(ValueError, match=r"tools\.0\.function\.name"):
+        llm.chat(CONV, GREEDY, tools=[{"type": "function", "function": {}}], use_tqdm=False)
+    with pytest.raises(ValueError, match="tool message without tool_call_id"):
+        llm.chat(CONV + [{"role": "tool", "content": "x"}], GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()

@@ -10,7 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pagedllm.config import EngineArgs
-from pagedllm.engine.input_processor import PromptType
+from pagedllm.engine.input_processor import PromptType, read_chat_template
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -118,18 +118,30 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Render conversations with the chat template, then generate."""
+        """Render conversations with the chat template, then generate.
+
+        `chat_template` is Jinja text or a path to a template file; `tools` (OpenAI function
+        tools) and `chat_template_kwargs` (e.g. ``{"enable_thinking": False}``) reach the
+        template. Parse tool calls out of the outputs with a tool parser
+        (`pagedllm.entrypoints.openai.tool_parsers`).
+        """
         from pagedllm.entrypoints.chat_utils import render_chat
 
         conversations = (
             [messages] if messages and isinstance(messages[0], dict) else list(messages)
         )
+        template = read_chat_template(chat_template) if chat_template else None
+        if continue_final_message:
+            add_generation_prompt = False
         prompts: list[PromptType] = [
             {"prompt_token_ids": render_chat(
-                self.get_tokenizer(), conv, chat_template=chat_template,
+                self.get_tokenizer(), conv, chat_template=template,
                 add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message)}
+                continue_final_message=continue_final_message, tools=tools,
+                chat_template_kwargs=chat_template_kwargs)}
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

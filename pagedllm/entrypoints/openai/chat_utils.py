@@ -1,19 +1,15 @@
-"""Chat messages -> prompt text through the chat template (tokenizer.apply_chat_template)."""
+"""The server side of chat rendering: `--chat-template` loading, and the shared renderer
+(`pagedllm.entrypoints.chat_utils`) with its input errors as 400s."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+from pagedllm.entrypoints.chat_utils import ChatInputError, to_conversation
+from pagedllm.entrypoints.chat_utils import render_chat as shared_render_chat
 from pagedllm.entrypoints.openai.errors import BadRequestError
 from pagedllm.entrypoints.openai.protocol import ChatMessage
-
-# Keyword arguments of apply_chat_template a request may not override via chat_template_kwargs.
-_RESERVED_TEMPLATE_KWARGS = frozenset({
-    "conversation", "tokenize", "return_dict", "return_tensors", "tokenizer_kwargs",
-    "chat_template", "tools", "documents", "add_generation_prompt", "continue_final_message",
-    "padding", "truncation", "max_length", "return_assistant_tokens_mask",
-})
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -31,32 +27,12 @@ def load_chat_template(value: str | None) -> str | None:
     return value
 
 
-def to_conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as plain dicts for the template; content parts must be text."""
-    conversation: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
-        content = message.content
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.type not in ("text", "input_text") or part.text is None:
-                    raise BadRequestError(
-                        f"messages[{i}].content: only text parts are supported, got a "
-                        f"{part.type!r} part.", param=f"messages.{i}.content")
-                texts.append(part.text)
-            content = "\n".join(texts)
-        entry: dict[str, Any] = {"role": message.role, "content": content or ""}
-        for key in ("name", "tool_calls", "tool_call_id"):
-            value = getattr(message, key)
-            if value is not None:
-                entry[key] = value
-        conversation.append(entry)
-    return conversation
-
-
 def message_text(message: ChatMessage) -> str:
-    """The text of one message (text parts joined by newlines)."""
-    return to_conversation([message])[0]["content"]
+    """The text of one message (text parts joined by newlines, as the renderer joins them)."""
+    try:
+        return to_conversation([message])[0]["content"]
+    except ChatInputError as e:
+        raise BadRequestError(str(e), param=e.param) from e
 
 
 def render_chat(
@@ -70,38 +46,17 @@ def render_chat(
     documents: list[dict[str, str]] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
 ) -> str:
-    """Render the conversation to prompt text; template problems become 400s.
+    """Prompt text of a chat request through the shared renderer; bad input becomes a 400
+    naming the field.
 
-    `chat_template` is the request's or the server's (`--chat-template`) template; without
-    one the tokenizer's own template is used.
+    `chat_template` is the request's or the server's (`--chat-template`) template text;
+    without one the tokenizer's own template is used.
     """
-    if not messages:
-        raise BadRequestError("messages must not be empty.", param="messages")
-    if not (chat_template or getattr(tokenizer, "chat_template", None)):
-        raise BadRequestError(
-            "This model has no chat template, so chat completions cannot be rendered. Start "
-            "the server with --chat-template <file> or use /v1/completions.", param="messages")
-    if continue_final_message and messages[-1].role != "assistant":
-        raise BadRequestError("continue_final_message needs the last message to be from the "
-                              "assistant.", param="continue_final_message")
-    extra = {k: v for k, v in (chat_template_kwargs or {}).items()
-             if k not in _RESERVED_TEMPLATE_KWARGS}
     try:
-        text = tokenizer.apply_chat_template(
-            to_conversation(messages),
-            chat_template=chat_template or None,  # None: the tokenizer's own template(s)
-            tools=tools,
-            documents=documents,
+        return shared_render_chat(
+            tokenizer, messages, chat_template=chat_template,
             add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            tokenize=False,
-            **extra,
-        )
-    except BadRequestError:
-        raise
-    except Exception as e:  # jinja2 errors, raise_exception() in templates, bad kwargs
-        raise BadRequestError(f"Could not apply the chat template: {e}",
-                              param="messages") from e
-    if not isinstance(text, str):
-        raise BadRequestError("The chat template did not render to text.", param="messages")
-    return text
+            continue_final_message=continue_final_message, tools=tools,
+            documents=documents, chat_template_kwargs=chat_template_kwargs, tokenize=False)
+    except ChatInputError as e:
+        raise BadRequestError(str(e), param=e.param) from e
