@@ -16,10 +16,13 @@ from pagedllm.structured_output.backend_types import (
 from pagedllm.structured_output.config import require_backend
 from pagedllm.structured_output.params import StructuredOutputKind, StructuredOutputsParams
 
-# String formats xgrammar's JSON-schema converter turns into a grammar (others it ignores).
+# String formats xgrammar's JSON-schema converter enforces (it ignores others). Its ipv4 takes
+# leading zeros ("01.2.3.4"), which JSON Schema's ipv4 rejects: ipv4 goes to guidance under
+# "auto". Dates are approximate in both backends (xgrammar takes "2020-02-31", llguidance
+# "2021-02-29").
 _FORMATS = frozenset({
-    "email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",
-    "uri", "uri-reference", "uri-template", "json-pointer", "relative-json-pointer",
+    "email", "date", "time", "date-time", "duration", "ipv6", "hostname", "uuid", "uri",
+    "uri-reference", "uri-template", "json-pointer", "relative-json-pointer",
 })
 
 
@@ -33,9 +36,9 @@ def _xgr() -> Any:
 def unsupported_schema_feature(schema: Any) -> str | None:
     """The first keyword of ``schema`` that xgrammar would silently drop, or None.
 
-    xgrammar ignores these rather than refusing them, so output could break the schema:
-    multipleOf, uniqueItems / contains, a string format it does not know, and a length bound
-    next to a pattern or format.
+    xgrammar ignores or loosens these rather than refusing them, so output could break the
+    schema: multipleOf, uniqueItems / contains, a string format it does not enforce, a length
+    bound next to a pattern or format, patternProperties next to properties.
     """
     if isinstance(schema, list):
         return next(filter(None, map(unsupported_schema_feature, schema)), None)
@@ -181,8 +184,9 @@ class XgrammarBackend(StructuredOutputBackend):
         c = self.compiler
         try:
             if kind in (StructuredOutputKind.JSON, StructuredOutputKind.JSON_OBJECT):
-                any_ws = not (self.disable_any_whitespace or params.disable_any_whitespace)
-                return c.compile_json_schema(json.dumps(params.schema), any_whitespace=any_ws)
+                compact = self.disable_any_whitespace or params.disable_any_whitespace
+                return c.compile_json_schema(json.dumps(params.schema), any_whitespace=not compact,
+                                             separators=(",", ":") if compact else None)
             if kind is StructuredOutputKind.REGEX:
                 return c.compile_regex(params.regex)
             if kind is StructuredOutputKind.CHOICE:

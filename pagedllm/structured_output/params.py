@@ -68,7 +68,9 @@ class StructuredOutputsParams:
             tag = _json_value("structural_tag", self.structural_tag, (dict,))
             self.structural_tag = json.dumps(tag)
         if self.whitespace_pattern is not None:
-            _text("whitespace_pattern", self.whitespace_pattern)
+            if not isinstance(self.whitespace_pattern, str) or not self.whitespace_pattern:
+                raise ValueError("structured_outputs.whitespace_pattern must be a non-empty "
+                                 "regex string, e.g. \"[ ]?\".")
             if self.kind not in (StructuredOutputKind.JSON, StructuredOutputKind.JSON_OBJECT):
                 raise ValueError("structured_outputs.whitespace_pattern applies to json and "
                                  "json_object only.")
