@@ -175,6 +175,37 @@ def test_arithmetic_grammar_parses(manager, tokenizer, bias, grammar):
         assert all(isinstance(node, allowed) for node in ast.walk(tree))
 
 
+def test_structural_tag(manager, tokenizer):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False}
+    tag = {"structures": [{"begin": "<filename>", "schema": schema, "end": "</f>"}],
+           "triggers": ["<filename>"]}
+    if manager.config.backend == "guidance":
+        with pytest.raises(ValueError, match="structural_tag needs the xgrammar backend"):
+            manager.grammar_init(StructuredOutputsParams(structural_tag=tag))
+        return
+    grammar = manager.grammar_init(StructuredOutputsParams(structural_tag=tag)).wait(60)
+    good = tokenizer.encode('hi <filename>{"a": 1}</f> bye', add_special_tokens=False)
+    assert grammar.validate_tokens(good) == len(good)
+    bad = tokenizer.encode('hi <filename>{"b": 1}', add_special_tokens=False)
+    assert grammar.validate_tokens(bad) == bad.index(tokenizer.convert_tokens_to_ids(
+        "<filename>")) + 2  # free text, the trigger, '{"'; then "b" breaks the schema
+
+
+def test_whitespace_pattern(manager, tokenizer):
+    params = StructuredOutputsParams(json={"type": "object",
+                                           "properties": {"a": {"type": "integer"}}},
+                                     whitespace_pattern="[ ]?")
+    if manager.config.backend == "xgrammar":
+        with pytest.raises(ValueError, match="whitespace_pattern needs the guidance backend"):
+            manager.grammar_init(params)
+        return
+    grammar = manager.grammar_init(params).wait(60)
+    for text, ok in (('{"a": 1}', True), ('{"a":\n1}', False), ('{"a":  1}', False)):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert (grammar.validate_tokens(ids) == len(ids)) is ok, text
+
+
 # ---------------------------------------------------------------------- ends
 def _allowed(manager, request) -> set[int]:
     manager.fill_bitmask([(request, 0)])

@@ -65,7 +65,7 @@ def test_structured_outputs_object_and_legacy_fields():
     assert structured_outputs_from_fields(guided={"guided_regex": "a"}).regex == "a"
     tag = {"type": "structural_tag", "structures": [
         {"begin": "<f>", "schema": SCHEMA, "end": "</f>"}], "triggers": ["<f>"]}
-    params = structured_outputs_from_fields(response_format=tag, config=GUIDANCE)
+    params = structured_outputs_from_fields(response_format=tag)
     assert '"triggers"' in params.structural_tag
 
 

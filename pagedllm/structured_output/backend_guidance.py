@@ -48,21 +48,10 @@ def guidance_grammar(params: StructuredOutputsParams, disable_any_whitespace: bo
             return llg.grammar_from("choice", json.dumps(params.choice))
         if kind is StructuredOutputKind.GRAMMAR:
             return llg.grammar_from("grammar", params.grammar)
-        tag = json.loads(params.structural_tag)
-        if "structures" not in tag or "triggers" not in tag:
-            raise ValueError("the guidance backend takes structural tags of the form "
-                             '{"structures": [{"begin", "schema", "end"}], "triggers": [...]}')
-        tags = []
-        for s in tag["structures"]:
-            trigger = next((t for t in tag["triggers"] if s["begin"].startswith(t)), None)
-            if trigger is None:
-                raise ValueError(f"structural tag begin {s['begin']!r} starts with none of "
-                                 f"the triggers {tag['triggers']}")
-            tags.append(llg.StructTag(trigger=trigger, begin=s["begin"], end=s["end"],
-                                      grammar=_json_grammar(s["schema"], params, compact)))
-        if not tags:
-            raise ValueError("the structural tag has no structures")
-        return llg.StructTag.to_grammar(tags)
+        # llguidance's structural tags need each trigger to be one special token of the
+        # tokenizer, and in our tests it let a tag's body break its schema: refused.
+        raise ValueError("structural_tag needs the xgrammar backend (pip install "
+                         "'pagedllm[xgrammar]')")
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"Invalid {kind.value} (guidance): {e}") from e
 
