@@ -96,7 +96,8 @@ class StructuredOutputManager:
         self.bitmask = GrammarBitmask(max_rows, self.vocab_size, device)
         self._executor = ThreadPoolExecutor(self.config.compile_workers,
                                             thread_name_prefix="pagedllm-grammar")
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache
+        self._build_lock = threading.Lock()  # the backends
         self._backends: dict[str, StructuredOutputBackend] = {}
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
         self.cache_hits = 0
@@ -117,16 +118,18 @@ class StructuredOutputManager:
                params.whitespace_pattern)
         with self._lock:
             future = self._cache.get(key)
-            if future is not None:
-                self._cache.move_to_end(key)
-                self.cache_hits += 1
-            else:
+            new = future is None
+            if new:
                 self.cache_misses += 1
                 future = self._executor.submit(self._compile, backend, params)
                 self._cache[key] = future
-                future.add_done_callback(lambda f, k=key: self._forget_failed(k, f))
                 while len(self._cache) > self.config.grammar_cache_size:
                     self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
+                self.cache_hits += 1
+        if new:  # outside the lock: a compile already done runs the callback right here
+            future.add_done_callback(lambda f, k=key: self._forget_failed(k, f))
         return StructuredOutputRequest(params, future)
 
     def _compile(self, backend: str, params: StructuredOutputsParams
@@ -141,13 +144,12 @@ class StructuredOutputManager:
                     del self._cache[key]
 
     def _backend(self, name: str) -> StructuredOutputBackend:
-        with self._lock:
-            impl = self._backends.get(name)
-        if impl is not None:
-            return impl
-        built = self._build_backend(name)  # slow (token table): outside the lock
-        with self._lock:
-            return self._backends.setdefault(name, built)
+        # Only compile threads wait on this lock (a token table takes seconds to build);
+        # the step loop never takes it.
+        with self._build_lock:
+            if name not in self._backends:
+                self._backends[name] = self._build_backend(name)
+            return self._backends[name]
 
     def _build_backend(self, name: str) -> StructuredOutputBackend:
         common = dict(tokenizer=self.tokenizer, vocab_size=self.vocab_size,
