@@ -25,14 +25,6 @@ def _llg() -> Any:
     return llguidance
 
 
-def _json_grammar(schema: Any, params: StructuredOutputsParams, compact: bool) -> str:
-    llg = _llg()
-    options: dict[str, Any] = {"whitespace_flexible": not compact}
-    if params.whitespace_pattern is not None:
-        options["whitespace_pattern"] = params.whitespace_pattern
-    return llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=options)
-
-
 def guidance_grammar(params: StructuredOutputsParams, disable_any_whitespace: bool = False
                      ) -> str:
     """``params`` as an llguidance grammar definition (ValueError if it cannot be built)."""
@@ -41,7 +33,11 @@ def guidance_grammar(params: StructuredOutputsParams, disable_any_whitespace: bo
     compact = disable_any_whitespace or params.disable_any_whitespace
     try:
         if kind in (StructuredOutputKind.JSON, StructuredOutputKind.JSON_OBJECT):
-            return _json_grammar(params.schema, params, compact)
+            options: dict[str, Any] = {"whitespace_flexible": not compact}
+            if params.whitespace_pattern is not None:
+                options["whitespace_pattern"] = params.whitespace_pattern
+            return llg.LLMatcher.grammar_from_json_schema(json.dumps(params.schema),
+                                                          defaults=options)
         if kind is StructuredOutputKind.REGEX:
             return llg.grammar_from("regex", params.regex)
         if kind is StructuredOutputKind.CHOICE:
