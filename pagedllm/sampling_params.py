@@ -6,7 +6,12 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedllm.structured_output.params import StructuredOutputsParams
+
 _SAMPLING_EPS = 1e-5
+# Structured outputs are refused until the model runner applies the grammar bitmask (issue 16
+# part 1). Set True where the engine wires pagedllm.structured_output in; nothing else changes.
+STRUCTURED_OUTPUTS_WIRED = False
 
 
 class SamplingType(enum.IntEnum):
@@ -56,6 +61,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine: token ids of bad_words, the EOS id(s) of the tokenizer.
     _bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
@@ -142,6 +148,13 @@ class SamplingParams:
             raise ValueError("bad_words must be a list of non-empty strings.")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError("output_kind must be a RequestOutputKind.")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError("structured_outputs must be a StructuredOutputsParams, e.g. "
+                                 "StructuredOutputsParams(json=schema).")
+            if not STRUCTURED_OUTPUTS_WIRED:
+                raise ValueError("structured_outputs is not wired yet: the engine does not "
+                                 "apply grammars to sampling (issue 16); leave it unset.")
 
     # --------------------------------------------------------------- helpers
     @property

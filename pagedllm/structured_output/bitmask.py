@@ -1,0 +1,91 @@
+"""The grammar bitmask of a step: filled on the host, applied to the logits on the device.
+
+Row r of the int32 bitmask covers logits row r: bit j of word w allows token 32 * w + j.
+Both backends write this layout, so one buffer serves a batch that mixes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pagedllm.structured_output.config import backend_available
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
+                        rows: Sequence[int] | None = None) -> None:
+    """Set disallowed logits to -inf in place, for ``rows`` (all rows when None).
+
+    ``bitmask`` lives on ``logits``' device; row r masks logits row r. Uses xgrammar's kernels
+    where it is installed (native on the CPU, Triton on CUDA), else a plain torch unpack
+    (llguidance's own apply goes through torch.compile: ~30 s on its first CPU call).
+    """
+    vocab = min(logits.shape[-1], bitmask.shape[-1] * 32)
+    if rows is not None:
+        rows = list(rows)
+        if not rows:
+            return
+    if backend_available("xgrammar"):
+        import xgrammar
+
+        xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=rows)
+    else:
+        _apply_torch(logits, bitmask, vocab, rows)
+    if logits.shape[-1] > vocab:  # ids past the bitmask are never allowed
+        logits[rows if rows is not None else slice(None), vocab:] = float("-inf")
+
+
+def _apply_torch(logits: torch.Tensor, bitmask: torch.Tensor, vocab: int,
+                 rows: list[int] | None) -> None:
+    index = slice(None) if rows is None else torch.tensor(rows, device=logits.device)
+    words = bitmask[index]
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).flatten(-2)[:, :vocab].bool()
+    view = logits[index, :vocab]
+    logits[index, :vocab] = view.masked_fill(~allowed, float("-inf"))
+
+
+class GrammarBitmask:
+    """A pinned host bitmask for up to ``max_rows`` logits rows and its device copy.
+
+    ``host`` is filled between launching a step's forward and sampling it; ``apply`` copies
+    the used rows to the device (asynchronously on CUDA) and masks the logits. A later fill
+    waits for the previous copy first (``wait_copied``), so the host buffer is never
+    overwritten while a copy still reads it.
+    """
+
+    def __init__(self, max_rows: int, vocab_size: int, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.vocab_size = vocab_size
+        on_cuda = self.device.type == "cuda"
+        self.host = torch.full((max_rows, bitmask_words(vocab_size)), -1, dtype=torch.int32,
+                               pin_memory=on_cuda)
+        self._device_buf = (torch.empty_like(self.host, device=self.device)
+                            if self.device.type != "cpu" else self.host)
+        self._copied: torch.cuda.Event | None = None
+
+    def wait_copied(self) -> None:
+        """Block until the last ``apply``'s host-to-device copy has read the host buffer."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+
+    def apply(self, logits: torch.Tensor, rows: Sequence[int]) -> None:
+        """Mask ``logits`` rows ``rows`` with the host rows of the same index."""
+        rows = list(rows)
+        if not rows:
+            return
+        n = max(rows) + 1
+        if n > self.host.shape[0]:
+            raise ValueError(f"bitmask row {n - 1} is past its {self.host.shape[0]} rows")
+        device_mask = self._device_buf
+        if device_mask is not self.host:
+            device_mask[:n].copy_(self.host[:n], non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        apply_token_bitmask(logits, device_mask[:n], rows)
