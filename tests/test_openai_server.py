@@ -524,7 +524,7 @@ def test_invalid_completion_fields_give_400(server, client, body, param):
     ({"messages": MESSAGES, "max_completion_tokens": -1}, "max_completion_tokens"),
     ({"messages": MESSAGES, "top_logprobs": 2}, None),
     ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 1000}, "top_logprobs"),
-    ({"messages": MESSAGES, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": MESSAGES, "tool_choice": "required"}, "tools"),
     ({"messages": MESSAGES, "chat_template": "{{ raise_exception('bad template') }}"},
      "messages"),
 ])

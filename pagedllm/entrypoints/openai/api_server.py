@@ -148,7 +148,9 @@ def build_app(engine: Any, args: argparse.Namespace | None = None) -> FastAPI:
     models = OpenAIServingModels(_served_names(args, engine), root, int(config.max_model_len))
     chat_template = load_chat_template(getattr(args, "chat_template", None))
     streams = StreamRegistry()
-    chat = OpenAIServingChat(engine, models, chat_template, streams)
+    tool_parser, reasoning_parser = output_parsers(args)
+    chat = OpenAIServingChat(engine, models, chat_template, streams, tool_parser,
+                             reasoning_parser)
     app.state.engine = engine
     app.state.models = models
     app.state.streams = streams  # in-flight generations; drained on shutdown
@@ -167,6 +169,27 @@ def build_app(engine: Any, args: argparse.Namespace | None = None) -> FastAPI:
     _add_routes(app)
     install_observability(app, engine, models.served_model_names[0])
     return app
+
+
+def output_parsers(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(tool-call parser class or None, reasoning parser class or None) from the flags;
+    ValueError naming the flag for unknown names or --enable-auto-tool-choice alone."""
+    from pagedllm.entrypoints.openai.reasoning import ReasoningParserRegistry
+    from pagedllm.entrypoints.openai.tool_parsers import ToolParserRegistry
+
+    tool_name = getattr(args, "tool_call_parser", None)
+    plugins = list(getattr(args, "tool_parser_plugin", None) or [])
+    auto = bool(getattr(args, "enable_auto_tool_choice", False))
+    if auto and not tool_name:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser NAME (e.g. "
+                         "hermes for Qwen2.5/Qwen3/Hermes models).")
+    if tool_name and not auto:
+        raise ValueError("--tool-call-parser is used with --enable-auto-tool-choice; add it.")
+    tool_parser = ToolParserRegistry(plugins).get(tool_name) if tool_name else None
+    reasoning_name = getattr(args, "reasoning_parser", None)
+    reasoning_parser = (ReasoningParserRegistry().get(reasoning_name)
+                        if reasoning_name else None)
+    return tool_parser, reasoning_parser
 
 
 def _is_pooling(engine: Any) -> bool:
@@ -275,6 +298,19 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Log level of pagedllm and uvicorn.")
     g.add_argument("--disable-uvicorn-access-log", action="store_true",
                    help="Do not log one line per HTTP request.")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="Parse tool calls out of chat answers (tool_choice 'auto'); needs "
+                        "--tool-call-parser.")
+    g.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help="Tool-call format of the model: hermes (Qwen2.5/Qwen3/Hermes), "
+                        "llama3_json, mistral, pythonic, qwen3_coder, or one a "
+                        "--tool-parser-plugin file defines.")
+    g.add_argument("--tool-parser-plugin", action="append", default=None, metavar="FILE",
+                   help="A Python file defining a ToolParser subclass with `names` "
+                        "(pagedllm.entrypoints.openai.tool_parsers.base); repeatable.")
+    g.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                   help="Separate the model's thinking into reasoning_content: qwen3, "
+                        "deepseek_r1, gpt_oss.")
     g.add_argument("--api-server-count", type=int, default=1, metavar="N",
                    help="API server processes sharing the port and one engine core "
                         "(tokenizing, detokenizing and HTTP spread over N processes; "
@@ -390,6 +426,7 @@ def run_server(args: argparse.Namespace) -> int:
                      args.max_request_body_bytes)
         return 2
     try:
+        output_parsers(args)  # unknown parser names fail before the model loads
         engine_args = engine_args_from(args)
         engine_config = engine_args.create_engine_config()
         if count > 1 and engine_config.model.runner == "pooling":

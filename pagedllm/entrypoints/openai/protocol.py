@@ -198,7 +198,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = "none"
+    tool_choice: str | dict[str, Any] | None = None  # absent: "auto" with tools, else "none"
     parallel_tool_calls: bool | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
@@ -226,6 +226,7 @@ class ChatMessageOut(ResponseModel):
     role: str = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM's newer name of reasoning_content (same text)
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -266,6 +267,7 @@ class DeltaMessage(ResponseModel):
     role: str | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
 

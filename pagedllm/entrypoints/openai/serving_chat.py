@@ -11,6 +11,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from pagedllm.entrypoints.chat_utils import ChatInputError
+from pagedllm.entrypoints.openai.chat_output import ChatOutputParser
 from pagedllm.entrypoints.openai.chat_utils import message_text, render_chat
 from pagedllm.entrypoints.openai.errors import BadRequestError
 from pagedllm.entrypoints.openai.protocol import (
@@ -23,6 +25,7 @@ from pagedllm.entrypoints.openai.protocol import (
     DeltaMessage,
     UsageInfo,
 )
+from pagedllm.entrypoints.openai.reasoning.base import ReasoningParser
 from pagedllm.entrypoints.openai.serving_base import (
     THREAD_TOKENIZE_CHARS,
     OpenAIServing,
@@ -36,6 +39,8 @@ from pagedllm.entrypoints.openai.streaming import (
     finish_stream,
     sse,
 )
+from pagedllm.entrypoints.openai.tool_choice import resolve_tool_choice
+from pagedllm.entrypoints.openai.tool_parsers.base import ToolParser
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -48,9 +53,38 @@ class OpenAIServingChat(OpenAIServing):
 
     def __init__(self, engine: Any, models: OpenAIServingModels,
                  chat_template: str | None = None,
-                 streams: StreamRegistry | None = None) -> None:
+                 streams: StreamRegistry | None = None,
+                 tool_parser: type[ToolParser] | None = None,
+                 reasoning_parser: type[ReasoningParser] | None = None) -> None:
         super().__init__(engine, models, streams)
         self.chat_template = chat_template
+        # --enable-auto-tool-choice --tool-call-parser NAME / --reasoning-parser NAME
+        self.tool_parser = tool_parser
+        self.reasoning_parser = reasoning_parser
+
+    def output_parser(self, request: ChatCompletionRequest,
+                      prompt_text: str) -> ChatOutputParser | None:
+        """The request's reasoning / tool-call parsers (None when it needs neither); 400s
+        for a bad or unsupported tool_choice."""
+        given = request.tool_choice if "tool_choice" in request.model_fields_set else None
+        try:
+            choice = resolve_tool_choice(given, request.tools, request.parallel_tool_calls,
+                                         auto_enabled=self.tool_parser is not None)
+        except ChatInputError as e:
+            raise BadRequestError(str(e), param=e.param) from e
+        if choice.mode in ("required", "function"):
+            raise BadRequestError(
+                f"tool_choice {'required' if choice.mode == 'required' else 'naming a function'}"
+                " needs structured outputs to hold the model to the tools' schemas, which "
+                "this server does not implement yet; use tool_choice 'auto' (with "
+                "--enable-auto-tool-choice) or 'none'.", param="tool_choice")
+        tools = (self.tool_parser(self.tokenizer, request.tools)
+                 if choice.mode == "auto" and self.tool_parser is not None else None)
+        reasoning = (self.reasoning_parser(self.tokenizer, prompt_text)
+                     if self.reasoning_parser is not None else None)
+        if tools is None and reasoning is None:
+            return None
+        return ChatOutputParser(reasoning, tools, choice.max_calls)
 
     def render(self, request: Any) -> str:
         """The prompt text of a chat (or chat tokenize) request."""
@@ -68,20 +102,13 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest,
                                      raw_request: Request | None = None) -> Response:
         model_name = self.check_common(request)
-        tool_choice = request.tool_choice
-        if tool_choice is None or "tool_choice" not in request.model_fields_set:
-            tool_choice = "auto" if request.tools else "none"  # OpenAI's default
-        if tool_choice != "none":
-            raise BadRequestError(
-                f"tool_choice {tool_choice!r} needs tool-call parsing, which this server does "
-                "not implement yet; send tool_choice 'none' (tools are then only shown to "
-                "the model) or leave tools out.", param="tool_choice")
+        self.output_parser(request, "")  # the tool_choice checks, before any work
         if request.top_logprobs is not None and request.top_logprobs < 0:
             raise BadRequestError(f"top_logprobs must be >= 0, got {request.top_logprobs}.",
                                   param="top_logprobs")
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         self.check_logprobs(num_logprobs, "top_logprobs")
-        if sum(len(message_text(m)) for m in request.messages) > THREAD_TOKENIZE_CHARS:
+        if sum(_content_chars(m) for m in request.messages) > THREAD_TOKENIZE_CHARS:
             text = await asyncio.to_thread(self.render, request)
         else:
             text = self.render(request)
@@ -98,6 +125,9 @@ class OpenAIServingChat(OpenAIServing):
             logprobs=num_logprobs,
             stream=stream,
         )
+        parser = self.output_parser(request, text)
+        if parser is not None and parser.needs_special_tokens:
+            params.skip_special_tokens = False  # the format's markers are special tokens
         role = "assistant" if request.add_generation_prompt else request.messages[-1].role
         echo = ""
         if request.echo and request.messages[-1].role == role:
@@ -106,8 +136,9 @@ class OpenAIServingChat(OpenAIServing):
         created = int(time.time())
         if stream:
             return SSEResponse(await self._stream(request, model_name, request_id, created,
-                                                  prompt, params, role, echo))
-        work = self._full(request, model_name, request_id, created, prompt, params, role, echo)
+                                                  prompt, params, role, echo, parser))
+        work = self._full(request, model_name, request_id, created, prompt, params, role, echo,
+                          parser)
         response = await (cancel_on_disconnect(raw_request, work) if raw_request else work)
         if response is None:  # client went away
             return Response(status_code=499)
@@ -116,7 +147,7 @@ class OpenAIServingChat(OpenAIServing):
     # ------------------------------------------------------------------ non-streaming
     async def _full(self, request: ChatCompletionRequest, model_name: str, request_id: str,
                     created: int, prompt: Prompt, params: SamplingParams, role: str,
-                    echo: str) -> ChatCompletionResponse:
+                    echo: str, parser: ChatOutputParser | None) -> ChatCompletionResponse:
         final = None
         merged = self.merge(self.generate(prompt, params, request_id))
         try:
@@ -132,13 +163,23 @@ class OpenAIServingChat(OpenAIServing):
         completion_tokens = 0
         for out in sorted(final.outputs, key=lambda o: o.index):
             completion_tokens += len(out.token_ids)
+            finish_reason = out.finish_reason
+            if parser is None:
+                message = ChatMessageOut(role=role, content=echo + out.text)
+            else:
+                parsed = parser.parse(echo + out.text)
+                message = ChatMessageOut(
+                    role=role, content=parsed.content, reasoning_content=parsed.reasoning,
+                    reasoning=parsed.reasoning,
+                    tool_calls=[c.to_openai() for c in parsed.tool_calls])
+                finish_reason = parsed.finish_reason(finish_reason)
             choices.append(ChatCompletionResponseChoice(
                 index=out.index,
-                message=ChatMessageOut(role=role, content=echo + out.text),
+                message=message,
                 logprobs=(self.chat_logprobs(out.token_ids, out.logprobs,
                                              request.top_logprobs or 0)
                           if request.logprobs else None),
-                finish_reason=out.finish_reason,
+                finish_reason=finish_reason,
                 stop_reason=out.stop_reason,
             ))
         prompt_tokens = len(final.prompt_token_ids or prompt.token_ids)
@@ -155,7 +196,7 @@ class OpenAIServingChat(OpenAIServing):
     # ------------------------------------------------------------------ streaming
     async def _stream(self, request: ChatCompletionRequest, model_name: str, request_id: str,
                       created: int, prompt: Prompt, params: SamplingParams, role: str,
-                      echo: str) -> AsyncIterator[str]:
+                      echo: str, parser: ChatOutputParser | None) -> AsyncIterator[str]:
         """The SSE chunks of a streamed chat completion (its engine stream is registered
         for draining before the response starts)."""
         n = request.n
@@ -181,12 +222,27 @@ class OpenAIServingChat(OpenAIServing):
 
         merged = self.merge(self.generate(prompt, params, request_id))
 
+        parsed = [parser.stream() for _ in range(n)] if parser is not None else None
+
+        def delta_of(i: int, text: str, final: bool) -> DeltaMessage | None:
+            """The choice's delta; with parsers, what they let through (None: nothing)."""
+            if parsed is None:
+                return DeltaMessage(content=text)
+            d = parsed[i].feed(text, final)
+            if d is None:
+                return None
+            return DeltaMessage(content=d.content, reasoning_content=d.reasoning,
+                                reasoning=d.reasoning,
+                                tool_calls=[c.to_openai() for c in d.tool_calls] or None)
+
         async def chunks() -> AsyncIterator[str]:
             nonlocal done
             for i in range(n):
                 yield chunk(i, DeltaMessage(role=role, content=""))
                 if echo:
-                    yield chunk(i, DeltaMessage(content=echo))
+                    first = delta_of(i, echo, False)
+                    if first is not None:
+                        yield chunk(i, first)
             async for _, output in merged:
                 done = output.finished
                 for out in output.outputs:
@@ -200,8 +256,14 @@ class OpenAIServingChat(OpenAIServing):
                     if request.logprobs:
                         logprobs = self.chat_logprobs(out.token_ids, out.logprobs,
                                                       request.top_logprobs or 0)
-                    yield chunk(i, DeltaMessage(content=out.text), logprobs=logprobs,
-                                finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+                    final = out.finish_reason is not None
+                    delta = delta_of(i, out.text, final)
+                    if delta is None and not final and logprobs is None:
+                        continue  # held back by a parser (e.g. a call's start)
+                    finish_reason = (parsed[i].finish_reason(out.finish_reason)
+                                     if parsed is not None else out.finish_reason)
+                    yield chunk(i, delta or DeltaMessage(), logprobs=logprobs,
+                                finish_reason=finish_reason, stop_reason=out.stop_reason)
                     if out.finish_reason is not None:
                         finished[i] = True
 
@@ -221,3 +283,13 @@ class OpenAIServingChat(OpenAIServing):
             chunks(), label=request_id, usage_chunk=usage_chunk, on_close=close,
             abort_chunks=lambda: [chunk(i, DeltaMessage(), finish_reason="abort")
                                   for i in range(n) if not finished[i]])
+
+
+def _content_chars(message: Any) -> int:
+    """Characters of a message's text (unchecked: the renderer checks the messages)."""
+    content = getattr(message, "content", None)
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(getattr(part, "text", None) or "") for part in content)
+    return 0
