@@ -96,10 +96,12 @@ class EngineCore:
         self.scheduler.add_request(seqs[0])
         return child_ids
 
-    def abort(self, request_ids: list[str], reason: str = "abort") -> None:
+    def abort(self, request_ids: list[str], reason: str = "abort") -> list[str]:
         """Finish requests (their ids as added, or one sequence's id) wherever they are and
-        free their blocks; `reason` "stop" is a stop string the front-end found."""
+        free their blocks; `reason` "stop" is a stop string the front-end found. Returns the
+        ids of the sequences it finished."""
         status = _FINISH_STATUS[reason]
+        finished: list[str] = []
         for rid in request_ids:
             children = self._children.pop(rid, None)
             if children is None:
@@ -115,6 +117,8 @@ class EngineCore:
                 if req is not None and not req.is_finished:
                     self.stats.record_finished(req, reason=reason)
             self.scheduler.finish_requests(children, status)
+            finished.extend(children)
+        return finished
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._in_flight is not None

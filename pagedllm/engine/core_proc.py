@@ -139,9 +139,8 @@ class CoreProc:
             for sid in sequence_ids:
                 self.owner[sid] = msg.client_index
         elif isinstance(msg, Abort):
-            core.abort(msg.request_ids, msg.reason)
-            for rid in msg.request_ids:
-                self.owner.pop(rid, None)
+            for sid in core.abort(msg.request_ids, msg.reason):
+                self.owner.pop(sid, None)
         elif isinstance(msg, UtilityCall):
             self._send(msg.client_index, self._call(msg))
 
