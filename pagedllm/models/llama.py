@@ -85,7 +85,8 @@ class LlamaAttention(nn.Module):
         settings = self.settings(build, layer_idx)
         self.sliding_window = settings.sliding_window
         attention_bias = bool(getattr(config, "attention_bias", False))
-        qkv_bias = attention_bias if self.qkv_bias is None else self.qkv_bias
+        qkv_bias = (bool(getattr(config, "qkv_bias", attention_bias)) if self.qkv_bias is None
+                    else self.qkv_bias)
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size, self.head_dim, num_heads, num_kv_heads, qkv_bias, tp
         )
