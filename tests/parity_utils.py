@@ -56,16 +56,16 @@ def check_all_modes(folder: str, prompts: list[list[int]], expected: list[list[i
                     prefix_prompts: list[list[int]], prefix_expected: list[list[int]],
                     shared_prefix: int, **llm_kwargs: Any) -> None:
     """Plain batch, preemption, chunked prefill, and prefix-cache hits all equal HF."""
-    base = dict(device="cpu", dtype="float32", **llm_kwargs)
+    base: dict[str, Any] = {"device": "cpu", "dtype": "float32", **llm_kwargs}
     llm = LLM(folder, **base)
     assert generate(llm, prompts) == expected
     assert_pool_whole(llm)
     # 40 blocks of 16 tokens hold far less than the batch's ~1,000 tokens.
-    llm = LLM(folder, num_gpu_blocks_override=40, max_model_len=256, **base)
+    llm = LLM(folder, **{**base, "num_gpu_blocks_override": 40, "max_model_len": 256})
     assert generate(llm, prompts) == expected
     assert llm.get_stats()["num_preemptions"] > 0
     assert_pool_whole(llm)
-    llm = LLM(folder, max_num_batched_tokens=24, max_num_seqs=4, **base)
+    llm = LLM(folder, **{**base, "max_num_batched_tokens": 24, "max_num_seqs": 4})
     assert generate(llm, prompts) == expected
     assert_pool_whole(llm)
     llm = LLM(folder, **base)
