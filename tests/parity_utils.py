@@ -76,3 +76,13 @@ def check_all_modes(folder: str, prompts: list[list[int]], expected: list[list[i
     assert outs[0].num_cached_tokens == 0
     assert all(o.num_cached_tokens == shared_prefix for o in outs[1:])
     assert_pool_whole(llm)
+
+
+def reference_case(folder: str, seed: int, shared_prefix: int, model: Any = None) -> tuple:
+    """(folder, prompts, HF tokens, shared-prefix prompts, their HF tokens) of one model."""
+    model = model if model is not None else hf_model(folder)
+    vocab = model.config.vocab_size
+    prompts = make_prompts(vocab, seed=seed)
+    prefix_prompts = make_prompts(vocab, seed=seed, shared_prefix=shared_prefix)
+    return (folder, prompts, hf_greedy(model, prompts), prefix_prompts,
+            hf_greedy(model, prefix_prompts))

@@ -9,7 +9,7 @@ import os
 
 import pytest
 from conftest import TINY
-from parity_utils import check_all_modes, hf_greedy, hf_model, make_prompts
+from parity_utils import check_all_modes, reference_case
 
 from pagedllm import LLM
 
@@ -43,12 +43,7 @@ def gemma_case(tmp_path_factory):
             model_type, overrides = GEMMA_MODELS[name]
             folder = make_tiny_model(tmp_path_factory.mktemp(name), model_type,
                                      **{**TINY, **overrides})
-            model = hf_model(folder)
-            vocab = model.config.vocab_size
-            prompts = make_prompts(vocab, seed=len(name))
-            prefix_prompts = make_prompts(vocab, seed=len(name), shared_prefix=SHARED_PREFIX)
-            cache[name] = (folder, prompts, hf_greedy(model, prompts), prefix_prompts,
-                           hf_greedy(model, prefix_prompts))
+            cache[name] = reference_case(folder, len(name), SHARED_PREFIX)
         return cache[name]
 
     return get

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 from conftest import TINY
-from parity_utils import check_all_modes, generate, hf_greedy, hf_model, make_prompts
+from parity_utils import check_all_modes, generate, hf_model, reference_case
 from safetensors.torch import load_file, save_file
 
 from pagedllm import LLM
@@ -81,17 +81,15 @@ def moe_case(tmp_path_factory):
                                      **{**TINY, **overrides})
             _spread_router(folder)
             model = hf_model(folder)
-            vocab = model.config.vocab_size
-            prompts = make_prompts(vocab, seed=len(name))
-            expected = hf_greedy(model, prompts)
+            case = reference_case(folder, len(name), SHARED_PREFIX, model)
+            _, prompts, expected, prefix_prompts, prefix_expected = case
             top_k = model.config.num_experts_per_tok
-            margin = _min_routing_margin(
-                model, [p + e for p, e in zip(prompts, expected)], top_k)
+            sequences = [p + e for p, e in zip(prompts + prefix_prompts,
+                                               expected + prefix_expected)]
+            margin = _min_routing_margin(model, sequences, top_k)
             assert margin > MIN_ROUTING_MARGIN, (
                 f"{name}: a routing decision is a near-tie ({margin:.2e}); pick another seed")
-            prefix_prompts = make_prompts(vocab, seed=len(name), shared_prefix=SHARED_PREFIX)
-            cache[name] = (folder, prompts, expected, prefix_prompts,
-                           hf_greedy(model, prefix_prompts))
+            cache[name] = case
         return cache[name]
 
     return get
@@ -129,18 +127,12 @@ def _rewrite_checkpoint(folder: str, dest: str, edit) -> str:
     return dest
 
 
-def test_missing_expert_tensor_is_named(moe_case, tmp_path):
-    folder = moe_case("mixtral-top2")[0]
-    name = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
-    bad = _rewrite_checkpoint(folder, str(tmp_path / "bad"), lambda t: t.pop(name))
-    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
-        LLM(bad, device="cpu", dtype="float32")
-
-
-def test_missing_qwen_expert_tensor_is_named(moe_case, tmp_path):
-    folder = moe_case("qwen2_moe-top1")[0]
-    name = "model.layers.0.mlp.experts.7.down_proj.weight"
-    bad = _rewrite_checkpoint(folder, str(tmp_path / "bad"), lambda t: t.pop(name))
+@pytest.mark.parametrize("case,name", [
+    ("mixtral-top2", "model.layers.1.block_sparse_moe.experts.2.w3.weight"),
+    ("qwen2_moe-top1", "model.layers.0.mlp.experts.7.down_proj.weight"),
+])
+def test_missing_expert_tensor_is_named(moe_case, tmp_path, case, name):
+    bad = _rewrite_checkpoint(moe_case(case)[0], str(tmp_path / "bad"), lambda t: t.pop(name))
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         LLM(bad, device="cpu", dtype="float32")
 

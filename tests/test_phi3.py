@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from conftest import TINY
-from parity_utils import check_all_modes, hf_greedy, hf_model, make_prompts
+from parity_utils import check_all_modes, reference_case
 
 from pagedllm import LLM
 
@@ -28,12 +28,7 @@ def phi3_case(tmp_path_factory):
     from model_utils import make_tiny_model
 
     folder = make_tiny_model(tmp_path_factory.mktemp("phi3"), "phi3", **{**TINY, **PHI3})
-    model = hf_model(folder)
-    vocab = model.config.vocab_size
-    prompts = make_prompts(vocab, seed=4)
-    prefix_prompts = make_prompts(vocab, seed=4, shared_prefix=SHARED_PREFIX)
-    return (folder, prompts, hf_greedy(model, prompts), prefix_prompts,
-            hf_greedy(model, prefix_prompts))
+    return reference_case(folder, 4, SHARED_PREFIX)
 
 
 def test_phi3_greedy_parity_all_modes(phi3_case):

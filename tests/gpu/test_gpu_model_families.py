@@ -19,8 +19,9 @@ pytestmark = [
 ]
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
+sys.path.insert(0, str(Path(__file__).parent))
+from test_gpu_engine import _hf, _ours  # noqa: E402  (24 new tokens, HF on the same GPU)
 
-NEW_TOKENS = 24
 # bf16 greedy runs of small-init random models are chaotic (see test_gpu_engine.py); a wide
 # init separates the logits so the comparison tests the kernels, not rounding luck.
 GEMMA3_SHAPE = dict(
@@ -59,36 +60,6 @@ def _prompts(vocab: int) -> list[list[int]]:
     rng = random.Random(0)
     lens = [3, 9, 17, 40, 77, 128, 200, 333, 5, 64, 600, 700]  # the last two pass the window
     return [[rng.randrange(10, vocab) for _ in range(n)] for n in lens]
-
-
-def _hf(folder: str, prompts, dtype) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).cuda()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p], device="cuda")
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=NEW_TOKENS, do_sample=False)
-            outs.append(gen[0, len(p):].tolist())
-    del model
-    torch.cuda.empty_cache()
-    return outs
-
-
-def _ours(folder: str, prompts, **kwargs) -> list[list[int]]:
-    from pagedllm import LLM, SamplingParams
-
-    llm = LLM(folder, device="cuda", gpu_memory_utilization=0.3, **kwargs)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True),
-                        use_tqdm=False)
-    kv = llm.engine.scheduler.kv
-    assert kv.pool.num_free_blocks == kv.pool.num_blocks
-    return [o.outputs[0].token_ids for o in outs]
 
 
 def _vocab(folder: str) -> int:
