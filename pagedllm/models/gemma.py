@@ -141,8 +141,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        # HF rounds the scale to the model dtype first.
-        return hidden * torch.tensor(self.normalizer, dtype=hidden.dtype)
+        # HF rounds the scale to the model dtype first (a host float: graph-capture safe).
+        return hidden * float(torch.tensor(self.normalizer, dtype=hidden.dtype))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().compute_logits(hidden)
