@@ -111,8 +111,14 @@ class LlamaAttention(nn.Module):
 
     @classmethod
     def settings(cls, build: DecoderBuild, layer_idx: int) -> AttentionSettings:
-        """Layer `layer_idx`'s attention settings; families override (Gemma)."""
-        return AttentionSettings(build.sliding_window, head_dim_of(build.config) ** -0.5)
+        """Layer `layer_idx`'s attention settings; families override (Gemma). The engine's
+        window applies to the layers that config.layer_types marks "sliding_attention"
+        (to all layers where the config has no layer_types)."""
+        window = build.sliding_window
+        layer_types = getattr(build.config, "layer_types", None)
+        if window is not None and layer_types and layer_idx < len(layer_types):
+            window = window if layer_types[layer_idx] == "sliding_attention" else None
+        return AttentionSettings(window, head_dim_of(build.config) ** -0.5)
 
     @staticmethod
     def make_norm(size: int, eps: float) -> nn.Module:
