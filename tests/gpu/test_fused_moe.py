@@ -86,8 +86,9 @@ def test_fused_moe_float32(tokens):
     check_experts("cuda", torch.float32, tokens, 16, 2)
 
 
-@pytest.mark.parametrize("tokens,experts,top_k,block_m", [(1, 8, 1, 16), (37, 16, 4, 16),
-                                                          (1000, 128, 8, 64)])
+@pytest.mark.parametrize("tokens,experts,top_k,block_m", [
+    (1, 8, 1, 16), (1, 128, 8, 16), (8, 128, 8, 16), (5, 60, 4, 16),  # one-program path
+    (37, 16, 4, 16), (1000, 128, 8, 64)])
 def test_alignment(tokens, experts, top_k, block_m):
     check_alignment("cuda", tokens, experts, top_k, block_m)
 
@@ -135,6 +136,9 @@ def run_interpreter_smoke() -> int:
     bf16: the interpreter of triton 3.9 multiplies bf16 tiles in tl.dot wrongly (a plain
     16x16 bf16 dot is off by 1e10 there), so bf16 is covered on the GPU only."""
     check_alignment("cpu", 37, 16, 4, 16)
+    check_alignment("cpu", 1, 128, 8, 16)
+    check_alignment("cpu", 8, 60, 8, 16)
+    check_alignment("cpu", 3, 8, 2, 16)
     for dtype in (torch.float32, torch.float16):
         check_experts("cpu", dtype, 1, 8, 2, hidden=32, inter=16)
         check_experts("cpu", dtype, 20, 8, 8, hidden=48, inter=32)

@@ -1,8 +1,9 @@
 """Fused MoE on CUDA: tokens sorted by expert, then two grouped GEMMs in Triton.
 
 1. `align_tokens`: the T*k (token, expert) pairs sorted by expert, each expert's run padded
-   to a multiple of BLOCK_M, and the expert of every BLOCK_M block. Only fixed-size torch
-   ops (no host sync), so it runs inside captured CUDA graphs.
+   to a multiple of BLOCK_M, and the expert of every BLOCK_M block. No host sync, so it runs
+   inside captured CUDA graphs: fixed-size torch ops, or for decode-sized batches (<= 64
+   pairs) one single-program Triton kernel.
 2. `_moe_gemm_kernel`, gated: inter[p] = silu(x[tok] W1[e]^T) * (x[tok] W3[e]^T) for every
    pair p; the gate and up tiles are accumulated in the same program and SiLU-mul is its
    epilogue, so the [T*k, 2I] gate-up product never reaches memory.
@@ -85,6 +86,43 @@ def _moe_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=pair_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _align_small_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr,
+                        num_pairs, num_experts, max_padded,
+                        BLOCK_M: tl.constexpr, P_PAD: tl.constexpr, E_PAD: tl.constexpr,
+                        S_PAD: tl.constexpr, NB_PAD: tl.constexpr):
+    """align_tokens for few pairs in one program (one launch instead of a dozen torch ops:
+    the decode path). Counts, ranks and offsets come from comparison matrices."""
+    offs_p = tl.arange(0, P_PAD)
+    offs_e = tl.arange(0, E_PAD)
+    p_mask = offs_p < num_pairs
+    ids = tl.load(ids_ptr + offs_p, mask=p_mask, other=-1).to(tl.int32)
+    hit = (ids[None, :] == offs_e[:, None]).to(tl.int32)  # [E, P]
+    counts = tl.sum(hit, axis=1)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    before = (ids[:, None] == ids[None, :]) & (offs_p[None, :] < offs_p[:, None])  # [P, P]
+    rank = tl.sum(before.to(tl.int32), axis=1)
+    own = (ids[:, None] == offs_e[None, :]).to(tl.int32)  # [P, E]
+    dest = tl.sum(own * starts[None, :], axis=1) + rank
+    offs_s = tl.arange(0, S_PAD)
+    tl.store(sorted_ids_ptr + offs_s, tl.zeros((S_PAD,), dtype=tl.int32) + num_pairs,
+             mask=offs_s < max_padded)
+    tl.debug_barrier()
+    tl.store(sorted_ids_ptr + dest, offs_p, mask=p_mask)
+    offs_b = tl.arange(0, NB_PAD)
+    end_blocks = ends // BLOCK_M
+    done = (end_blocks[None, :] <= offs_b[:, None]) & (offs_e[None, :] < num_experts)
+    expert = tl.sum(done.to(tl.int32), axis=1)  # [NB]
+    expert = tl.where(expert < num_experts, expert, -1)
+    tl.store(block_expert_ptr + offs_b, expert, mask=offs_b < max_padded // BLOCK_M)
+    tl.store(total_ptr, tl.sum(padded, axis=0))
+
+
+_SMALL_PAIRS = 64  # up to this many (token, expert) pairs align in one program
+
+
 def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Sort the (token, expert) pairs by expert and pad each expert's run to block_m.
@@ -95,6 +133,18 @@ def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int
     flat = topk_ids.reshape(-1).to(torch.int64)
     num_pairs = flat.numel()
     device = flat.device
+    max_padded = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+    if num_pairs <= _SMALL_PAIRS and num_experts <= 256:
+        sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
+        block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
+        total = torch.empty(1, dtype=torch.int32, device=device)
+        _align_small_kernel[(1,)](
+            flat, sorted_ids, block_expert, total, num_pairs, num_experts, max_padded,
+            BLOCK_M=block_m, P_PAD=max(16, triton.next_power_of_2(num_pairs)),
+            E_PAD=max(16, triton.next_power_of_2(num_experts)),
+            S_PAD=triton.next_power_of_2(max_padded),
+            NB_PAD=max(16, triton.next_power_of_2(max_padded // block_m)), num_warps=4)
+        return sorted_ids, block_expert, total, max_padded
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
@@ -105,7 +155,6 @@ def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int
     first_in_sorted = torch.cumsum(counts, 0) - counts
     rank = torch.arange(num_pairs, device=device) - first_in_sorted[sorted_experts]
     dest = padded_start[sorted_experts] + rank
-    max_padded = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
     sorted_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
     sorted_ids.scatter_(0, dest, order.to(torch.int32))
     blocks = torch.arange(max_padded // block_m, device=device)
