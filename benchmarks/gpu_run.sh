@@ -19,7 +19,7 @@ for part in $parts; do
     8b) timeout 300 python benchmarks/throughput.py --preset llama-3-8b --device cuda \
           --num-prompts 1000 --input-len 256 256 --output-len 256 256 \
           --hf-num-prompts 64 --json "$OUT/llama8b.json" 2>&1 | tee "$OUT/llama8b.log" | tail -8 ;;
-    moe) timeout 120 python -m pytest tests/gpu/test_fused_moe.py tests/gpu/test_gpu_model_families.py \
+    moe) timeout 500 python -m pytest tests/gpu/test_fused_moe.py tests/gpu/test_gpu_model_families.py \
            -q -p no:cacheprovider 2>&1 | tee "$OUT/moe_tests.log" | tail -5
          timeout 400 python benchmarks/throughput.py --preset qwen3-30b-a3b --device cuda \
            --num-prompts 1000 --input-len 256 256 --output-len 256 256 --skip-hf \
