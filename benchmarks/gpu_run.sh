@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the throughput workloads and the decode microbenchmark.
-# Usage (repo root, on the GPU machine): OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel]...
-# FLASH_ATTN against TRITON_ATTN (issue 15): OUT=/some/dir bash benchmarks/gpu_run.sh flash
+# Usage (repo root, on the GPU machine):
+#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|flash|moe|moe-tput|moe-tpot]...
+# serve: served vs offline (issue 14); flash: FLASH_ATTN against TRITON_ATTN (issue 15).
+# (one part per device call keeps each under the 10-minute limit; moe-tput vs 8b: MoE vs dense)
 # Two GPUs (issue 9): OUT=/some/dir bash benchmarks/gpu_run.sh tp-tests tp tp-small
 set -u
 OUT=${OUT:-/tmp/pagedllm-out}
@@ -40,6 +42,13 @@ for f in sorted(glob.glob(sys.argv[1] + "/svo_*.json")):
           f"core {s['core_cpu_s_per_1k']:.3f}; errors {s['errors']}")
 PY
         ;;
+    moe) timeout 500 python -m pytest tests/gpu/test_fused_moe.py tests/gpu/test_gpu_model_families.py \
+           -q -p no:cacheprovider 2>&1 | tee "$OUT/moe_tests.log" | tail -5 ;;
+    moe-tput) timeout 500 python benchmarks/throughput.py --preset qwen3-30b-a3b --device cuda \
+           --num-prompts 1000 --input-len 256 256 --output-len 256 256 --skip-hf \
+           --json "$OUT/qwen3_30b_a3b.json" 2>&1 | tee "$OUT/qwen3_30b_a3b.log" | tail -4 ;;
+    moe-tpot) timeout 400 python benchmarks/moe_decode.py --preset qwen3-30b-a3b \
+           --json "$OUT/qwen3_30b_a3b_tpot.json" 2>&1 | tee "$OUT/qwen3_30b_a3b_tpot.log" | tail -3 ;;
     kernel) timeout 120 python benchmarks/kernel_decode.py 2>&1 | tee "$OUT/kernel.log" | tail -12 ;;
     flash) timeout 180 python -m pytest tests/gpu/test_flash_attn.py -q -p no:cacheprovider \
              2>&1 | tee "$OUT/flash_tests.log" | tail -8

@@ -91,7 +91,8 @@ def test_tool_choice_none_and_bad_tool_requests(server):
         ({"tools": TOOLS, "tool_choice": {"type": "function",
                                           "function": {"name": "nope"}}},
          "tool_choice.function.name"),
-        ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools.0.function.name"),
+        ({"tools": [{"type": "function", "function": {"parameters": {}}}]},
+         "tools.0.function.name"),
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]},
          "messages.1.tool_call_id"),
     ]

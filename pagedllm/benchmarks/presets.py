@@ -29,6 +29,14 @@ PRESETS: dict[str, dict] = {
         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
         max_position_embeddings=8192, vocab_size=128256, tie_word_embeddings=False),
+    # 30.5B parameters, 3.3B active per token: 128 experts, top-8, moe_intermediate 768.
+    "qwen3-30b-a3b": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048,
+        intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, moe_intermediate_size=768, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+        vocab_size=151936, tie_word_embeddings=False),
 }
 
 

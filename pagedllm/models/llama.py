@@ -1,8 +1,14 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral); Qwen2/Qwen3 subclass it."""
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral); the other decoders subclass it.
+
+Extension points for a family: `LlamaAttention.settings` (per-layer window, scale, softcap,
+rope), `LlamaDecoderLayer.make_mlp` (dense or MoE), `LlamaForCausalLM.checkpoint_name`
+(checkpoint tensor -> parameter and shard).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,6 +16,7 @@ from torch import nn
 
 from pagedllm.attention.backends.abstract import AttentionImpl, AttentionMetadata
 from pagedllm.distributed.group import SINGLE_PROCESS, TensorParallelGroup
+from pagedllm.models.interface import KVCacheSpec
 from pagedllm.models.layers.activation import SiluAndMul
 from pagedllm.models.layers.attention import Attention
 from pagedllm.models.layers.layernorm import RMSNorm
@@ -18,7 +25,7 @@ from pagedllm.models.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from pagedllm.models.layers.rotary import RotaryEmbedding
+from pagedllm.models.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.models.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 
 # checkpoint name fragment -> (fused parameter fragment, shard id)
@@ -31,12 +38,35 @@ _STACKED = (
 )
 
 
+@dataclass(frozen=True)
+class DecoderBuild:
+    """What every layer of a decoder is built from."""
+
+    config: Any  # the HF config
+    attn_impl: type[AttentionImpl]
+    max_model_len: int
+    max_position: int  # rotary cache length
+    sliding_window: int | None  # the engine's window for layers that use the global one
+    tp: TensorParallelGroup
+
+
+@dataclass(frozen=True)
+class AttentionSettings:
+    """One layer's attention: window (None = full), score scale, softcap and rope."""
+
+    sliding_window: int | None
+    scale: float
+    logits_soft_cap: float | None = None
+    rope_parameters: dict[str, Any] | None = None  # None: the config's own
+
+
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, bias: bool, tp: TensorParallelGroup):
+    def __init__(self, hidden: int, intermediate: int, bias: bool, tp: TensorParallelGroup,
+                 act_fn: nn.Module | None = None, reduce_results: bool = True) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias, tp)
-        self.down_proj = RowParallelLinear(intermediate, hidden, bias, tp)
-        self.act_fn = SiluAndMul()
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias, tp, reduce_results)
+        self.act_fn = act_fn or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -46,14 +76,17 @@ class LlamaAttention(nn.Module):
     qkv_bias: bool | None = None  # None: read config.attention_bias
     qk_norm: bool = False
 
-    def __init__(self, config: Any, attn_impl: type[AttentionImpl], max_position: int,
-                 sliding_window: int | None, tp: TensorParallelGroup) -> None:
+    def __init__(self, build: DecoderBuild, layer_idx: int) -> None:
         super().__init__()
+        config, tp = build.config, build.tp
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        self.head_dim = head_dim_of(config)
+        settings = self.settings(build, layer_idx)
+        self.sliding_window = settings.sliding_window
         attention_bias = bool(getattr(config, "attention_bias", False))
-        qkv_bias = attention_bias if self.qkv_bias is None else self.qkv_bias
+        qkv_bias = (bool(getattr(config, "qkv_bias", attention_bias)) if self.qkv_bias is None
+                    else self.qkv_bias)
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size, self.head_dim, num_heads, num_kv_heads, qkv_bias, tp
         )
@@ -63,14 +96,36 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size,
                                         attention_bias, tp)
-        partial = getattr(config, "partial_rotary_factor", 1.0) or 1.0
-        self.rotary_emb = RotaryEmbedding(self.head_dim, max_position, config,
-                                          rotary_dim=int(self.head_dim * partial))
+        partial = (rope_parameters(config).get("partial_rotary_factor")
+                   or getattr(config, "partial_rotary_factor", None) or 1.0)
+        self.rotary_emb = RotaryEmbedding(self.head_dim, build.max_position, config,
+                                          rotary_dim=int(self.head_dim * partial),
+                                          params=settings.rope_parameters,
+                                          max_model_len=build.max_model_len)
         if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.attn = Attention(attn_impl, self.num_heads, self.head_dim, self.head_dim**-0.5,
-                              self.num_kv_heads, sliding_window)
+            self.q_norm = self.make_norm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = self.make_norm(self.head_dim, config.rms_norm_eps)
+        self.attn = Attention(build.attn_impl, self.num_heads, self.head_dim, settings.scale,
+                              self.num_kv_heads, settings.sliding_window,
+                              settings.logits_soft_cap)
+
+    @classmethod
+    def settings(cls, build: DecoderBuild, layer_idx: int) -> AttentionSettings:
+        """Layer `layer_idx`'s attention settings; families override (Gemma). The engine's
+        window applies to the layers that config.layer_types marks "sliding_attention"
+        (to all layers where the config has no layer_types)."""
+        window = build.sliding_window
+        layer_types = getattr(build.config, "layer_types", None)
+        if window is not None and layer_types and layer_idx < len(layer_types):
+            window = window if layer_types[layer_idx] == "sliding_attention" else None
+        return AttentionSettings(window, head_dim_of(build.config) ** -0.5)
+
+    @staticmethod
+    def make_norm(size: int, eps: float) -> nn.Module:
+        return RMSNorm(size, eps)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec(self.num_kv_heads, self.head_dim, self.sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -87,14 +142,19 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
 
-    def __init__(self, config: Any, attn_impl: type[AttentionImpl], max_position: int,
-                 sliding_window: int | None, tp: TensorParallelGroup) -> None:
+    def __init__(self, build: DecoderBuild, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = self.attention_cls(config, attn_impl, max_position, sliding_window, tp)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size,
-                            bool(getattr(config, "mlp_bias", False)), tp)
+        config = build.config
+        self.self_attn = self.attention_cls(build, layer_idx)
+        self.mlp = self.make_mlp(build, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def make_mlp(self, build: DecoderBuild, layer_idx: int) -> nn.Module:
+        """The feed-forward part of layer `layer_idx` (families with experts override)."""
+        config = build.config
+        return LlamaMLP(config.hidden_size, config.intermediate_size,
+                        bool(getattr(config, "mlp_bias", False)), build.tp)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None, kv_cache: torch.Tensor,
@@ -121,10 +181,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         max_position = max(max_model_len, getattr(config, "max_position_embeddings", 0))
+        build = DecoderBuild(config, attn_impl, max_model_len, max_position, sliding_window, tp)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            self.layer_cls(config, attn_impl, max_position, sliding_window, tp)
-            for _ in range(config.num_hidden_layers)
+            self.layer_cls(build, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
@@ -136,15 +196,28 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
+
+    def kv_cache_specs(self) -> list[KVCacheSpec]:
+        return [layer.self_attn.kv_cache_spec() for layer in self.layers]
+
+    def checkpoint_name(self, name: str) -> tuple[str, int | str | tuple[int, int] | None]:
+        """A checkpoint tensor's parameter name (without "model.") and shard id."""
+        for ckpt_part, param_part, sid in _STACKED:
+            if f".{ckpt_part}." in name:
+                return name.replace(ckpt_part, param_part), sid
+        return name, None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF-named checkpoint tensors; returns the parameter names that were filled."""
@@ -156,11 +229,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if self.tie_word_embeddings and name.startswith("lm_head."):
                 continue
-            shard_id: int | str | None = None
-            for ckpt_part, param_part, sid in _STACKED:
-                if f".{ckpt_part}." in name:
-                    name, shard_id = name.replace(ckpt_part, param_part), sid
-                    break
+            name, shard_id = self.checkpoint_name(name)
             param = params.get(name)
             if param is None:
                 continue  # e.g. unused buffers; missing parameters are reported below
@@ -178,6 +247,10 @@ class LlamaForCausalLM(nn.Module):
             loaded.add(name)
         if self.tie_word_embeddings:
             loaded.add("lm_head.weight")
+        for module_name, module in self.named_modules():
+            check = getattr(module, "check_loaded", None)
+            if check is not None:  # stacked parameters (experts) name their missing pieces
+                check(module_name)
         missing = {n for n in params if n not in loaded}
         # q/k/v and gate/up arrive in several pieces; one is enough to mark the param.
         if missing:
@@ -186,6 +259,10 @@ class LlamaForCausalLM(nn.Module):
                 "is it complete and of the architecture config.json names?"
             )
         return loaded
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -75,13 +75,18 @@ class ModelRunner:
 
     # ------------------------------------------------------------ KV cache
     def kv_heads_per_rank(self) -> int:
-        return self.model.layers[0].self_attn.num_kv_heads
+        return max(spec.num_kv_heads for spec in self.model.kv_cache_specs())
 
     def bytes_per_block(self) -> int:
-        mc = self.config.model
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        layers = mc.num_layers + self.backend.scratch_layers()  # (gathered K/V, FLASH_ATTN)
-        return 2 * layers * self.block_size * self.kv_heads_per_rank() * mc.head_dim * elem
+        per_token = [spec.bytes_per_token(elem) for spec in self.model.kv_cache_specs()]
+        # FLASH_ATTN without a paged kernel gathers K/V into scratch layers.
+        return self.block_size * (sum(per_token)
+                                  + self.backend.scratch_layers() * max(per_token))
+
+    def _kv_cache_shape(self, spec: Any, num_blocks: int) -> tuple[int, ...]:
+        return self.backend.kv_cache_shape(num_blocks, self.block_size, spec.num_kv_heads,
+                                           spec.head_dim)
 
     def determine_num_blocks(self) -> int:
         """How many KV blocks fit: fixed override, a byte budget, or GPU memory profiling."""
@@ -119,11 +124,12 @@ class ModelRunner:
         n = self.config.scheduler.max_num_batched_tokens
         num_reqs = min(self.config.scheduler.max_num_seqs, n)
         per_req = [n // num_reqs + (1 if i < n % num_reqs else 0) for i in range(num_reqs)]
-        mc = self.config.model
-        dummy_cache = [torch.zeros(self.backend.kv_cache_shape(
-            cdiv(max(per_req), self.block_size) * num_reqs, self.block_size,
-            self.kv_heads_per_rank(), mc.head_dim), dtype=self.dtype, device=self.device)
-            for _ in range(1)] * mc.num_layers
+        dummy_blocks = cdiv(max(per_req), self.block_size) * num_reqs
+        shapes = [self._kv_cache_shape(spec, dummy_blocks)
+                  for spec in self.model.kv_cache_specs()]
+        shared = {shape: torch.zeros(shape, dtype=self.dtype, device=self.device)
+                  for shape in set(shapes)}  # layers of one shape share a scratch cache
+        dummy_cache = [shared[shape] for shape in shapes]
         qsl = np.concatenate([[0], np.cumsum(per_req)]).astype(np.int32)
         blocks_per = cdiv(max(per_req), self.block_size)
         table = np.arange(num_reqs * blocks_per, dtype=np.int32).reshape(num_reqs, blocks_per)
@@ -137,14 +143,12 @@ class ModelRunner:
             hidden = self.model(ids, torch.from_numpy(positions).to(self.device), dummy_cache, md)
             logits = self.model.compute_logits(hidden[qsl[1:] - 1])
             del hidden, logits
-        del dummy_cache
+        del dummy_cache, shared
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        mc = self.config.model
-        shape = self.backend.kv_cache_shape(num_blocks, self.block_size,
-                                            self.kv_heads_per_rank(), mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                          for _ in range(mc.num_layers)]
+        self.kv_caches = [torch.zeros(self._kv_cache_shape(spec, num_blocks), dtype=self.dtype,
+                                      device=self.device)
+                          for spec in self.model.kv_cache_specs()]
         self.num_blocks = num_blocks
 
     # ------------------------------------------------------------ step

@@ -47,12 +47,16 @@ class AttentionImpl(ABC):
         scale: float,
         num_kv_heads: int,
         sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> None:
+        """`sliding_window`: each query attends to itself and the window - 1 keys before it
+        (None: the whole context). `logits_soft_cap`: scores become cap * tanh(s / cap)."""
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = scale
         self.num_kv_heads = num_kv_heads
         self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
 
     @abstractmethod
     def forward(

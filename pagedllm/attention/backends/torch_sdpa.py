@@ -39,6 +39,20 @@ def _causal_mask(q_len: int, kv_len: int, window: int | None, device: torch.devi
     return mask
 
 
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                         scale: float, cap: float) -> torch.Tensor:
+    """Attention with tanh-capped scores (Gemma 2): q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D],
+    mask broadcastable to [B, Hq, Lq, Lk] (True = attend). Softmax in float32."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / cap) * cap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
@@ -82,6 +96,11 @@ class TorchSDPAImpl(AttentionImpl):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of q [n, Hq, D] (the last n positions) over k/v [L, Hkv, D]."""
         q_len, kv_len = q.shape[0], k.shape[0]
+        if self.logits_soft_cap is not None:
+            q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+            mask = _causal_mask(q_len, kv_len, self.sliding_window, q.device)
+            o = softcapped_attention(q, k, v, mask, self.scale, self.logits_soft_cap)
+            return o[0].transpose(0, 1)
         k, v, kwargs = self._grouped(k, v)
         # 4-D contiguous [1, heads, len, dim] inputs take SDPA's fast fused CPU kernel.
         q, k, v = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
@@ -106,6 +125,11 @@ class TorchSDPAImpl(AttentionImpl):
         k = kv_cache[0].index_select(0, plan.blocks).view(r, length, self.num_kv_heads, -1)
         v = kv_cache[1].index_select(0, plan.blocks).view(r, length, self.num_kv_heads, -1)
         q = query.index_select(0, plan.tokens)  # [R, Hq, D]
+        if self.logits_soft_cap is not None:
+            o = softcapped_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+                                     plan.mask, self.scale, self.logits_soft_cap)
+            out[plan.tokens] = o.reshape(r, self.num_heads, -1).to(out.dtype)
+            return
         # [R, heads, len, dim] views; SDPA's fused kernel handles the padding mask.
         k, v, kwargs = self._grouped(k.transpose(1, 2), v.transpose(1, 2))
         o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=plan.mask,

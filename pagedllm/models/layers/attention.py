@@ -10,12 +10,14 @@ from pagedllm.attention.backends.abstract import AttentionImpl, AttentionMetadat
 
 class Attention(nn.Module):
     def __init__(self, impl_cls: type[AttentionImpl], num_heads: int, head_dim: int,
-                 scale: float, num_kv_heads: int, sliding_window: int | None = None) -> None:
+                 scale: float, num_kv_heads: int, sliding_window: int | None = None,
+                 logits_soft_cap: float | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.impl = impl_cls(num_heads, head_dim, scale, num_kv_heads, sliding_window)
+        self.impl = impl_cls(num_heads, head_dim, scale, num_kv_heads, sliding_window,
+                             logits_soft_cap)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:

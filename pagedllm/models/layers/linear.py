@@ -100,12 +100,16 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T + b with W split along the input dimension; partial sums all-reduced."""
+    """y = x W^T + b with W split along the input dimension; partial sums all-reduced
+    (unless reduce_results=False: the caller reduces once for several partial sums)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 tp: TensorParallelGroup = SINGLE_PROCESS) -> None:
+                 tp: TensorParallelGroup = SINGLE_PROCESS, reduce_results: bool = True) -> None:
         super().__init__()
         self.tp = tp
+        self.reduce_results = reduce_results
+        if bias and not reduce_results and tp.world_size > 1:
+            raise ValueError("A row-parallel layer with a bias must reduce its own results.")
         self.input_size_per_rank = tp.shard(input_size, "input size")
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank),
                                    requires_grad=False)
@@ -122,5 +126,6 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        y = self.tp.all_reduce(y)
+        if self.reduce_results:
+            y = self.tp.all_reduce(y)
         return y + self.bias if self.bias is not None else y

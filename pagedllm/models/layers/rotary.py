@@ -1,4 +1,5 @@
-"""Rotary position embeddings (neox / rotate-half style) with llama3, linear and dynamic scaling."""
+"""Rotary position embeddings (neox / rotate-half style) with llama3, linear, dynamic and
+longrope (Phi-3 "su") scaling."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from pagedllm.models.layers import fused_ops
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "dynamic")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "dynamic", "longrope")
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
@@ -27,7 +28,7 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     if "rope_theta" not in params:
         params["rope_theta"] = getattr(hf_config, "rope_theta", None) or 10000.0
     rope_type = params.get("rope_type") or params.get("type") or "default"
-    params["rope_type"] = rope_type
+    params["rope_type"] = "longrope" if rope_type == "su" else rope_type
     return params
 
 
@@ -50,13 +51,43 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _longrope(inv_freq: torch.Tensor, p: dict[str, Any], hf_config: Any, max_model_len: int,
+              rotary_dim: int) -> tuple[torch.Tensor, float]:
+    """LongRoPE: per-frequency divisors (the long set when contexts beyond the original
+    training length are served, else the short set) and the cos/sin magnitude scale.
+
+    HF switches sets by the current sequence length and recomputes the cache; a paged cache
+    cannot, so the set is chosen once from max_model_len (identical to HF for every sequence
+    when max_model_len <= original_max_position_embeddings)."""
+    orig = p.get("original_max_position_embeddings") or getattr(
+        hf_config, "original_max_position_embeddings", None)
+    if not orig or "short_factor" not in p or "long_factor" not in p:
+        raise ValueError("rope_type 'longrope' needs short_factor, long_factor and "
+                         "original_max_position_embeddings in the rope settings of config.json.")
+    factors = p["long_factor"] if max_model_len > orig else p["short_factor"]
+    if len(factors) != rotary_dim // 2:
+        raise ValueError(f"longrope factors have {len(factors)} entries; the rotary dimension "
+                         f"{rotary_dim} needs {rotary_dim // 2}.")
+    factor = p.get("factor") or hf_config.max_position_embeddings / orig
+    mscale = p.get("attention_factor")
+    if mscale is None:
+        mscale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    return inv_freq / torch.tensor(factors, dtype=torch.float32), float(mscale)
+
+
 class RotaryEmbedding(nn.Module):
     """Applies rotary embeddings to flat q/k of shape [num_tokens, heads * head_dim]."""
 
     def __init__(self, head_dim: int, max_position: int, hf_config: Any,
-                 rotary_dim: int | None = None) -> None:
+                 rotary_dim: int | None = None, params: dict[str, Any] | None = None,
+                 max_model_len: int | None = None) -> None:
+        """`params` overrides the config's rope settings (per-layer rope, Gemma 3);
+        `max_model_len` (default max_position) picks longrope's short or long factors."""
         super().__init__()
-        p = rope_parameters(hf_config)
+        p = dict(params) if params is not None else rope_parameters(hf_config)
+        p["rope_type"] = p.get("rope_type") or p.get("type") or "default"
+        if p["rope_type"] == "su":
+            p["rope_type"] = "longrope"
         rope_type = p["rope_type"]
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
@@ -76,13 +107,17 @@ class RotaryEmbedding(nn.Module):
             scale = (factor * max_position / orig_max) - (factor - 1)
             base = base * scale ** (self.rotary_dim / (self.rotary_dim - 2))
         inv_freq = _default_inv_freq(base, self.rotary_dim)
+        mscale = 1.0
         if rope_type == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, p)
         elif rope_type == "linear":
             positions = positions / p["factor"]
+        elif rope_type == "longrope":
+            inv_freq, mscale = _longrope(inv_freq, p, hf_config, max_model_len or max_position,
+                                         self.rotary_dim)
         freqs = torch.outer(positions, inv_freq)
-        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
-        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+        self.register_buffer("cos_cache", freqs.cos() * mscale, persistent=False)
+        self.register_buffer("sin_cache", freqs.sin() * mscale, persistent=False)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]

@@ -14,7 +14,7 @@ from pagedllm.attention.backends.abstract import AttentionImpl
 from pagedllm.config import ModelConfig
 from pagedllm.distributed.group import SINGLE_PROCESS, TensorParallelGroup
 from pagedllm.models.loader.weights import init_dummy_weights, iterate_pt, iterate_safetensors
-from pagedllm.models.registry import get_model_class
+from pagedllm.models.registry import get_entry, get_model_class
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def load_model(model_config: ModelConfig, attn_impl: type[AttentionImpl] | None,
     start = time.perf_counter()
     cls = get_model_class(model_config.architecture)
     with _default_dtype(model_config.dtype), device:
-        if hasattr(cls, "compute_logits"):  # decoders (also when used as embedders)
+        if get_entry(model_config.architecture).paged_kv:  # decoders (also as embedders)
             model = cls(model_config.hf_config, attn_impl, model_config.max_model_len,
                         model_config.sliding_window, tp)
         else:  # encoder-only models attend without a paged KV cache

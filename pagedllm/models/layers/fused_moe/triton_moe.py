@@ -1,0 +1,221 @@
+"""Fused MoE on CUDA: tokens sorted by expert, then two grouped GEMMs in Triton.
+
+1. `align_tokens`: the T*k (token, expert) pairs sorted by expert, each expert's run padded
+   to a multiple of BLOCK_M, and the expert of every BLOCK_M block. No host sync, so it runs
+   inside captured CUDA graphs: fixed-size torch ops, or for decode-sized batches (<= 64
+   pairs) one single-program Triton kernel.
+2. `_moe_gemm_kernel`, gated: inter[p] = silu(x[tok] W1[e]^T) * (x[tok] W3[e]^T) for every
+   pair p; the gate and up tiles are accumulated in the same program and SiLU-mul is its
+   epilogue, so the [T*k, 2I] gate-up product never reaches memory.
+3. The same kernel, plain: y[p] = weight[p] * inter[p] W2[e]^T; then the k rows of each
+   token are summed.
+
+Each program owns one BLOCK_M x BLOCK_N output tile of one expert and streams that expert's
+weight tile along K; blocks past the padded total exit at once. Block sizes come from
+`_config` by the number of pairs: small (decode) batches take BLOCK_M=16 tiles with narrow
+N so that each expert's weights are read once by many programs; large batches take
+64/128-row tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr,
+    N, K, num_pairs, max_padded,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """c[p, :N] for the pairs p of one block. A rows are pair // A_ROW_DIV (the token, for
+    the first GEMM; the pair itself for the second). B is [E, N(*2 if GATED), K]."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(max_padded, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M row blocks share the weight tiles they load while resident.
+    group_size = GROUP_M * num_pid_n
+    group = pid // group_size
+    first_m = group * GROUP_M
+    rows_in_group = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    total = tl.load(total_ptr)
+    if pid_m * BLOCK_M >= total:
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
+    pair_mask = pair < num_pairs
+    a_row = pair // A_ROW_DIV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = (b_ptr + expert * stride_be + offs_n[None, :] * stride_bn
+              + offs_k[:, None] * stride_bk)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - k0 * BLOCK_K
+        a = tl.load(a_ptrs, mask=pair_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if GATED:
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & n_mask[None, :],
+                           other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up
+    if MUL_WEIGHT:
+        w = tl.load(weights_ptr + pair, mask=pair_mask, other=0.0)
+        acc = acc * w[:, None]
+    c_ptrs = c_ptr + pair[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=pair_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _align_small_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr,
+                        num_pairs, num_experts, max_padded,
+                        BLOCK_M: tl.constexpr, P_PAD: tl.constexpr, E_PAD: tl.constexpr,
+                        S_PAD: tl.constexpr, NB_PAD: tl.constexpr):
+    """align_tokens for few pairs in one program (one launch instead of a dozen torch ops:
+    the decode path). Counts, ranks and offsets come from comparison matrices."""
+    offs_p = tl.arange(0, P_PAD)
+    offs_e = tl.arange(0, E_PAD)
+    p_mask = offs_p < num_pairs
+    ids = tl.load(ids_ptr + offs_p, mask=p_mask, other=-1).to(tl.int32)
+    hit = (ids[None, :] == offs_e[:, None]).to(tl.int32)  # [E, P]
+    counts = tl.sum(hit, axis=1)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    before = (ids[:, None] == ids[None, :]) & (offs_p[None, :] < offs_p[:, None])  # [P, P]
+    rank = tl.sum(before.to(tl.int32), axis=1)
+    own = (ids[:, None] == offs_e[None, :]).to(tl.int32)  # [P, E]
+    dest = tl.sum(own * starts[None, :], axis=1) + rank
+    offs_s = tl.arange(0, S_PAD)
+    tl.store(sorted_ids_ptr + offs_s, tl.zeros((S_PAD,), dtype=tl.int32) + num_pairs,
+             mask=offs_s < max_padded)
+    tl.debug_barrier()
+    tl.store(sorted_ids_ptr + dest, offs_p, mask=p_mask)
+    offs_b = tl.arange(0, NB_PAD)
+    end_blocks = ends // BLOCK_M
+    done = (end_blocks[None, :] <= offs_b[:, None]) & (offs_e[None, :] < num_experts)
+    expert = tl.sum(done.to(tl.int32), axis=1)  # [NB]
+    expert = tl.where(expert < num_experts, expert, -1)
+    tl.store(block_expert_ptr + offs_b, expert, mask=offs_b < max_padded // BLOCK_M)
+    tl.store(total_ptr, tl.sum(padded, axis=0))
+
+
+_SMALL_PAIRS = 64  # up to this many (token, expert) pairs align in one program
+
+
+def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Sort the (token, expert) pairs by expert and pad each expert's run to block_m.
+
+    Returns sorted_ids [max_padded] int32 (pair index t * k + j; num_pairs = padding),
+    block_expert [max_padded / block_m] int32 (-1 past the end), total [1] int32 (padded
+    pairs in use) and max_padded (a bound from the shapes alone)."""
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    num_pairs = flat.numel()
+    device = flat.device
+    max_padded = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+    if num_pairs <= _SMALL_PAIRS and num_experts <= 256:
+        sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
+        block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
+        total = torch.empty(1, dtype=torch.int32, device=device)
+        _align_small_kernel[(1,)](
+            flat, sorted_ids, block_expert, total, num_pairs, num_experts, max_padded,
+            BLOCK_M=block_m, P_PAD=max(16, triton.next_power_of_2(num_pairs)),
+            E_PAD=max(16, triton.next_power_of_2(num_experts)),
+            S_PAD=triton.next_power_of_2(max_padded),
+            NB_PAD=max(16, triton.next_power_of_2(max_padded // block_m)), num_warps=4)
+        return sorted_ids, block_expert, total, max_padded
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    padded_start = padded_end - padded
+    order = torch.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    first_in_sorted = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(num_pairs, device=device) - first_in_sorted[sorted_experts]
+    dest = padded_start[sorted_experts] + rank
+    sorted_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    blocks = torch.arange(max_padded // block_m, device=device)
+    block_expert = torch.searchsorted(padded_end // block_m, blocks, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    total = padded_end[-1:].to(torch.int32)
+    return sorted_ids, block_expert, total, max_padded
+
+
+def _config(num_pairs: int) -> dict[str, int]:
+    """Block sizes by the number of (token, expert) pairs; the small-batch ones are the
+    decode path."""
+    if num_pairs <= 64:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    if num_pairs <= 512:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    if num_pairs <= 4096:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Tensor,
+          sorted_ids: torch.Tensor, block_expert: torch.Tensor, total: torch.Tensor,
+          max_padded: int, n: int, a_row_div: int, gated: bool, mul_weight: bool,
+          cfg: dict[str, int]) -> None:
+    k = a.shape[1]
+    grid = (triton.cdiv(max_padded, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _moe_gemm_kernel[grid](
+        a, b, c, weights, sorted_ids, block_expert, total,
+        n, k, c.shape[0], max_padded,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
+        c.stride(0), c.stride(1),
+        A_ROW_DIV=a_row_div, GATED=gated, MUL_WEIGHT=mul_weight,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"], PRECISION="ieee",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def triton_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Same contract as reference.torch_experts: x [T, H], w13 [E, 2I, H], w2 [E, H, I]."""
+    num_tokens, hidden = x.shape
+    top_k = topk_ids.shape[1]
+    num_experts, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    num_pairs = num_tokens * top_k
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+    if num_tokens == 0:
+        return out
+    cfg = _config(num_pairs)
+    sorted_ids, block_expert, total, max_padded = align_tokens(
+        topk_ids, num_experts, cfg["BLOCK_M"])
+    x = x.contiguous()
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    _gemm(x, w13, act, weights, sorted_ids, block_expert, total, max_padded, inter,
+          a_row_div=top_k, gated=True, mul_weight=False, cfg=cfg)
+    down = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
+    _gemm(act, w2, down, weights, sorted_ids, block_expert, total, max_padded, hidden,
+          a_row_div=1, gated=False, mul_weight=True, cfg=cfg)
+    if top_k == 1:
+        return down
+    return torch.sum(down.view(num_tokens, top_k, hidden), dim=1, out=out)

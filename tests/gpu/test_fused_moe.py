@@ -1,0 +1,151 @@
+"""The fused MoE Triton kernel against the torch reference: random routing, 8-128 experts,
+top-k 1-8, bf16, 1 to 8192 tokens, ||out - ref|| / ||ref|| < 1e-2; CUDA-graph capture; the
+MoE layer dispatching to it.
+
+Runs on a CUDA device (self-contained: ``python -m pytest tests/gpu/test_fused_moe.py``).
+``python tests/gpu/test_fused_moe.py`` with ``TRITON_INTERPRET=1`` runs small cases on the
+CPU under the Triton interpreter (tests/test_triton_interpreter.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pagedllm.models.layers.fused_moe import select_experts, torch_experts  # noqa: E402
+from pagedllm.models.layers.fused_moe.triton_moe import (  # noqa: E402
+    align_tokens,
+    triton_experts,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _case(device: str, dtype: torch.dtype, tokens: int, experts: int, top_k: int,
+          hidden: int, inter: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed + tokens + 7 * experts + top_k)
+    x = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(device, dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(device, dtype)
+    logits = torch.randn(tokens, experts, generator=gen).to(device, torch.float32)
+    weights, ids = select_experts(logits, top_k, renormalize=True)
+    return x, w13, w2, weights, ids
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def check_experts(device: str, dtype: torch.dtype, tokens: int, experts: int, top_k: int,
+                  hidden: int = 256, inter: int = 128) -> None:
+    x, w13, w2, weights, ids = _case(device, dtype, tokens, experts, top_k, hidden, inter)
+    out = triton_experts(x, w13, w2, weights, ids)
+    ref = torch_experts(x, w13, w2, weights, ids)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out).all()
+    err = _rel_err(out, ref)
+    assert err < (1e-4 if dtype == torch.float32 else 1e-2), (tokens, experts, top_k, err)
+
+
+def check_alignment(device: str, tokens: int, experts: int, top_k: int, block_m: int) -> None:
+    """Every pair appears once, in a block of its own expert; padding only at run ends."""
+    _, _, _, _, ids = _case(device, torch.float32, tokens, experts, top_k, 16, 16)
+    sorted_ids, block_expert, total, max_padded = align_tokens(ids, experts, block_m)
+    flat = ids.reshape(-1).cpu()
+    num_pairs = flat.numel()
+    s = sorted_ids.cpu()[: int(total.item())]
+    real = s[s < num_pairs]
+    assert sorted(real.tolist()) == list(range(num_pairs))
+    block_of = torch.arange(len(s)) // block_m
+    be = block_expert.cpu()
+    assert (be[block_of[s < num_pairs]] == flat[real]).all()
+    assert int(total.item()) <= max_padded and (be[int(total.item()) // block_m:] == -1).all()
+
+
+@pytest.mark.parametrize("experts,top_k", [(8, 1), (8, 2), (16, 4), (64, 6), (128, 8), (8, 8)])
+@pytest.mark.parametrize("tokens", [1, 3, 16, 100, 1000, 8192])
+def test_fused_moe_matches_reference_bf16(experts, top_k, tokens):
+    check_experts("cuda", torch.bfloat16, tokens, experts, top_k)
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 8192])
+def test_fused_moe_qwen3_30b_shape(tokens):
+    """Qwen3-30B-A3B's expert shapes: hidden 2048, moe_intermediate 768, 128 experts, top-8."""
+    check_experts("cuda", torch.bfloat16, tokens, 128, 8, hidden=2048, inter=768)
+
+
+@pytest.mark.parametrize("tokens", [5, 700])
+def test_fused_moe_float32(tokens):
+    check_experts("cuda", torch.float32, tokens, 16, 2)
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,block_m", [
+    (1, 8, 1, 16), (1, 128, 8, 16), (8, 128, 8, 16), (5, 60, 4, 16),  # one-program path
+    (37, 16, 4, 16), (1000, 128, 8, 64)])
+def test_alignment(tokens, experts, top_k, block_m):
+    check_alignment("cuda", tokens, experts, top_k, block_m)
+
+
+def test_fused_moe_in_cuda_graph():
+    """Routing, sorting and both GEMMs replay from a captured graph with new inputs."""
+    x, w13, w2, weights, ids = _case("cuda", torch.bfloat16, 8, 64, 8, 256, 128)
+    logits = torch.randn(8, 64, device="cuda")
+
+    def step():
+        w, i = select_experts(logits, 8, renormalize=True)
+        return triton_experts(x, w13, w2, w, i)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    logits.copy_(torch.randn(8, 64, device="cuda"))
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    w, i = select_experts(logits, 8, renormalize=True)
+    assert _rel_err(out, torch_experts(x, w13, w2, w, i)) < 1e-2
+
+
+def test_moe_layer_dispatches_to_triton_on_cuda(monkeypatch):
+    from pagedllm.models.layers.fused_moe import FusedMoE, experts
+
+    layer = FusedMoE(16, 2, 128, 64, renormalize=False).to("cuda", torch.bfloat16)
+    layer.w13_weight.data.normal_(0, 0.05)
+    layer.w2_weight.data.normal_(0, 0.05)
+    x = torch.randn(10, 128, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(10, 16, device="cuda")
+    calls = []
+    real = experts.torch_experts
+    monkeypatch.setattr(experts, "torch_experts", lambda *a: calls.append(1) or real(*a))
+    out = layer(x, logits)
+    assert not calls  # the Triton path ran
+    w, i = select_experts(logits, 2, renormalize=False)
+    assert _rel_err(out, real(x, layer.w13_weight, layer.w2_weight, w, i)) < 1e-2
+
+
+def run_interpreter_smoke() -> int:
+    """Small cases on the CPU (needs TRITON_INTERPRET=1 before triton is imported). Not
+    bf16: the interpreter of triton 3.9 multiplies bf16 tiles in tl.dot wrongly (a plain
+    16x16 bf16 dot is off by 1e10 there), so bf16 is covered on the GPU only."""
+    check_alignment("cpu", 37, 16, 4, 16)
+    check_alignment("cpu", 1, 128, 8, 16)
+    check_alignment("cpu", 8, 60, 8, 16)
+    check_alignment("cpu", 3, 8, 2, 16)
+    for dtype in (torch.float32, torch.float16):
+        check_experts("cpu", dtype, 1, 8, 2, hidden=32, inter=16)
+        check_experts("cpu", dtype, 20, 8, 8, hidden=48, inter=32)
+        check_experts("cpu", dtype, 70, 16, 1, hidden=32, inter=16)
+    print("MOE_INTERPRETER_OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_interpreter_smoke())
