@@ -40,6 +40,9 @@ class AttentionMetadata:
 class AttentionImpl(ABC):
     """One attention layer's computation over a paged KV cache."""
 
+    name = "attention backend"  # for messages
+    supports_logits_soft_cap = False
+
     def __init__(
         self,
         num_heads: int,
@@ -50,7 +53,12 @@ class AttentionImpl(ABC):
         logits_soft_cap: float | None = None,
     ) -> None:
         """`sliding_window`: each query attends to itself and the window - 1 keys before it
-        (None: the whole context). `logits_soft_cap`: scores become cap * tanh(s / cap)."""
+        (None: the whole context). `logits_soft_cap`: scores become cap * tanh(s / cap);
+        a backend without it refuses such a model rather than ignore the cap."""
+        if logits_soft_cap is not None and not self.supports_logits_soft_cap:
+            raise ValueError(
+                f"{self.name} does not implement attention logit softcapping (the model sets "
+                f"attn_logit_softcapping={logits_soft_cap}); use attention_backend='TORCH_SDPA'.")
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = scale

@@ -305,6 +305,8 @@ def select_kernel(device_index: int) -> FlashKernel:
 class FlashAttentionImpl(AttentionImpl):
     """Writes K/V into the paged cache, then one FlashAttention call for the whole batch."""
 
+    name = "FLASH_ATTN"
+
     def forward(
         self,
         query: torch.Tensor,

@@ -57,6 +57,9 @@ _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5
 
 
 class TorchSDPAImpl(AttentionImpl):
+    name = "TORCH_SDPA"
+    supports_logits_soft_cap = True
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         write_kv_cache(key, value, kv_cache, metadata.slot_mapping)

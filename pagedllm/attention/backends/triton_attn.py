@@ -14,15 +14,7 @@ from pagedllm.attention.backends.abstract import (
 class TritonAttentionImpl(AttentionImpl):
     """Writes K/V into the paged cache, then runs the decode or the unified prefill kernel."""
 
-    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
-                 sliding_window: int | None = None,
-                 logits_soft_cap: float | None = None) -> None:
-        if logits_soft_cap is not None:
-            raise ValueError(
-                f"TRITON_ATTN does not implement attention logit softcapping (the model sets "
-                f"attn_logit_softcapping={logits_soft_cap}); use attention_backend='TORCH_SDPA'."
-            )
-        super().__init__(num_heads, head_size, scale, num_kv_heads, sliding_window)
+    name = "TRITON_ATTN"
 
     def forward(
         self,
