@@ -102,6 +102,7 @@ class RemoteServer(_ServerBase):
                                                 delete=False)
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
+        self._session: int | None = None  # the server's session (its pid) once stopped
 
     def __enter__(self) -> RemoteServer:
         self.start()
@@ -111,12 +112,15 @@ class RemoteServer(_ServerBase):
         self.stop()
 
     def start(self) -> None:
+        # Its own session: stop() can end every process the server started (engine core,
+        # API server processes, TP workers), even ones that outlive the server itself.
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=self._env, cwd=REPO_ROOT)
+                                     env=self._env, cwd=REPO_ROOT, start_new_session=True)
         deadline = time.monotonic() + self._startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+                code = self.stop()
+                raise RuntimeError(f"server exited with {code}:\n{self.log()}")
             try:
                 if httpx.get(self.url_for("health"), timeout=2).status_code == 200:
                     return
@@ -126,9 +130,16 @@ class RemoteServer(_ServerBase):
         self.stop()
         raise TimeoutError(f"server did not become healthy in time:\n{self.log()}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
-        """Send `sig`, wait for the exit (kill after `timeout`), return the exit code."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0, *,
+             kill_leftovers: bool = True) -> int | None:
+        """Send `sig`, wait for the exit (kill after `timeout`), return the exit code.
+
+        Then every process left in the server's session is killed, unless `kill_leftovers`
+        is False (for a test of what the server's own children do once it is gone; it calls
+        `kill_session` when done)."""
         if self.proc is None:
+            if kill_leftovers:
+                self.kill_session()
             return self.returncode
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -138,8 +149,21 @@ class RemoteServer(_ServerBase):
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self.returncode = self.proc.returncode
+        self._session = self.proc.pid
         self.proc = None
+        if kill_leftovers:
+            self.kill_session()
         return self.returncode
+
+    def kill_session(self) -> None:
+        """SIGKILL whatever is left of the server's session: no stray process outlives its
+        test."""
+        if self._session is None:
+            return
+        try:
+            os.killpg(self._session, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def log(self) -> str:
         self._log.flush()
