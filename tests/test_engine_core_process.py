@@ -171,3 +171,41 @@ def test_two_api_servers_share_one_core(model_path):
         log = server.log()
         assert "Front-end 0 connected" in log and "Front-end 1 connected" in log
     assert "Server stopped." in server.log()
+
+
+def test_offline_llm_with_the_core_in_its_own_process(model_path, monkeypatch):
+    """PAGEDLLM_ENABLE_MULTIPROCESSING=1: the same outputs as in-process (greedy, seeded
+    n=2 with logprobs and a stop string), stats through the core, and no core left."""
+    from pagedllm import LLM, SamplingParams
+
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=12, logprobs=2,
+                             stop=["a"])]
+    results = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("PAGEDLLM_ENABLE_MULTIPROCESSING", mode)
+        llm = LLM(model_path, device="cpu", max_model_len=256, num_gpu_blocks_override=64)
+        outs = llm.generate(["Hello world", "The cat"], params, use_tqdm=False)
+        results[mode] = [[(c.token_ids, c.text, c.finish_reason,
+                           [sorted(lp) for lp in c.logprobs or []]) for c in o.outputs]
+                         for o in outs]
+        stats = llm.get_stats()
+        assert stats["num_running"] == 0 and stats["num_free_blocks"] == 64, stats
+        if mode == "1":
+            core = llm.engine.core.process.pid
+            with pytest.raises(AttributeError, match="its own process"):
+                llm.engine.scheduler  # noqa: B018
+            del llm, outs  # no shutdown(): the engine's finalizer stops the core
+            import gc
+
+            gc.collect()
+            _wait(lambda pid=core: _gone(pid), 60, "the offline engine core exiting")
+    assert results["0"] == results["1"]
+
+
+def test_bad_multiprocessing_setting_is_refused(model_path, monkeypatch):
+    from pagedllm import LLM
+
+    monkeypatch.setenv("PAGEDLLM_ENABLE_MULTIPROCESSING", "yes please")
+    with pytest.raises(ValueError, match="PAGEDLLM_ENABLE_MULTIPROCESSING must be 0 or 1"):
+        LLM(model_path, device="cpu", max_model_len=256, num_gpu_blocks_override=64)

@@ -19,6 +19,7 @@ import shutil
 import signal
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -211,14 +212,21 @@ class CoreClient:
         """Run `EngineCore.<method>(*args)` in the core between two steps."""
         self.ensure_running()
         self.check_alive()
-        call_id = next(self._calls)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        call_id = self.next_call_id()
         self._pending_calls[call_id] = future
         try:
-            self._send(UtilityCall(call_id, method, list(args), self.client_index))
+            self.send_call(call_id, method, args)
             return await future
         finally:
             self._pending_calls.pop(call_id, None)
+
+    def next_call_id(self) -> int:
+        return next(self._calls)
+
+    def send_call(self, call_id: int, method: str, args: tuple[Any, ...]) -> None:
+        """Ask the core to run `EngineCore.<method>(*args)`; a UtilityResult answers."""
+        self._send(UtilityCall(call_id, method, list(args), self.client_index))
 
     def check_alive(self) -> None:
         if self.error is not None:
@@ -332,3 +340,80 @@ def _startup_error(msg: EngineCoreFailed) -> Exception:
     if kind is RuntimeError:
         return RuntimeError(f"The engine failed to start: {msg.error_type}: {msg.message}")
     return kind(msg.message)
+
+
+class SyncCoreClient:
+    """The engine core in its own process, driven synchronously: the offline `LLMEngine`'s
+    core when `PAGEDLLM_ENABLE_MULTIPROCESSING=1`. It has the in-process `EngineCore`'s
+    methods; `step()` returns the outputs of the core steps that arrived, waiting for one."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.process = start_core_process(config)
+        try:
+            self.client = CoreClient(self.process.addresses, 0, self.process)
+            self.client.wait_ready()
+        except BaseException:
+            self.process.shutdown()
+            raise
+        self.num_blocks = self.client.num_blocks
+        self._early: list[EngineCoreOutputs] = []  # outputs read while waiting for a call
+        # An engine dropped without shutdown() still stops its core.
+        self._finalizer = weakref.finalize(self, _stop_core, self.client, self.process)
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: Any,
+            eos_token_id: int | None, arrival_time: float) -> None:
+        self.client.add_request(EngineCoreRequest.make(
+            request_id, prompt_token_ids, params, eos_token_id, arrival_time, 0))
+
+    def abort(self, request_ids: list[str], reason: str = "abort") -> None:
+        self.client.abort(request_ids, reason)
+
+    def step(self) -> list[Any]:
+        """The outputs of every core step received so far, waiting for at least one."""
+        messages, self._early = self._early, []
+        if not messages:
+            messages.append(self._receive(block=True))
+        while (msg := self._receive(block=False)) is not None:
+            messages.append(msg)
+        return [out for msg in messages if isinstance(msg, EngineCoreOutputs)
+                for out in msg.outputs]
+
+    def _receive(self, block: bool) -> Any:
+        sock = self.client.output
+        while True:
+            if sock.poll(200 if block else 0):
+                msg = self.client.decoder.decode(sock.recv(copy=False).buffer)
+                if isinstance(msg, EngineCoreFailed):
+                    raise EngineDeadError(f"The engine died: {msg.error_type}: {msg.message}")
+                return msg
+            if not block:
+                return None
+            self.client.check_alive()
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Run `EngineCore.<method>(*args)` in the core between two steps."""
+        self.client.check_alive()
+        call_id = self.client.next_call_id()
+        self.client.send_call(call_id, method, args)
+        while True:
+            msg = self._receive(block=True)
+            if isinstance(msg, UtilityResult) and msg.call_id == call_id:
+                if msg.error is not None:
+                    raise RuntimeError(msg.error)
+                return msg.result
+            if isinstance(msg, EngineCoreOutputs):
+                self._early.append(msg)
+
+    def get_stats(self) -> dict[str, Any]:
+        return self.call("get_stats")
+
+    def reset_prefix_cache(self) -> bool:
+        return self.call("reset_prefix_cache")
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+
+def _stop_core(client: CoreClient, process: CoreProcess) -> None:
+    client.close()
+    process.shutdown()

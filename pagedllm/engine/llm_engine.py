@@ -1,4 +1,6 @@
-"""LLMEngine: the offline engine, a front-end over an in-process `EngineCore`."""
+"""LLMEngine: the offline engine, a front-end over an `EngineCore`: in this process (the
+default), or in a process of its own as the server runs it (`core_process=True`, which
+`LLM` takes from `PAGEDLLM_ENABLE_MULTIPROCESSING=1`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Any
 
 from pagedllm.config import EngineArgs, EngineConfig
 from pagedllm.engine.core import EngineCore
+from pagedllm.engine.core_client import SyncCoreClient
 from pagedllm.engine.input_processor import InputProcessor, PromptType
 from pagedllm.engine.messages import child_request_ids
 from pagedllm.engine.output_processor import OutputProcessor
@@ -17,31 +20,33 @@ from pagedllm.sampling_params import SamplingParams
 
 
 class LLMEngine:
-    """Accepts requests, steps an in-process `EngineCore`, and returns RequestOutputs.
+    """Accepts requests, steps an `EngineCore`, and returns RequestOutputs.
 
     The front-end half (tokenizing, checking params, detokenizing, stop strings) is the
-    same as the server's (`AsyncLLM`), which runs the core in a process of its own."""
+    same as the server's (`AsyncLLM`). With `core_process`, the core runs in its own
+    process and `step()` returns what its steps produced meanwhile."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, core_process: bool = False) -> None:
         self.config = config
         self.model_config = config.model
         self.frontend = InputProcessor(config)
         self.tokenizer = self.frontend.tokenizer
-        self.core = EngineCore(config)
+        self.core: EngineCore | SyncCoreClient = (
+            SyncCoreClient(config) if core_process else EngineCore(config))
         self.output_processor = OutputProcessor(self.tokenizer)
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
         return cls(engine_args.create_engine_config())
 
-    # The core's parts, for tests and tools that look inside a running engine.
+    # The in-process core's parts, for tests and tools that look inside a running engine.
     @property
     def scheduler(self) -> Scheduler:
-        return self.core.scheduler
+        return self._local_core().scheduler
 
     @property
     def executor(self) -> Any:
-        return self.core.executor
+        return self._local_core().executor
 
     @property
     def num_blocks(self) -> int:
@@ -49,7 +54,13 @@ class LLMEngine:
 
     @property
     def stats(self) -> StatsCollector:
-        return self.core.stats
+        return self._local_core().stats
+
+    def _local_core(self) -> EngineCore:
+        if not isinstance(self.core, EngineCore):
+            raise AttributeError("The engine core runs in its own process "
+                                 "(PAGEDLLM_ENABLE_MULTIPROCESSING=1); its parts are not here.")
+        return self.core
 
     # ------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
@@ -82,7 +93,9 @@ class LLMEngine:
         return finals
 
     def has_unfinished_requests(self) -> bool:
-        return self.core.scheduler.has_unfinished_requests()
+        if isinstance(self.core, EngineCore):
+            return self.core.has_unfinished_requests()
+        return bool(self.output_processor.parents)  # what the front-end still waits for
 
     # ------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:

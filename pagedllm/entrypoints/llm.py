@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +17,23 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 ChatMessage = dict[str, Any]
+
+logger = logging.getLogger(__name__)
+
+# "1": the engine core runs in a process of its own (as the server runs it); "0": in this
+# process. In-process is the default on every device: see docs/ARCHITECTURE.md for the
+# measurement behind it.
+MULTIPROCESSING_ENV = "PAGEDLLM_ENABLE_MULTIPROCESSING"
+
+
+def core_process_enabled() -> bool:
+    """Whether `LLM` runs its engine core in its own process (PAGEDLLM_ENABLE_MULTIPROCESSING)."""
+    value = os.environ.get(MULTIPROCESSING_ENV, "").strip().lower()
+    if value in ("", "0", "false"):
+        return False
+    if value in ("1", "true"):
+        return True
+    raise ValueError(f"{MULTIPROCESSING_ENV} must be 0 or 1 (got {value!r}).")
 
 
 class LLM:
@@ -35,15 +54,19 @@ class LLM:
             )
         self.engine_args = EngineArgs(model=model, **kwargs)
         config = self.engine_args.create_engine_config()
+        core_process = core_process_enabled()
         self.model_config = config.model
         if config.model.runner == "pooling":
             from pagedllm.engine.pooling_engine import PoolingEngine
 
+            if core_process:
+                logger.warning("%s=1 applies to generative models; this pooling model runs "
+                               "in this process.", MULTIPROCESSING_ENV)
             self.engine: Any = PoolingEngine(config)
         else:
             from pagedllm.engine.llm_engine import LLMEngine
 
-            self.engine = LLMEngine(config)
+            self.engine = LLMEngine(config, core_process=core_process)
         self._counter = itertools.count()
 
     def get_tokenizer(self) -> Any:
