@@ -29,6 +29,13 @@ PRESETS: dict[str, dict] = {
         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
         max_position_embeddings=8192, vocab_size=128256, tie_word_embeddings=False),
+    # Two tiny layers over SmolLM2's vocabulary: the engine core's step costs next to
+    # nothing, so a served run of it measures the front-end (API server) alone.
+    "frontend-probe": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=8192, vocab_size=49152, tie_word_embeddings=True),
     # 30.5B parameters, 3.3B active per token: 128 experts, top-8, moe_intermediate 768.
     "qwen3-30b-a3b": dict(
         architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048,

@@ -56,13 +56,30 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """Sample one id per row: argmax(p / q) with q ~ Exp(1) is a draw from p."""
-    q = torch.empty_like(probs)
-    if len(generators) < probs.shape[0]:
-        q.exponential_()
+    """Sample one id per row of `probs` (rows need not sum to 1).
+
+    On the GPU: argmax(p / q) with q ~ Exp(1), a draw from p in one parallel pass. On the
+    CPU, where drawing a random number per vocabulary entry costs milliseconds per row: the
+    inverse CDF, one uniform number per row against the row's running sum (in float64).
+    """
+    if probs.is_cuda:
+        q = torch.empty_like(probs)
+        if len(generators) < probs.shape[0]:
+            q.exponential_()
+        for row, gen in generators.items():
+            q[row].exponential_(generator=gen)
+        return probs.div(q).argmax(dim=-1)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64)
     for row, gen in generators.items():
-        q[row].exponential_(generator=gen)
-    return probs.div(q).argmax(dim=-1)
+        u[row] = torch.rand(1, dtype=torch.float64, generator=gen)
+    # The first entry whose running sum exceeds u * total: entries of probability 0 span
+    # no interval, so they are never drawn.
+    ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    past_end = ids >= probs.shape[-1]  # u * total rounded up to the total itself
+    if bool(past_end.any()):
+        ids = torch.where(past_end, probs.argmax(dim=-1), ids)
+    return ids
 
 
 class Sampler:
