@@ -114,3 +114,21 @@ def test_eos_and_stop_token_ids_finish_with_stop(llm):
     out = llm.generate("Hello, my name is", SamplingParams(temperature=0, max_tokens=3),
                        use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 3
+
+
+def test_inverse_cdf_sampling_matches_the_running_sum_and_skips_zero_probabilities():
+    """The CPU sampler's two-level inverse CDF equals a direct search of the running sum,
+    and never returns an id of probability 0, even at u = 0 or u just below 1."""
+    from pagedllm.worker.sampler import inverse_cdf_sample
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(6, 1000, generator=gen)
+    probs[:, ::3] = 0
+    probs[2, :900] = 0  # mass only in the last (partial) block
+    u = torch.rand(6, 1, dtype=torch.float64, generator=gen)
+    cdf = probs.double().cumsum(-1)
+    want = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    assert inverse_cdf_sample(probs, u).tolist() == want.tolist()
+    for edge in (0.0, 1 - 1e-16):
+        ids = inverse_cdf_sample(probs, torch.full((6, 1), edge, dtype=torch.float64))
+        assert (probs[torch.arange(6), ids] > 0).all(), (edge, ids)

@@ -69,17 +69,40 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
         for row, gen in generators.items():
             q[row].exponential_(generator=gen)
         return probs.div(q).argmax(dim=-1)
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64)
     for row, gen in generators.items():
         u[row] = torch.rand(1, dtype=torch.float64, generator=gen)
-    # The first entry whose running sum exceeds u * total: entries of probability 0 span
-    # no interval, so they are never drawn.
-    ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
-    past_end = ids >= probs.shape[-1]  # u * total rounded up to the total itself
+    return inverse_cdf_sample(probs, u)
+
+
+_CDF_BLOCK = 256
+
+
+def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """For each row, the first id whose running sum of `probs` exceeds u * the row's total
+    (u: [R, 1] float64 in [0, 1)). Ids of probability 0 span no interval: never drawn.
+
+    In two levels, since a running sum over the whole vocabulary is a slow sequential pass:
+    block sums pick the block of 256 ids, then a running sum inside that block picks the id.
+    """
+    rows, vocab = probs.shape
+    num_blocks = -(-vocab // _CDF_BLOCK)
+    padded = torch.nn.functional.pad(probs, (0, num_blocks * _CDF_BLOCK - vocab))
+    blocks = padded.view(rows, num_blocks, _CDF_BLOCK)
+    block_cdf = blocks.sum(dim=-1).double().cumsum_(dim=-1)
+    target = u * block_cdf[:, -1:]
+    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=num_blocks - 1)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp_(min=0)), 0.0)
+    inner_cdf = blocks[torch.arange(rows), block.squeeze(1)].cumsum(dim=-1,
+                                                                   dtype=torch.float64)
+    inner = torch.searchsorted(inner_cdf, target - before, right=True)
+    # Summing in another order can leave the target a rounding error past the block's sum:
+    # then its last id of positive probability.
+    past_end = inner >= _CDF_BLOCK
     if bool(past_end.any()):
-        ids = torch.where(past_end, probs.argmax(dim=-1), ids)
-    return ids
+        last = torch.searchsorted(inner_cdf, inner_cdf[:, -1:].contiguous(), right=False)
+        inner = torch.where(past_end, last, inner)
+    return (block * _CDF_BLOCK + inner).squeeze(1)
 
 
 class Sampler:
