@@ -159,3 +159,52 @@ def test_config_backend_and_cli(tiny_llama):
     assert config.structured_outputs.backend == "guidance"
     with pytest.raises(ValueError, match="backend must be one of"):
         LLM(tiny_llama, device="cpu", structured_outputs_config={"backend": "outlines"})
+
+
+def test_tensor_parallel_with_async_scheduling(tiny_llama):
+    """Two gloo CPU ranks: rank 0 masks and samples; same tokens as one process."""
+    prompts = _prompts(4, seed=2)
+    params = [c[1] for c in _constrained()]
+    one = LLM(tiny_llama, device="cpu", async_scheduling=True)
+    expected = [[s.token_ids for s in o.outputs] for o in one.generate(prompts, params,
+                                                                      use_tqdm=False)]
+    del one
+    tp = LLM(tiny_llama, device="cpu", tensor_parallel_size=2, async_scheduling=True)
+    got = [[s.token_ids for s in o.outputs] for o in tp.generate(prompts, params,
+                                                                 use_tqdm=False)]
+    assert got == expected
+    assert_pool_whole(tp)
+
+
+def test_waiting_for_a_grammar_holds_no_one_back(tiny_llama, monkeypatch):
+    import threading
+
+    from pagedllm.structured_output.manager import StructuredOutputManager
+
+    release = threading.Event()
+    compile_grammar = StructuredOutputManager._compile
+
+    def slow(self, backend, params):
+        assert release.wait(120), "the test never released the compile"
+        return compile_grammar(self, backend, params)
+
+    monkeypatch.setattr(StructuredOutputManager, "_compile", slow)
+    llm = LLM(tiny_llama, device="cpu")
+    engine = llm.engine
+    prompt, other = _prompts(2, seed=3)
+    engine.add_request("c", prompt, SamplingParams(
+        temperature=0, max_tokens=20, structured_outputs=StructuredOutputsParams(regex=REGEX)))
+    engine.add_request("p", other, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    finished = {}
+    while "p" not in finished:
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert "c" not in finished and len(engine.scheduler.waiting) == 1
+    release.set()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert re.fullmatch(REGEX, finished["c"].outputs[0].text)
+    assert_pool_whole(llm)
