@@ -208,3 +208,18 @@ def test_waiting_for_a_grammar_holds_no_one_back(tiny_llama, monkeypatch):
                 finished[out.request_id] = out
     assert re.fullmatch(REGEX, finished["c"].outputs[0].text)
     assert_pool_whole(llm)
+
+
+def test_grammar_steps_overlap(tiny_llama):
+    """With async scheduling a constrained request's steps stay in flight like plain ones."""
+    llm = LLM(tiny_llama, device="cpu", async_scheduling=True)
+    engine = llm.engine
+    engine.add_request("c", _prompts(1)[0], SamplingParams(
+        temperature=0, max_tokens=30, ignore_eos=True,
+        structured_outputs=StructuredOutputsParams(regex="[0-9]{20}")))
+    in_flight = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        in_flight += engine.core._in_flight is not None
+    assert in_flight >= 10
+    assert_pool_whole(llm)
