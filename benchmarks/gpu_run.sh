@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the throughput workloads and the decode microbenchmark.
 # Usage (repo root, on the GPU machine):
-#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|flash|moe|moe-tput|moe-tpot]...
+#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|flash|moe|moe-tput|moe-tpot|so]...
+# so (issue 16): Llama-3-8B shape, 512 requests, none / half held to 8 JSON schemas
+#   (TOKENIZER_DIR=a tokenizer folder, e.g. SmolLM2's saved with save_pretrained).
 # serve: served vs offline (issue 14); flash: FLASH_ATTN against TRITON_ATTN (issue 15).
 # (one part per device call keeps each under the 10-minute limit; moe-tput vs 8b: MoE vs dense)
 # Two GPUs (issue 9): OUT=/some/dir bash benchmarks/gpu_run.sh tp-tests tp tp-small
@@ -49,6 +51,14 @@ PY
            --json "$OUT/qwen3_30b_a3b.json" 2>&1 | tee "$OUT/qwen3_30b_a3b.log" | tail -4 ;;
     moe-tpot) timeout 400 python benchmarks/moe_decode.py --preset qwen3-30b-a3b \
            --json "$OUT/qwen3_30b_a3b_tpot.json" 2>&1 | tee "$OUT/qwen3_30b_a3b_tpot.log" | tail -3 ;;
+    so) for f in 0 0.5; do
+          timeout 280 python benchmarks/throughput.py --preset llama-3-8b --device cuda \
+            --num-prompts 512 --input-len 256 256 --output-len 256 256 --skip-hf \
+            --structured-fraction $f --tokenizer "${TOKENIZER_DIR:?set TOKENIZER_DIR}" \
+            --json "$OUT/so_8b_$f.json" 2>&1 | tee "$OUT/so_8b_$f.log" | tail -3
+        done
+        timeout 60 python benchmarks/structured_output.py --batch 256 --steps 50 \
+          --tokenizer "$TOKENIZER_DIR" 2>&1 | tee "$OUT/so_backends.log" | tail -12 ;;
     kernel) timeout 120 python benchmarks/kernel_decode.py 2>&1 | tee "$OUT/kernel.log" | tail -12 ;;
     flash) timeout 180 python -m pytest tests/gpu/test_flash_attn.py -q -p no:cacheprovider \
              2>&1 | tee "$OUT/flash_tests.log" | tail -8

@@ -9,6 +9,7 @@ from pagedllm.outputs import (
     RequestOutput,
 )
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.structured_output.params import StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -21,5 +22,6 @@ __all__ = [
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",
+    "StructuredOutputsParams",
     "__version__",
 ]

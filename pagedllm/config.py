@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from pagedllm.structured_output.config import StructuredOutputsConfig
 from pagedllm.utils import parse_bytes
 
 _DTYPES = {
@@ -144,6 +145,8 @@ class EngineConfig:
     parallel: ParallelConfig
     device: DeviceConfig
     disable_log_stats: bool = False
+    structured_outputs: StructuredOutputsConfig = field(
+        default_factory=lambda: StructuredOutputsConfig.parse(None))
 
 
 def default_device() -> str:
@@ -184,6 +187,7 @@ class EngineArgs:
     disable_log_stats: bool = False
     chat_template: str | None = None
     skip_tokenizer_init: bool = False
+    structured_outputs_config: StructuredOutputsConfig | dict[str, Any] | str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- CLI
@@ -221,8 +225,7 @@ class EngineArgs:
         g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                        default=None,
                        help="Schedule and prepare step N+1 while the GPU runs step N "
-                            "(default: on for CUDA; plain sampling only, other steps run "
-                            "synchronously).")
+                            "(default: on for CUDA).")
         g.add_argument("--attention-backend",
                        help="TRITON_ATTN (default on CUDA), TORCH_SDPA (CPU and CUDA) or "
                             "FLASH_ATTN (CUDA, fp16/bf16).")
@@ -244,6 +247,11 @@ class EngineArgs:
                        help="Do not load a tokenizer: prompts must be token ids, no text out.")
         g.add_argument("--disable-log-stats", action="store_true",
                        help="Do not log periodic throughput statistics.")
+        g.add_argument("--structured-outputs-config",
+                       help='Structured outputs as a JSON object, e.g. {"backend": "guidance"}: '
+                            'backend auto (xgrammar when installed and it takes the request, '
+                            'else llguidance), xgrammar or guidance; disable_any_whitespace, '
+                            'compile_workers, grammar_cache_size.')
         return parser
 
     @classmethod
@@ -353,6 +361,7 @@ class EngineArgs:
             parallel=parallel,
             device=device_config,
             disable_log_stats=self.disable_log_stats,
+            structured_outputs=StructuredOutputsConfig.parse(self.structured_outputs_config),
         )
 
     def _validate_scalars(self) -> None:

@@ -9,9 +9,6 @@ from typing import Any
 from pagedllm.structured_output.params import StructuredOutputsParams
 
 _SAMPLING_EPS = 1e-5
-# Structured outputs are refused until the model runner applies the grammar bitmask (issue 16
-# part 1). Set True where the engine wires pagedllm.structured_output in; nothing else changes.
-STRUCTURED_OUTPUTS_WIRED = False
 
 
 class SamplingType(enum.IntEnum):
@@ -62,9 +59,11 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict[str, Any] | None = None
     structured_outputs: StructuredOutputsParams | None = None
-    # Filled by the engine: token ids of bad_words, the EOS id(s) of the tokenizer.
+    # Filled by the engine: token ids of bad_words, the EOS id(s) of the tokenizer, the
+    # structured-outputs backend that validated `structured_outputs`.
     _bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    _structured_outputs_backend: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.best_of is None:
@@ -152,9 +151,6 @@ class SamplingParams:
             if not isinstance(self.structured_outputs, StructuredOutputsParams):
                 raise ValueError("structured_outputs must be a StructuredOutputsParams, e.g. "
                                  "StructuredOutputsParams(json=schema).")
-            if not STRUCTURED_OUTPUTS_WIRED:
-                raise ValueError("structured_outputs is not wired yet: the engine does not "
-                                 "apply grammars to sampling (issue 16); leave it unset.")
 
     # --------------------------------------------------------------- helpers
     @property

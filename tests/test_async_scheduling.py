@@ -3,8 +3,8 @@ the outputs of synchronous scheduling, and leaks nothing.
 
 On the CPU the launched step runs synchronously, but every piece of the async bookkeeping
 runs: pending tokens, inputs taken from the previous step's sampled ids, late stops,
-preemption of a request whose token is pending, and the fallback to synchronous steps for
-requests with logprobs or logits processors.
+preemption of a request whose token is pending, and requests with logprobs or logits
+processors (whose steps collect the one in flight before their logits pipeline).
 """
 
 from __future__ import annotations

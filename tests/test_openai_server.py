@@ -504,7 +504,9 @@ def test_concurrent_streams_and_aborts_free_blocks(server, llm):
     ({"prompt": PROMPT, "stop_token_ids": [99999]}, "stop_token_ids"),
     ({"prompt": PROMPT, "use_beam_search": True}, "use_beam_search"),
     ({"prompt": PROMPT, "suffix": "x"}, "suffix"),
-    ({"prompt": PROMPT, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": PROMPT, "response_format": {"type": "yaml"}}, "response_format"),
+    ({"prompt": PROMPT, "structured_outputs": {"regex": "(a|b"}}, "structured_outputs"),
+    ({"prompt": PROMPT, "guided_choice": []}, "guided_choice"),
 ])
 def test_invalid_completion_fields_give_400(server, client, body, param):
     err = _assert_error(_post(server, "v1/completions", {"model": MODEL_NAME, **body}), 400,

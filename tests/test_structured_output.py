@@ -344,13 +344,10 @@ def test_config_checked():
         StructuredOutputsConfig.parse("guidance")
 
 
-def test_sampling_params_refuses_until_wired(monkeypatch):
+def test_sampling_params_takes_structured_outputs():
     from pagedllm import sampling_params as sp
 
     params = StructuredOutputsParams(regex="a+")
-    with pytest.raises(ValueError, match="structured_outputs is not wired yet"):
-        sp.SamplingParams(structured_outputs=params)
-    monkeypatch.setattr(sp, "STRUCTURED_OUTPUTS_WIRED", True)
     assert sp.SamplingParams(structured_outputs=params).structured_outputs is params
     with pytest.raises(ValueError, match="must be a StructuredOutputsParams"):
         sp.SamplingParams(structured_outputs={"regex": "a+"})

@@ -1,7 +1,9 @@
 """Wall time per engine phase (schedule, input preparation, execute, update, outputs).
 
 `instrument(llm)` wraps the phases of a live LLM's engine with timers; `report(...)` prints
-milliseconds per step for each. On a GPU, "execute" includes waiting for the device.
+milliseconds per step for each. "launch" is `execute` (inputs, forward, sampler queued; with
+a grammar or penalties also collecting the previous step), "wait" is `fetch`, waiting for the
+device.
 """
 
 from __future__ import annotations
@@ -32,10 +34,8 @@ def instrument(llm: Any) -> Counter:
     engine = llm.engine
     runner = getattr(engine.executor, "runner", None)
     _wrap(engine.scheduler, "schedule", "schedule", totals)
-    _wrap(engine.executor, "execute", "execute", totals)
-    if hasattr(engine.executor, "execute_async"):
-        _wrap(engine.executor, "execute_async", "launch", totals)
-        _wrap(engine.executor, "fetch", "wait", totals)
+    _wrap(engine.executor, "execute", "launch", totals)
+    _wrap(engine.executor, "fetch", "wait", totals)
     if runner is not None:
         _wrap(runner, "prepare_host_inputs", "prepare_host_inputs", totals)
         _wrap(runner, "_sampling_metadata", "sampling_metadata", totals)

@@ -40,8 +40,11 @@ def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> di
     from pagedllm import LLM, SamplingParams
 
     kwargs = dict(device=args.device, dtype=args.dtype, enforce_eager=args.enforce_eager,
-                  max_model_len=args.max_model_len, skip_tokenizer_init=True,
+                  max_model_len=args.max_model_len,
+                  skip_tokenizer_init=not args.structured_fraction,
                   load_format="dummy" if args.preset else "auto", disable_log_stats=True)
+    if args.structured_fraction:
+        kwargs["tokenizer"] = args.tokenizer
     if args.max_num_seqs:
         kwargs["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens:
@@ -59,6 +62,7 @@ def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> di
     prompts = [{"prompt_token_ids": p} for p, _ in requests]
     params = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=o, ignore_eos=True,
                              detokenize=False) for _, o in requests]
+    constrained = _constrain(params, args.structured_fraction)
     # Warm-up (compilation, allocator) on a couple of requests.
     llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True,
                                               detokenize=False)] * 2, use_tqdm=False)
@@ -71,7 +75,7 @@ def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> di
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    if out_tokens != sum(o for _, o in requests):
+    if not constrained and out_tokens != sum(o for _, o in requests):
         raise RuntimeError("a request stopped before its output length despite ignore_eos")
     in_tokens = sum(len(p) for p, _ in requests)
     if phase_totals is not None:
@@ -81,9 +85,25 @@ def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> di
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return dict(engine="pagedllm", tensor_parallel_size=args.tensor_parallel_size,
-                requests=len(requests), output_tokens=out_tokens,
+                requests=len(requests), constrained_requests=constrained,
+                output_tokens=out_tokens,
                 input_tokens=in_tokens, seconds=elapsed, startup_s=startup,
                 output_tok_s=out_tokens / elapsed, total_tok_s=(out_tokens + in_tokens) / elapsed)
+
+
+def _constrain(params: list[Any], fraction: float) -> int:
+    """Hold every request of a `fraction` (spread evenly) to one of 8 JSON schemas, in turn;
+    a grammar that ends stops its request early. Returns how many are constrained."""
+    if not fraction:
+        return 0
+    from pagedllm import StructuredOutputsParams
+    from pagedllm.benchmarks.json_schemas import JSON_SCHEMAS
+
+    schemas = list(JSON_SCHEMAS.values())[:8]
+    picked = [i for i in range(len(params)) if int((i + 1) * fraction) > int(i * fraction)]
+    for k, i in enumerate(picked):
+        params[i].structured_outputs = StructuredOutputsParams(json=schemas[k % len(schemas)])
+    return len(picked)
 
 
 def run_hf(model: str, requests: Requests, args: argparse.Namespace) -> dict:
@@ -153,6 +173,10 @@ def add_throughput_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--hf-batch-size", type=int, default=None)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--structured-fraction", type=float, default=0.0,
+                    help="share of requests held to one of 8 JSON schemas (needs --tokenizer)")
+    ap.add_argument("--tokenizer", help="tokenizer folder (for --structured-fraction with a "
+                                        "preset's dummy weights)")
     ap.add_argument("--json", help="write results to this file")
     return ap
 
@@ -168,6 +192,12 @@ def validate_throughput_args(args: argparse.Namespace) -> None:
                              f"got {lo} {hi}.")
     if args.model and args.preset:
         raise ValueError("give --model or --preset, not both.")
+    if not 0.0 <= args.structured_fraction <= 1.0:
+        raise ValueError(f"--structured-fraction must be in [0, 1], got "
+                         f"{args.structured_fraction}.")
+    if args.structured_fraction and not args.tokenizer and args.preset:
+        raise ValueError("--structured-fraction with --preset needs --tokenizer DIR (the "
+                         "grammars are built over a real tokenizer's vocabulary).")
     if args.tensor_parallel_size < 1:
         raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}.")
     for name in ("hf_num_prompts", "hf_batch_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -19,8 +19,7 @@ from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.metrics.stats import IterationStats, SchedulerSnapshot, StatsCollector
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.utils import cdiv
-from pagedllm.worker.logits_processors import needs_processing
-from pagedllm.worker.output import ModelRunnerOutput
+from pagedllm.worker.output import GrammarOutput, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +49,10 @@ class EngineCore:
         # request id -> ids of its sequences (n > 1 requests have several)
         self._children: dict[str, list[str]] = {}
         self._parent_of: dict[str, str] = {}
-        # Async scheduling: the launched step whose sampled tokens are not processed yet.
+        # The launched step whose results are not processed yet (kept between calls with
+        # async scheduling only).
         self._in_flight: tuple[SchedulerOutput, Any] | None = None
+        self.structured_outputs: Any = None  # StructuredOutputManager, made on first use
         model = config.model
         logger.info(
             "Engine core ready in %.1f s: model %s on %s, %d KV blocks of %d tokens "
@@ -93,8 +94,32 @@ class EngineCore:
         self._children[request_id] = child_ids
         for cid in child_ids:
             self._parent_of[cid] = request_id
+        so = params.structured_outputs
+        if so is not None:
+            manager = self._structured_output_manager()
+            for seq in seqs:  # each sequence its own matcher (one compile, cached by spec)
+                seq.structured_output_request = manager.grammar_init(
+                    so, params._structured_outputs_backend)
         self.scheduler.add_request(seqs[0])
         return child_ids
+
+    def _structured_output_manager(self) -> Any:
+        """The engine's grammar compiler and bitmask, made with the first constrained
+        request (the core loads the tokenizer for it; its token tables are built on the
+        compile threads)."""
+        if self.structured_outputs is None:
+            from pagedllm.engine.input_processor import eos_token_ids, load_tokenizer
+            from pagedllm.structured_output import StructuredOutputManager
+
+            model = self.config.model
+            tokenizer = load_tokenizer(model)
+            eos, extra = eos_token_ids(model, tokenizer)
+            stops = ([eos] if eos is not None else []) + sorted(extra)
+            self.structured_outputs = StructuredOutputManager(
+                tokenizer, model.vocab_size, self.config.structured_outputs,
+                stop_token_ids=stops or None, max_rows=self.config.scheduler.max_num_seqs,
+                device=self.config.device.torch_device)
+        return self.structured_outputs
 
     def abort(self, request_ids: list[str], reason: str = "abort") -> list[str]:
         """Finish requests (their ids as added, or one sequence's id) wherever they are and
@@ -125,42 +150,68 @@ class EngineCore:
 
     # ------------------------------------------------------------ step
     def step(self) -> list[EngineCoreOutput]:
-        """Schedule, run the model once, and return the progress of every sequence.
+        """Schedule, launch the model once, and return the progress of every sequence.
 
-        With async scheduling, a step of plain requests is launched before the previous
-        step's tokens are processed, so that host work overlaps the GPU; its own outputs
-        come with the next call. Other steps first collect the one in flight."""
+        Every step takes the one path: `mark_launched`, then `execute` (which returns before
+        the device is done). With async scheduling the step stays in flight and its outputs
+        come with the next call, so that host work overlaps the device; the step before is
+        collected once this one's forward is launched: before its logits pipeline when that
+        needs the previous tokens (grammar, penalties), else after its sampler is queued.
+        Without async scheduling each step is collected right away."""
         sched_out = self.scheduler.schedule()
-        if self._can_overlap(sched_out):
-            pending = self.executor.execute_async(sched_out)
-            self.scheduler.mark_launched(sched_out)
-            outputs = self._collect_in_flight()
-            self._in_flight = (sched_out, pending)
-            return outputs
-        outputs = self._collect_in_flight()
+        outputs = self._failed_outputs()
         if sched_out.is_empty and not sched_out.block_copies:
-            return outputs
-        runner_out = self.executor.execute(sched_out)
-        return outputs + self._process(sched_out, runner_out, launched=False)
+            return outputs + self._collect_in_flight()
 
-    def _can_overlap(self, sched_out: SchedulerOutput) -> bool:
-        if not self.config.scheduler.async_scheduling or sched_out.is_empty:
-            return False
-        if sched_out.block_copies or not hasattr(self.executor, "execute_async"):
-            return False
-        return not any(it.request.sampling_extras or it.request.pending_forks
-                       or needs_processing(it.request) for it in sched_out.scheduled)
+        def before_sample() -> GrammarOutput | None:
+            if sched_out.needs_host_tokens:
+                outputs.extend(self._collect_in_flight())
+            return self._grammar_output(sched_out)
+
+        self.scheduler.mark_launched(sched_out)
+        pending = self.executor.execute(sched_out, before_sample)
+        outputs.extend(self._collect_in_flight())
+        self._in_flight = (sched_out, pending)
+        if not self.config.scheduler.async_scheduling:
+            outputs.extend(self._collect_in_flight())
+        return outputs
+
+    def _grammar_output(self, sched_out: SchedulerOutput) -> GrammarOutput | None:
+        """Fill the bitmask rows of the step's constrained requests (their grammars have
+        taken every token before this step's)."""
+        if not sched_out.grammar_rows:
+            return None
+        requests = self.scheduler.requests
+        rows = []
+        for rid, row in sched_out.grammar_rows.items():
+            req = requests.get(rid)
+            if req is not None and not req.is_finished:
+                rows.append((req.structured_output_request, row))
+        manager = self.structured_outputs
+        return GrammarOutput(manager.bitmask, manager.fill_bitmask(rows))
+
+    def _failed_outputs(self) -> list[EngineCoreOutput]:
+        """Requests the scheduler finished while waiting (their grammar failed to compile)."""
+        if not self.scheduler.failed:
+            return []
+        failed, self.scheduler.failed = self.scheduler.failed, []
+        outputs = []
+        for req in failed:
+            self.stats.record_finished(req, reason="abort")
+            self._forget(req.request_id)
+            outputs.append(EngineCoreOutput(req.request_id, [], req.finish_reason))
+        return outputs
 
     def _collect_in_flight(self) -> list[EngineCoreOutput]:
         if self._in_flight is None:
             return []
         sched_out, pending = self._in_flight
         self._in_flight = None
-        return self._process(sched_out, self.executor.fetch(pending), launched=True)
+        return self._process(sched_out, self.executor.fetch(pending))
 
-    def _process(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput,
-                 launched: bool) -> list[EngineCoreOutput]:
-        updated = self.scheduler.update(sched_out, runner_out.sampled, launched=launched)
+    def _process(self, sched_out: SchedulerOutput,
+                 runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        updated = self.scheduler.update(sched_out, runner_out.sampled)
         self.stats.record_step(updated)
         logprobs = runner_out.logprobs
         outputs = []
@@ -169,7 +220,7 @@ class EngineCore:
             if finish is not None:
                 self._forget(req.request_id)
             outputs.append(EngineCoreOutput(
-                req.request_id, [req.output_token_ids[-1]], finish,
+                req.request_id, req.output_token_ids[-req.num_new_tokens:], finish,
                 req.stop_reason if isinstance(req.stop_reason, int) else None,
                 max(req.num_cached_tokens, 0),
                 logprobs.get(req.request_id) if logprobs else None))
@@ -227,6 +278,8 @@ class EngineCore:
         return self.scheduler.kv.reset_prefix_cache()
 
     def shutdown(self) -> None:
+        if self.structured_outputs is not None:
+            self.structured_outputs.shutdown()
         self.executor.shutdown()
 
 

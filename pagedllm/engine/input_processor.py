@@ -196,6 +196,15 @@ class InputProcessor:
             if bad:
                 raise ValueError(f"bad_words tokenize to id {bad[0]}, outside the model's "
                                  f"vocabulary of {vocab}.")
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs need a tokenizer; the engine was started "
+                                 "with skip_tokenizer_init=True.")
+            if params._structured_outputs_backend is None:
+                from pagedllm.structured_output import validate_structured_outputs
+
+                params._structured_outputs_backend = validate_structured_outputs(
+                    params.structured_outputs, self.config.structured_outputs)
         max_seqs = self.config.scheduler.max_num_seqs
         if params.best_of > max_seqs:
             raise ValueError(f"n / best_of ({params.best_of}) is more than max_num_seqs "

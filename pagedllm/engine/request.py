@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Any
 
 from pagedllm.sampling_params import SamplingParams
 
@@ -64,6 +65,12 @@ class Request:
         # True when the model runner has more to do than sample one token (logprobs, prompt
         # logprobs, forks); requests without it take the plain fast path.
         self.sampling_extras = self.wants_logprobs or self.wants_prompt_logprobs
+        # KV blocks of this request the model runner holds (-1: the runner does not hold
+        # the request, so it is sent in full the next time it is scheduled).
+        self.num_runner_blocks = -1
+        self.num_new_tokens = 0  # output tokens the last update appended
+        # Its grammar (a StructuredOutputRequest), when the request is constrained.
+        self.structured_output_request: Any = None
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finished_time: float | None = None  # set by the engine's stats collector

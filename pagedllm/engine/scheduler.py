@@ -9,6 +9,7 @@ goes back to the front of the queue, to be recomputed later (prefix caching make
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -17,36 +18,89 @@ from dataclasses import dataclass, field
 from pagedllm.config import CacheConfig, SchedulerConfig
 from pagedllm.engine.kv_cache_manager import KVCacheManager
 from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.logits_processors import needs_processing
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ScheduledRequest:
-    """One request's share of a step: compute tokens [start, start + num_tokens)."""
+    """The scheduler's own record of one request's share of a step: compute tokens
+    [start, start + num_tokens). ``samples`` is fixed when scheduled: the chunk reaches the
+    end of the known tokens, so a token is sampled. The model runner never reads this (it
+    gets the typed data below)."""
 
     request: Request
     start: int  # = num_computed_tokens before the step
     num_tokens: int
+    samples: bool = False
+
+
+@dataclass
+class NewRequestData:
+    """A request the model runner has not seen (first scheduled, resumed after preemption,
+    or a forked sample joining): everything it needs, in full."""
+
+    request_id: str
+    token_ids: list[int]  # prompt + output tokens known on the host (a copy)
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    eos_token_id: int | None
     block_ids: list[int]
 
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the known tokens, so a token is sampled."""
-        return self.start + self.num_tokens == self.request.num_tokens
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: only what changed (KV blocks added). Its new
+    tokens are the ones the runner sampled itself."""
+
+    request_id: str
+    new_block_ids: list[int]
 
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    """One step, as the model runner sees it.
+
+    The batch is ``req_ids`` in order; request i computes ``num_scheduled_tokens[i]``
+    tokens from position ``num_computed_tokens[i]`` and samples when ``samples[i]``. Sampled
+    requests take logits rows in batch order (``sampling_ids``); ``grammar_rows`` maps the
+    constrained ones to their row (their bitmask is filled later, while the forward runs).
+    ``forks`` lists the samples of an n > 1 request that draw their first token from its row.
+    ``scheduled_draft_tokens`` is room for speculative decoding (empty for now).
+    """
+
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    req_ids: list[str] = field(default_factory=list)
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+    samples: list[bool] = field(default_factory=list)
+    scheduled_draft_tokens: dict[str, list[int]] = field(default_factory=dict)
+    grammar_rows: dict[str, int] = field(default_factory=dict)
+    forks: dict[str, list[tuple[str, SamplingParams]]] = field(default_factory=dict)
+    # True when a sampled request's logits depend on the previous step's tokens on the host
+    # (grammar, penalties, bad words, min_tokens): the step in flight is collected after
+    # this one's forward is launched and before its logits pipeline runs.
+    needs_host_tokens: bool = False
     num_batched_tokens: int = 0
     preempted: list[str] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)  # since the last step
     # KV blocks to copy (src, dst) before this step's forward: copy-on-write of the partial
     # last prompt block for children forked off an n > 1 request.
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # The scheduler's side (Scheduler.update); not part of the runner's contract.
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not self.req_ids
+
+    @property
+    def sampling_ids(self) -> list[str]:
+        """Ids of the requests that sample, in logits-row order."""
+        return [rid for rid, s in zip(self.req_ids, self.samples) if s]
 
 
 @dataclass
@@ -75,6 +129,9 @@ class Scheduler:
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
         self._block_copies: list[tuple[int, int]] = []
+        # Requests finished while waiting (a grammar that failed to compile): the engine
+        # reports them with its next outputs.
+        self.failed: list[Request] = []
 
     # ------------------------------------------------------------ queue
     def add_request(self, request: Request) -> None:
@@ -98,8 +155,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if req.num_pending and req.num_output_tokens + req.num_pending >= req.max_tokens:
-                num_new = 0  # its last token is already being sampled
+            if req.num_pending and (req.num_output_tokens + req.num_pending >= req.max_tokens
+                                    or req.pending_forks):
+                # Its last token is already being sampled; or its first token is, and its
+                # other samples fork off it once that token is known (at its computed length).
+                num_new = 0
             if num_new <= 0:
                 i += 1
                 continue
@@ -113,14 +173,26 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 break  # req itself was preempted: nothing more fits
-            out.scheduled.append(ScheduledRequest(
-                req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id)))
+            out.scheduled.append(self._item(req, req.num_computed_tokens, num_new))
             budget -= num_new
             i += 1
 
         if not out.preempted:
+            skipped: list[Request] = []  # waiting for their grammar: others go ahead
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
+                so = req.structured_output_request
+                if so is not None and not so.is_ready():
+                    skipped.append(self.waiting.popleft())
+                    continue
+                if so is not None and so.error is not None:
+                    self.waiting.popleft()
+                    logger.error("Request %s: its grammar failed to compile: %s",
+                                 req.request_id, so.error)
+                    req.status = RequestStatus.FINISHED_ABORTED
+                    self._free(req)
+                    self.failed.append(req)
+                    continue
                 if len(self.running) + len(req.pending_forks) >= self.config.max_num_seqs:
                     break  # its forks will need sequence slots too
                 hits, num_hit_tokens = self.kv.get_computed_blocks(req)
@@ -135,60 +207,96 @@ class Scheduler:
                     req.first_scheduled_time = time.monotonic()
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-                out.scheduled.append(ScheduledRequest(
-                    req, num_hit_tokens, num_new, self.kv.block_ids(req.request_id)))
+                out.scheduled.append(self._item(req, num_hit_tokens, num_new))
                 budget -= num_new
+            self.waiting.extendleft(reversed(skipped))
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        self._runner_view(out)
         return out
+
+    @staticmethod
+    def _item(req: Request, start: int, num_tokens: int) -> ScheduledRequest:
+        return ScheduledRequest(req, start, num_tokens, start + num_tokens == req.num_tokens)
+
+    def _runner_view(self, out: SchedulerOutput) -> None:
+        """Fill the typed per-request data of the model runner's contract."""
+        row = 0
+        for item in out.scheduled:
+            req = item.request
+            rid = req.request_id
+            blocks = self.kv.block_ids(rid)
+            if req.num_runner_blocks < 0:  # the runner does not hold it
+                out.new_requests.append(NewRequestData(
+                    rid, list(req.all_token_ids), req.num_prompt_tokens, req.sampling_params,
+                    req.eos_token_id, list(blocks)))
+            else:
+                out.cached_requests.append(
+                    CachedRequestData(rid, blocks[req.num_runner_blocks:]))
+            req.num_runner_blocks = len(blocks)
+            out.req_ids.append(rid)
+            out.num_scheduled_tokens.append(item.num_tokens)
+            out.num_computed_tokens.append(item.start)
+            out.samples.append(item.samples)
+            if not item.samples:
+                continue
+            if req.structured_output_request is not None:
+                out.grammar_rows[rid] = row
+                out.needs_host_tokens = True
+            elif needs_processing(req):
+                out.needs_host_tokens = True
+            if req.pending_forks:
+                out.forks[rid] = [(c.request_id, c.sampling_params) for c in req.pending_forks]
+            row += 1
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.num_runner_blocks = -1  # the runner drops it (out.preempted)
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     # ------------------------------------------------------------ update
     def mark_launched(self, out: SchedulerOutput) -> None:
-        """Async scheduling: the step is on the device. Its tokens count as computed and its
-        samples as pending, so the next step can be scheduled before they reach the host."""
+        """The step goes to the device: its tokens count as computed and its samples as
+        pending, so the next step can be scheduled before they reach the host (async
+        scheduling) and `update` finds every step in the same state."""
         for item in out.scheduled:
             req = item.request
             req.num_computed_tokens += item.num_tokens
             if item.samples:
                 req.num_pending += 1
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int],
-               launched: bool = False) -> list[Request]:
-        """Advance the scheduled requests by their computed tokens (unless mark_launched
-        did), append sampled tokens, apply token-level stop rules; returns requests that
-        got a new token."""
+    def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
+        """Append a launched step's sampled tokens (a list per request), apply token-level
+        stop rules (and the grammar's end); returns requests that got new tokens."""
         updated = []
         for item in out.scheduled:
             req = item.request
-            if req.is_finished:
-                continue
-            if not launched:
-                req.num_computed_tokens += item.num_tokens
-            token = sampled.get(req.request_id)
-            if token is None:
+            if not item.samples:
                 continue  # a prefill chunk that does not reach the end of the prompt
-            if launched:
-                req.num_pending -= 1
-            req.append_output_token(token)
+            req.num_pending -= 1
+            tokens = sampled.get(req.request_id)
+            if req.is_finished or not tokens:
+                continue
+            num_before = req.num_output_tokens
+            for token in tokens:
+                self._append(req, token)
+                if req.is_finished:
+                    break
+            req.num_new_tokens = req.num_output_tokens - num_before
             if req.first_token_time is None:
                 req.first_token_time = time.monotonic()
             if req.pending_forks:
                 updated.extend(self._fork(req, sampled))
-            self._check_stop(req, token)
             updated.append(req)
             if req.is_finished:
                 self._free(req)
         return updated
 
-    def _fork(self, parent: Request, sampled: dict[str, int]) -> list[Request]:
+    def _fork(self, parent: Request, sampled: dict[str, list[int]]) -> list[Request]:
         """Start the other samples of an n > 1 request once its prompt is computed: each
         shares the parent's full prompt blocks by ref count and gets a copy of a partially
         filled last block (copied on the device before the next step writes into it).
@@ -198,16 +306,19 @@ class Scheduler:
         started = []
         for child in children:
             self.requests[child.request_id] = child
-            token = sampled.get(child.request_id)
-            if token is None:  # not sampled with the parent: runs as a request of its own
+            tokens = sampled.get(child.request_id)
+            if not tokens:  # not sampled with the parent: runs as a request of its own
                 self.waiting.append(child)
                 continue
-            child.append_output_token(token)
+            for token in tokens:
+                self._append(child, token)
+                if child.is_finished:
+                    break
+            child.num_new_tokens = child.num_output_tokens
             child.first_scheduled_time = parent.first_scheduled_time
             child.first_token_time = parent.first_token_time
             child.num_cached_tokens = parent.num_cached_tokens
             started.append(child)
-            self._check_stop(child, token)
             if child.is_finished:
                 self._free(child)
                 continue
@@ -220,6 +331,25 @@ class Scheduler:
             child.status = RequestStatus.RUNNING
             self.running.append(child)
         return started
+
+    def _append(self, req: Request, token: int) -> None:
+        """One new output token: into the request, its grammar, and the stop rules."""
+        req.append_output_token(token)
+        so = req.structured_output_request
+        if so is not None:
+            if not so.accept_tokens([token]):
+                # Only a conflicting rule (e.g. min_tokens banning the one stop token the
+                # grammar allows) leaves the mask empty; the output so far is valid.
+                logger.warning("Request %s: the grammar rejected token %d; finishing it.",
+                               req.request_id, token)
+                req.status = RequestStatus.FINISHED_STOPPED
+                return
+            if so.is_terminated():
+                req.status = RequestStatus.FINISHED_STOPPED
+                if token != req.eos_token_id and token in req.sampling_params.all_stop_token_ids:
+                    req.stop_reason = token
+                return
+        self._check_stop(req, token)
 
     def _check_stop(self, req: Request, token: int) -> None:
         params = req.sampling_params

@@ -24,6 +24,7 @@ from pagedllm.worker.step_inputs import StepInputs
 from pagedllm.worker.worker import Worker
 
 if TYPE_CHECKING:
+    from pagedllm.worker.executor import BeforeSample
     from pagedllm.worker.model_runner import ModelRunner, PendingStep
     from pagedllm.worker.output import ModelRunnerOutput
 
@@ -146,20 +147,17 @@ class DistributedExecutor(ABC):
     def _broadcast_step(self, step: StepInputs) -> None:
         self._send("execute_step", (step,), reply=False)
 
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, out: SchedulerOutput,
+                before_sample: BeforeSample | None = None) -> PendingStep:
+        """Launch a step on every rank without waiting for its results."""
         self._check_healthy("execute")
 
-        def run() -> ModelRunnerOutput:
+        def run() -> PendingStep:
             if out.block_copies:
                 self._send("copy_blocks", (out.block_copies,), reply=False)
-            return self.runner.execute(out, self._broadcast_step)
+            return self.runner.execute(out, before_sample, self._broadcast_step)
 
         return self._step(run)
-
-    def execute_async(self, out: SchedulerOutput) -> PendingStep:
-        """Launch a plain step on every rank without waiting for it (async scheduling)."""
-        self._check_healthy("execute")
-        return self._step(lambda: self.runner.execute_async(out, self._broadcast_step))
 
     def fetch(self, pending: PendingStep) -> ModelRunnerOutput:
         """Wait for a launched step's sampled ids (an error if a rank died meanwhile)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from pagedllm.config import EngineConfig
@@ -10,13 +11,18 @@ from pagedllm.worker.output import ModelRunnerOutput
 
 if TYPE_CHECKING:
     from pagedllm.worker.model_runner import PendingStep
+    from pagedllm.worker.output import GrammarOutput
+
+BeforeSample = Callable[[], "GrammarOutput | None"]
 
 
 class Executor(Protocol):
     def determine_num_blocks(self) -> int: ...
     def allocate_kv_cache(self, num_blocks: int) -> None: ...
     def warm_up(self) -> None: ...
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput: ...
+    def execute(self, out: SchedulerOutput,
+                before_sample: BeforeSample | None = None) -> PendingStep: ...
+    def fetch(self, pending: PendingStep) -> ModelRunnerOutput: ...
     def shutdown(self) -> None: ...
 
 
@@ -37,12 +43,10 @@ class UniProcExecutor:
     def warm_up(self) -> None:
         self.runner.warm_up()
 
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        return self.runner.execute(out)
-
-    def execute_async(self, out: SchedulerOutput) -> PendingStep:
-        """Launch a plain step without waiting for it (async scheduling)."""
-        return self.runner.execute_async(out)
+    def execute(self, out: SchedulerOutput,
+                before_sample: BeforeSample | None = None) -> PendingStep:
+        """Launch a step without waiting for its results (`fetch` collects them)."""
+        return self.runner.execute(out, before_sample)
 
     def fetch(self, pending: PendingStep) -> ModelRunnerOutput:
         return self.runner.fetch(pending)

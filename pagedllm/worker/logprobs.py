@@ -84,18 +84,21 @@ class StepLogprobs:
         """Queue rows already gathered by gather_logprobs (with k >= every entry's k)."""
         self.parts.append(_Part(packed, entries, prompt))
 
-    def fetch(self, sampled: torch.Tensor | None) -> tuple[
-            list[int], dict[str, LogprobsLists], dict[str, LogprobsLists]]:
-        """One device-to-host copy of the sampled ids and every queued part."""
+    def pack(self, sampled: torch.Tensor | None) -> torch.Tensor | None:
+        """The sampled ids and every queued part as one flat device tensor (int64 ids alone
+        when no logprobs are queued), for one device-to-host copy; None when empty."""
+        if not self.parts:
+            return sampled
         flat = [p.packed.flatten() for p in self.parts]
         if sampled is not None:
             flat.insert(0, sampled.double())
-        host = torch.cat(flat).cpu().numpy() if flat else np.empty(0)
-        offset = 0
-        ids: list[int] = []
-        if sampled is not None:
-            ids = host[:sampled.shape[0]].astype(np.int64).tolist()
-            offset = sampled.shape[0]
+        return torch.cat(flat)
+
+    def unpack(self, host: np.ndarray, num_sampled: int) -> tuple[
+            list[int], dict[str, LogprobsLists], dict[str, LogprobsLists]]:
+        """Split `pack`'s result, copied to the host: sampled ids, sample and prompt logprobs."""
+        ids = host[:num_sampled].astype(np.int64).tolist()
+        offset = num_sampled
         sample_lp: dict[str, LogprobsLists] = {}
         prompt_lp: dict[str, LogprobsLists] = {}
         for part in self.parts:

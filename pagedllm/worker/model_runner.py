@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,9 +18,9 @@ from pagedllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from pagedllm.distributed.group import SINGLE_PROCESS, TensorParallelGroup
 from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.models.loader.model_loader import load_model
-from pagedllm.sampling_params import SamplingType
+from pagedllm.sampling_params import SamplingParams
 from pagedllm.utils import cdiv, parse_bytes
-from pagedllm.worker.block_table import BlockTableRows
+from pagedllm.worker.batch_state import BatchState, RequestState, seeded
 from pagedllm.worker.logits_processors import apply_logits_processors, needs_processing
 from pagedllm.worker.logprobs import (
     StepLogprobs,
@@ -28,7 +28,7 @@ from pagedllm.worker.logprobs import (
     num_logprobs,
     to_scores,
 )
-from pagedllm.worker.output import ModelRunnerOutput
+from pagedllm.worker.output import GrammarOutput, ModelRunnerOutput
 from pagedllm.worker.sampler import Sampler, SamplingMetadata
 from pagedllm.worker.step_inputs import StepInputs
 
@@ -39,11 +39,12 @@ _PROMPT_LP_SLICE = 1024  # prompt positions whose logits are materialized at onc
 
 @dataclass
 class PendingStep:
-    """A launched step whose sampled ids are on their way to the host."""
+    """A launched step whose results are on their way to the host (`ModelRunner.fetch`)."""
 
-    request_ids: list[str]
-    host: torch.Tensor | None  # [R] int64 (pinned on CUDA), valid once `done` completed
+    request_ids: list[str]  # the sampled rows' request ids
+    host: torch.Tensor | None  # sampled ids and logprobs (pinned on CUDA), once `done`
     done: torch.cuda.Event | None  # None on CPU, where the step ran synchronously
+    logprobs: StepLogprobs = field(default_factory=StepLogprobs)
 
 
 class ModelRunner:
@@ -66,11 +67,12 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        # Seeded generators by request id: kept across preemption, dropped when finished.
         self._generators: dict[str, torch.Generator] = {}
+        self.batch = BatchState(config.model.vocab_size, config.scheduler.max_num_seqs)
         # The last launched step's sampled ids (device) and request id -> row (async).
         self._last_sampled: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
-        self._block_rows = BlockTableRows()
         self.graphs: Any = None  # DecodeGraphs once captured
 
     # ------------------------------------------------------------ KV cache
@@ -172,53 +174,67 @@ class ModelRunner:
             is_decode_only=bool(len(q_lens)) and bool((q_lens == 1).all()),
         )
 
-    def prepare_inputs(self, out: SchedulerOutput,
-                       broadcast: Callable[[StepInputs], None] | None = None) -> tuple[
-            torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """The step's inputs on the device; with tensor parallelism, `broadcast` first hands
-        the host-side arrays to the other ranks (which run them through execute_step)."""
-        step = self.prepare_host_inputs(out)
-        if broadcast is not None:
-            if any(it.request.wants_prompt_logprobs for it in out.scheduled):
-                step.prompt_rows = self._prompt_logprob_rows(out, step.query_start_loc)[0]
-            broadcast(step)
-        return self.device_inputs(step)
+    def _update_states(self, out: SchedulerOutput) -> None:
+        """Requests leave (finished, preempted) and join (in full); the others add blocks."""
+        for rid in out.finished_ids:
+            self._generators.pop(rid, None)
+        self.batch.remove(out.finished_ids)
+        self.batch.remove(out.preempted)
+        for data in out.new_requests:
+            self.batch.add(data)
+        requests = self.batch.requests
+        for diff in out.cached_requests:
+            if diff.new_block_ids:
+                requests[diff.request_id].add_blocks(diff.new_block_ids)
 
     def prepare_host_inputs(self, out: SchedulerOutput) -> StepInputs:
-        """The flat batch of a step as numpy arrays (built once, on the driver rank)."""
-        items = out.scheduled
-        num_reqs = len(items)
-        q_lens = np.fromiter((it.num_tokens for it in items), dtype=np.int32, count=num_reqs)
-        starts = np.fromiter((it.start for it in items), dtype=np.int32, count=num_reqs)
+        """The flat batch of a step as numpy arrays (built once, on the driver rank). A token
+        sampled by the step still in flight is taken from its sampled ids on the device
+        (`pending_dst` / `pending_src`)."""
+        states = [self.batch.requests[rid] for rid in out.req_ids]
+        num_reqs = len(states)
+        q_lens = np.array(out.num_scheduled_tokens, dtype=np.int32)
+        starts = np.array(out.num_computed_tokens, dtype=np.int32)
         qsl = np.zeros(num_reqs + 1, dtype=np.int32)
         np.cumsum(q_lens, out=qsl[1:])
         num_tokens = int(qsl[-1])
         seq_lens = starts + q_lens
-        table = self._block_rows.table([it.request.request_id for it in items],
-                                       [it.block_ids for it in items])
+        rows = [st.block_row for st in states]
+        table = np.zeros((num_reqs, max((len(r) for r in rows), default=0)), dtype=np.int32)
+        for i, r in enumerate(rows):
+            table[i, :len(r)] = r
         token_ids: list[int] = []
         sample_rows: list[int] = []
-        for i, it in enumerate(items):
-            toks = it.request.all_token_ids
-            end = it.start + it.num_tokens
-            if it.num_tokens == 1:
-                # A decode (the common case); an async step's pending token is filled on
-                # the device (execute_async).
-                token_ids.append(toks[it.start] if it.start < len(toks) else 0)
+        pending_dst: list[int] = []
+        pending_src: list[int] = []
+        for i, st in enumerate(states):
+            toks = st.all_token_ids
+            start = int(starts[i])
+            n = int(q_lens[i])
+            known = len(toks)
+            if n == 1:  # a decode (the common case)
+                token_ids.append(toks[start] if start < known else 0)
             else:
-                ids = toks[it.start:end]
+                ids = toks[start:start + n]
                 token_ids.extend(ids)
-                if len(ids) < it.num_tokens:
-                    token_ids.append(0)
-            if end == it.request.num_tokens:
+                token_ids.extend([0] * (n - len(ids)))
+            if start + n > known:  # its last input token is still on the device
+                pending_dst.append(int(qsl[i]) + known - start)
+                pending_src.append(self._last_rows[st.request_id])
+            if out.samples[i]:
                 sample_rows.append(int(qsl[i + 1]) - 1)
         req_idx = np.repeat(np.arange(num_reqs), q_lens)
         positions = np.arange(num_tokens) - np.repeat(qsl[:-1], q_lens) + np.repeat(starts,
                                                                                       q_lens)
         slots = table[req_idx, positions // self.block_size].astype(np.int64) * (
             self.block_size) + positions % self.block_size
-        return StepInputs(np.array(token_ids, dtype=np.int64), positions, qsl,
-                          seq_lens.astype(np.int32), table, slots, sample_rows)
+        step = StepInputs(np.array(token_ids, dtype=np.int64), positions, qsl,
+                          seq_lens.astype(np.int32), table, slots, sample_rows,
+                          pending_dst=pending_dst, pending_src=pending_src)
+        step.num_sampled = len(sample_rows) + sum(len(c) for c in out.forks.values())
+        step.shares_sampled = (self.tp.world_size > 1 and step.num_sampled > 0
+                               and self.config.scheduler.async_scheduling)
+        return step
 
     def device_inputs(self, step: StepInputs) -> tuple[
             torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
@@ -242,7 +258,7 @@ class ModelRunner:
         """A tensor-parallel worker rank's part of a step the driver broadcast: the forward
         pass and the LM head. The vocab-parallel LM head all-gathers, so every rank must
         compute logits over the same rows in the same order as the driver's `execute`:
-        prompt-logprob rows in slices, then sample_rows (once). After an async step the
+        prompt-logprob rows in slices, then sample_rows (once). With async scheduling the
         driver's sampled ids arrive by broadcast, for the next step's pending tokens."""
         input_ids, positions, md, sample_rows = self.device_inputs(step)
         self._fill_pending(input_ids, step.pending_dst, step.pending_src)
@@ -252,115 +268,123 @@ class ModelRunner:
         if sample_rows:
             self.model.compute_logits(hidden[sample_rows])
         if step.shares_sampled:
-            sampled = torch.empty(len(sample_rows), dtype=torch.long, device=self.device)
+            sampled = torch.empty(step.num_sampled, dtype=torch.long, device=self.device)
             self._last_sampled = self.tp.broadcast(sampled)
 
-    def _sampling_metadata(self, requests: list[Any]) -> SamplingMetadata:
-        params = [r.sampling_params for r in requests]
-        all_greedy = all(p.sampling_type == SamplingType.GREEDY for p in params)
-
-        def to_device(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
-            # Asynchronous copy: a blocking one would wait for the GPU's queued work.
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-        temperature = to_device([p.temperature for p in params], torch.float32)
-        vocab = self.config.model.vocab_size
-        top_k = top_p = min_p = None
-        if any(p.top_k > 0 for p in params):
-            top_k = to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.long)
-        if any(p.top_p < 1.0 for p in params):
-            top_p = to_device([p.top_p for p in params], torch.float32)
-        if any(p.min_p > 0.0 for p in params):
-            min_p = to_device([p.min_p for p in params], torch.float32)
-        dev = self.device
+    def _sampling_metadata(self, rows: list[RequestState | None],
+                           params: list[SamplingParams], ids: list[str]) -> SamplingMetadata:
+        """Sampling tensors of the rows (a None state: a forked sample, by its params)."""
+        slots = np.fromiter((st.slot if st is not None else -1 for st in rows),
+                            dtype=np.int64, count=len(rows))
         generators = {}
-        for row, req in enumerate(requests):
-            seed = req.sampling_params.seed
-            if seed is not None and req.sampling_params.sampling_type != SamplingType.GREEDY:
-                gen = self._generators.get(req.request_id)
+        for row, (p, rid) in enumerate(zip(params, ids)):
+            if seeded(p):
+                gen = self._generators.get(rid)
                 if gen is None:
-                    gen = torch.Generator(device=dev).manual_seed(seed)
-                    self._generators[req.request_id] = gen
+                    gen = torch.Generator(device=self.device).manual_seed(p.seed)
+                    self._generators[rid] = gen
                 generators[row] = gen
-        return SamplingMetadata(temperature, top_k, top_p, min_p, all_greedy, generators)
-
-    def _forget(self, finished_ids: list[str]) -> None:
-        """Drop the per-request state (seeded generators, block-table rows) of finished
-        requests."""
-        for rid in finished_ids:
-            self._generators.pop(rid, None)
-        self._block_rows.forget(finished_ids)
+        return self.batch.sampling_metadata(slots, params, generators, self.device)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput,
-                broadcast: Callable[[StepInputs], None] | None = None) -> ModelRunnerOutput:
-        """Run one step; returns the sampled token of every request that samples (and the
-        logprobs of those that ask for them).
+                before_sample: Callable[[], GrammarOutput | None] | None = None,
+                broadcast: Callable[[StepInputs], None] | None = None) -> PendingStep:
+        """Run one step: prepare inputs -> forward -> logits pipeline (penalties, logit bias,
+        bad words, allowed ids, grammar bitmask) -> sampler -> async copy of the results to
+        the host. Returns without waiting for the device; `fetch` collects the results.
 
-        With tensor parallelism this is the driver rank: `broadcast` sends the step's inputs
-        to the other ranks; sampling happens here only.
+        `before_sample` runs once the forward is launched and before the logits pipeline
+        (the engine collects the previous step there when this one's logits need its tokens,
+        and fills the grammar bitmask). With tensor parallelism this is the driver rank:
+        `broadcast` sends the step's inputs to the other ranks; sampling happens here only.
         """
-        self._forget(out.finished_ids)
+        self._update_states(out)
         if out.block_copies:
             self.copy_blocks(out.block_copies)
         if out.is_empty:
-            return ModelRunnerOutput({})
-        input_ids, positions, md, sample_rows = self.prepare_inputs(out, broadcast)
-        hidden = self.run_model(input_ids, positions, md)
-        if any(it.request.sampling_extras for it in out.scheduled):
-            return self._execute_extras(out, hidden, md, sample_rows)
-        if not sample_rows:
-            return ModelRunnerOutput({})
-        sampling_reqs = [it.request for it in out.scheduled if it.samples]
-        logits = self.model.compute_logits(hidden[sample_rows])
-        if any(needs_processing(r) for r in sampling_reqs):
-            logits = apply_logits_processors(logits.float(), sampling_reqs)
-        sampled = self.sampler.sample(logits, self._sampling_metadata(sampling_reqs))
-        ids = sampled.tolist()
-        return ModelRunnerOutput({req.request_id: tok for req, tok in zip(sampling_reqs, ids)})
-
-    @torch.inference_mode()
-    def execute_async(self, out: SchedulerOutput,
-                      broadcast: Callable[[StepInputs], None] | None = None) -> PendingStep:
-        """Launch one plain step (no logprobs, logits processors or forks) without waiting
-        for it: the sampled ids start their copy to the host and `fetch` collects them.
-
-        A request's last input token may still be pending from the previous launched step;
-        it is taken from that step's sampled ids on the device. With tensor parallelism,
-        `broadcast` sends the step to the other ranks, and the sampled ids follow them over
-        NCCL, so no rank waits for the host.
-        """
-        self._forget(out.finished_ids)
+            if before_sample is not None:
+                before_sample()
+            return PendingStep([], None, None)
         step = self.prepare_host_inputs(out)
-        for i, it in enumerate(out.scheduled):
-            known = len(it.request.all_token_ids)
-            if it.start + it.num_tokens > known:
-                step.pending_dst.append(int(step.query_start_loc[i]) + known - it.start)
-                step.pending_src.append(self._last_rows[it.request.request_id])
-        reqs = [it.request for it in out.scheduled if it.samples]
-        step.shares_sampled = bool(reqs) and self.tp.world_size > 1
         if broadcast is not None:
+            if any(self.batch.requests[rid].wants_prompt_logprobs for rid in out.req_ids):
+                step.prompt_rows = self._prompt_logprob_rows(out, step.query_start_loc)[0]
             broadcast(step)
         input_ids, positions, md, sample_rows = self.device_inputs(step)
         self._fill_pending(input_ids, step.pending_dst, step.pending_src)
         hidden = self.run_model(input_ids, positions, md)
-        if not reqs:
+        lp = StepLogprobs()
+        self._prompt_logprobs(out, hidden, md, lp)
+        logits = None
+        if sample_rows:
+            rows = torch.tensor(sample_rows).to(self.device, non_blocking=True)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
+        grammar = before_sample() if before_sample is not None else None
+        if logits is None:
             self._last_rows = {}
-            return PendingStep([], None, None)
-        rows = torch.tensor(sample_rows).to(self.device, non_blocking=True)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
-        sampled = self.sampler.sample(logits, self._sampling_metadata(reqs))
+            return self._start_copy([], None, lp)
+        ids = out.sampling_ids
+        states: list[RequestState | None] = [self.batch.requests[rid] for rid in ids]
+        logits, raw = self._logits_pipeline(logits, states, grammar)
+        params = [st.sampling_params for st in states]  # type: ignore[union-attr]
+        if out.forks:
+            ids, states, params, index = _expand_forks(ids, states, params, out.forks)
+            logits = logits[index]
+            raw = raw[index] if raw is not None else None
+        md_s = self._sampling_metadata(states, params, ids)
+        lp_rows = [i for i, (st, p) in enumerate(zip(states, params))
+                   if p.logprobs is not None or p.best_of > p.n]
+        if lp_rows:
+            sampled, processed = self.sampler(logits, md_s)
+            index = torch.tensor(lp_rows, device=logits.device)
+            mode = self.config.model.logprobs_mode
+            scores = to_scores((raw if raw is not None else processed)[index], mode)
+            vocab = scores.shape[1]
+            lp.add(scores, sampled[index],
+                   [(ids[i], 1, num_logprobs(params[i].logprobs, vocab), 0) for i in lp_rows],
+                   prompt=False)
+        else:
+            sampled = self.sampler.sample(logits, md_s)
         if step.shares_sampled:
             sampled = self.tp.broadcast(sampled.contiguous())
         self._last_sampled = sampled
-        self._last_rows = {r.request_id: i for i, r in enumerate(reqs)}
-        host, done = sampled, None
-        if sampled.is_cuda:
-            host = torch.empty(len(reqs), dtype=torch.long, pin_memory=True)
-            host.copy_(sampled, non_blocking=True)
+        self._last_rows = {rid: i for i, rid in enumerate(ids)}
+        return self._start_copy(ids, sampled, lp)
+
+    def _logits_pipeline(self, logits: torch.Tensor, states: list[Any],
+                         grammar: GrammarOutput | None) -> tuple[
+            torch.Tensor, torch.Tensor | None]:
+        """Per-request adjustments of the sampled rows' logits, before temperature: the
+        logits processors (penalties, logit bias, allowed ids, bad words, min_tokens), then
+        the grammar bitmask. Returns the logits and, for raw logprobs, a copy taken first."""
+        raw = None
+        wants_lp = any(st.wants_logprobs for st in states)
+        if wants_lp and self.config.model.logprobs_mode.startswith("raw"):
+            logits = logits.float()
+            raw = logits.clone()
+        processing = any(needs_processing(st) for st in states)
+        if processing or wants_lp or (grammar is not None and grammar.rows):
+            logits = logits.float()
+        if processing:
+            logits = apply_logits_processors(logits, states)
+        if grammar is not None and grammar.rows:
+            grammar.bitmask.apply(logits, grammar.rows)
+        return logits, raw
+
+    def _start_copy(self, ids: list[str], sampled: torch.Tensor | None,
+                    lp: StepLogprobs) -> PendingStep:
+        """Start the one device-to-host copy of the step's sampled ids and logprobs."""
+        flat = lp.pack(sampled)
+        if flat is None:
+            return PendingStep(ids, None, None, lp)
+        host, done = flat, None
+        if flat.is_cuda:
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-        return PendingStep([r.request_id for r in reqs], host, done)
+        return PendingStep(ids, host, done, lp)
 
     def _fill_pending(self, input_ids: torch.Tensor, dst: list[int], src: list[int]) -> None:
         """Write the previous step's sampled ids (still on the device) into input rows."""
@@ -368,49 +392,23 @@ class ModelRunner:
             index = torch.tensor([dst, src]).to(self.device, non_blocking=True)
             input_ids[index[0]] = self._last_sampled[index[1]]
 
-    @staticmethod
-    def fetch(pending: PendingStep) -> ModelRunnerOutput:
-        """Wait for a launched step's sampled ids."""
+    def fetch(self, pending: PendingStep) -> ModelRunnerOutput:
+        """Wait for a launched step's results; the sampled tokens join the runner's own copy
+        of each request's tokens."""
         if pending.host is None:
             return ModelRunnerOutput({})
         if pending.done is not None:
             pending.done.synchronize()
-        return ModelRunnerOutput(dict(zip(pending.request_ids, pending.host.tolist())))
-
-    def _execute_extras(self, out: SchedulerOutput, hidden: torch.Tensor,
-                        md: AttentionMetadata, sample_rows: list[int]) -> ModelRunnerOutput:
-        """The sampling path of steps with logprobs, prompt logprobs or n > 1 forks: the
-        fork rows repeat their parent's logits; all logprobs are gathered batched and come
-        to the host with the sampled ids in one copy."""
-        step = StepLogprobs()
-        self._prompt_logprobs(out, hidden, md, step)
-        if not sample_rows:
-            return ModelRunnerOutput({}, prompt_logprobs=step.fetch(None)[2])
-        reqs = [it.request for it in out.scheduled if it.samples]
-        logits = self.model.compute_logits(hidden[sample_rows]).float()
-        mode = self.config.model.logprobs_mode
-        wants_lp = any(r.wants_logprobs for r in reqs)
-        raw = logits.clone() if wants_lp and mode.startswith("raw") else None
-        if any(needs_processing(r) for r in reqs):
-            logits = apply_logits_processors(logits, reqs)
-        if any(r.pending_forks for r in reqs):
-            reqs, rows = expand_forks(reqs)
-            index = torch.tensor(rows, device=logits.device)
-            logits = logits[index]
-            raw = raw[index] if raw is not None else None
-        sampled, processed = self.sampler(logits, self._sampling_metadata(reqs))
-        lp_rows = [i for i, r in enumerate(reqs) if r.wants_logprobs]
-        if lp_rows:
-            index = torch.tensor(lp_rows, device=logits.device)
-            scores = to_scores((raw if raw is not None else processed)[index], mode)
-            vocab = scores.shape[1]
-            step.add(scores, sampled[index],
-                     [(reqs[i].request_id, 1, num_logprobs(reqs[i].sampling_params.logprobs,
-                                                           vocab), 0) for i in lp_rows],
-                     prompt=False)
-        ids, sample_lp, prompt_lp = step.fetch(sampled)
-        return ModelRunnerOutput({r.request_id: t for r, t in zip(reqs, ids)},
-                                 sample_lp, prompt_lp)
+        num = len(pending.request_ids)
+        ids, sample_lp, prompt_lp = pending.logprobs.unpack(pending.host.numpy(), num)
+        sampled: dict[str, list[int]] = {}
+        requests = self.batch.requests
+        for rid, token in zip(pending.request_ids, ids):
+            sampled[rid] = [token]
+            state = requests.get(rid)
+            if state is not None:
+                state.all_token_ids.append(token)
+        return ModelRunnerOutput(sampled, sample_lp, prompt_lp)
 
     def _prompt_logprob_rows(self, out: SchedulerOutput, query_start_loc: Any) -> tuple[
             list[int], list[int], list[tuple[str, int, int, int]]]:
@@ -421,23 +419,26 @@ class ModelRunner:
         targets: list[int] = []
         entries = []
         vocab = self.config.model.vocab_size
-        for i, it in enumerate(out.scheduled):
-            req = it.request
-            if not req.wants_prompt_logprobs:
+        for i, rid in enumerate(out.req_ids):
+            st = self.batch.requests[rid]
+            if not st.wants_prompt_logprobs:
                 continue
-            end = min(it.start + it.num_tokens, req.num_prompt_tokens - 1)
-            if end <= it.start:
+            start = out.num_computed_tokens[i]
+            end = min(start + out.num_scheduled_tokens[i], st.num_prompt_tokens - 1)
+            if end <= start:
                 continue
-            rows.extend(range(qsl[i], qsl[i] + end - it.start))
-            targets.extend(req.prompt_token_ids[it.start + 1:end + 1])
-            k = num_logprobs(req.sampling_params.prompt_logprobs, vocab)
-            entries.append((req.request_id, end - it.start, k, it.start + 1))
+            rows.extend(range(qsl[i], qsl[i] + end - start))
+            targets.extend(st.all_token_ids[start + 1:end + 1])
+            k = num_logprobs(st.sampling_params.prompt_logprobs, vocab)
+            entries.append((rid, end - start, k, start + 1))
         return rows, targets, entries
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor,
                          md: AttentionMetadata, step: StepLogprobs) -> None:
         """Queue the logprobs of the prompt tokens this step's chunks predict: the row of
         prompt position p scores token p + 1 (the first prompt token has none)."""
+        if not any(self.batch.requests[rid].wants_prompt_logprobs for rid in out.req_ids):
+            return
         rows, targets, entries = self._prompt_logprob_rows(out, md.query_start_loc_cpu)
         if not rows:
             return
@@ -491,14 +492,24 @@ class ModelRunner:
                     len(self.graphs.sizes), self.graphs.sizes[-1], time.perf_counter() - start)
 
 
-def expand_forks(reqs: list[Any]) -> tuple[list[Any], list[int]]:
-    """Rows to sample: each request, followed by the children to fork off it, which sample
-    their first token from the same logits row. Returns (requests, source row of each)."""
-    out_reqs, rows = [], []
-    for i, req in enumerate(reqs):
-        out_reqs.append(req)
+def _expand_forks(ids: list[str], states: list[Any], params: list[SamplingParams],
+                  forks: dict[str, list[tuple[str, SamplingParams]]]) -> tuple[
+        list[str], list[Any], list[SamplingParams], list[int]]:
+    """Rows to sample: each request, followed by the samples to fork off it, which draw
+    their first token from the same logits row. Returns ids, states (None for a forked
+    sample), params and the source row of each."""
+    out_ids: list[str] = []
+    out_states: list[Any] = []
+    out_params: list[SamplingParams] = []
+    rows: list[int] = []
+    for i, rid in enumerate(ids):
+        out_ids.append(rid)
+        out_states.append(states[i])
+        out_params.append(params[i])
         rows.append(i)
-        for child in req.pending_forks:
-            out_reqs.append(child)
+        for child_id, child_params in forks.get(rid, ()):
+            out_ids.append(child_id)
+            out_states.append(None)
+            out_params.append(child_params)
             rows.append(i)
-    return out_reqs, rows
+    return out_ids, out_states, out_params, rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -27,11 +28,21 @@ class LogprobsLists:
 
 @dataclass
 class ModelRunnerOutput:
-    """Request id -> sampled token, plus logprobs for the requests that asked for them.
+    """Request id -> its sampled tokens (a list: one per step today, more once draft
+    tokens are verified), plus logprobs for the requests that asked for them.
 
     `sampled` also holds the first token of each child forked off an n > 1 parent this step.
     """
 
-    sampled: dict[str, int]
+    sampled: dict[str, list[int]]
     logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
     prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+
+
+@dataclass
+class GrammarOutput:
+    """The grammar bitmask of a step: ``bitmask.host`` row r masks sampled row r, for the
+    rows listed (filled on the host while the forward runs)."""
+
+    bitmask: Any  # structured_output.GrammarBitmask
+    rows: list[int]

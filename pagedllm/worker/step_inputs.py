@@ -29,6 +29,7 @@ class StepInputs:
     pending_dst: list[int] = field(default_factory=list)
     pending_src: list[int] = field(default_factory=list)
     shares_sampled: bool = False
+    num_sampled: int = 0  # sampled rows, forked samples included (the broadcast's length)
 
     @property
     def num_tokens(self) -> int:

@@ -34,8 +34,17 @@ from pagedllm.entrypoints.openai.request_limits import (
 )
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.streaming import MergedStreams, StreamRegistry
+from pagedllm.entrypoints.openai.structured_outputs import (
+    GUIDED_FIELDS,
+    structured_outputs_from_request,
+)
 from pagedllm.outputs import Logprob
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.structured_output import (
+    StructuredOutputsConfig,
+    StructuredOutputsParams,
+    validate_structured_outputs,
+)
 from pagedllm.utils import random_uuid
 
 logger = logging.getLogger(__name__)
@@ -47,13 +56,7 @@ THREAD_TOKENIZE_CHARS = 20_000
 
 # vLLM request fields that this server does not implement: refused, never ignored.
 UNSUPPORTED_FIELDS = {
-    "structured_outputs": "structured outputs are not implemented yet",
-    "guided_json": "structured outputs are not implemented yet",
-    "guided_regex": "structured outputs are not implemented yet",
-    "guided_choice": "structured outputs are not implemented yet",
-    "guided_grammar": "structured outputs are not implemented yet",
-    "guided_decoding_backend": "structured outputs are not implemented yet",
-    "guided_whitespace_pattern": "structured outputs are not implemented yet",
+    "guided_decoding_backend": "the backend is chosen per server: --structured-outputs-config",
     "return_token_ids": "token ids are not returned in responses",
     "return_tokens_as_token_ids": "token ids are not returned in responses",
     "kv_transfer_params": "KV transfer is not implemented",
@@ -96,6 +99,9 @@ class OpenAIServing:
         self.vocab_size: int = int(vocab) if isinstance(vocab, int) else len(self.tokenizer)
         self.max_logprobs: int = int(getattr(self.model_config, "max_logprobs", 20))
         self.token_bytes = TokenBytes(self.tokenizer)
+        config = getattr(engine, "config", None)
+        self.structured_outputs_config: StructuredOutputsConfig = getattr(
+            config, "structured_outputs", None) or StructuredOutputsConfig.parse(None)
 
     # ------------------------------------------------------------------ request checks
     def request_id(self, raw_request: Request | None, request: Any = None) -> str:
@@ -127,11 +133,6 @@ class OpenAIServing:
         if request.use_beam_search:
             raise BadRequestError("Beam search is not supported yet; set use_beam_search=false.",
                                   param="use_beam_search")
-        fmt = request.response_format
-        if fmt is not None and fmt.type != "text":
-            raise BadRequestError(
-                f"response_format type {fmt.type!r} (structured output) is not supported yet; "
-                "use {\"type\": \"text\"}.", param="response_format")
         if request.logit_bias:
             for key in request.logit_bias:
                 if not re.fullmatch(r"\d+", key.strip()):
@@ -245,10 +246,27 @@ class OpenAIServing:
             kwargs["prompt_logprobs"] = prompt_logprobs
         kwargs["output_kind"] = (RequestOutputKind.DELTA if stream
                                  else RequestOutputKind.CUMULATIVE)
+        so, backend = self.structured_outputs(request)
+        if so is not None:
+            kwargs["structured_outputs"] = so
         try:
-            return SamplingParams(**kwargs)
+            params = SamplingParams(**kwargs)
         except (ValueError, TypeError) as e:
             raise BadRequestError(str(e), param=_param_of(str(e), kwargs)) from e
+        params._structured_outputs_backend = backend
+        return params
+
+    def structured_outputs(self, request: Any) -> tuple[StructuredOutputsParams | None,
+                                                        str | None]:
+        """The request's constraint (response_format, structured_outputs or guided_*) and the
+        backend that takes it; a bad one is a 400 with the backend's diagnosis."""
+        try:
+            so = structured_outputs_from_request(request)
+            if so is None:
+                return None, None
+            return so, validate_structured_outputs(so, self.structured_outputs_config)
+        except ValueError as e:
+            raise BadRequestError(str(e), param=_structured_param(request)) from e
 
     # ------------------------------------------------------------------ generation
     async def generate(self, prompt: Prompt, params: SamplingParams,
@@ -362,3 +380,16 @@ def _param_of(message: str, fields: dict[str, Any]) -> str | None:
     if match and match.group(1) in fields:
         return match.group(1)
     return None
+
+
+def _structured_param(request: Any) -> str:
+    """The request field that carries its structured-output constraint."""
+    extra = getattr(request, "model_extra", None) or {}
+    for name in ("response_format", "structured_outputs", *GUIDED_FIELDS):
+        value = getattr(request, name, None)
+        if value is None:
+            value = extra.get(name)
+        if value is not None and not (name == "response_format"
+                                      and getattr(value, "type", None) == "text"):
+            return name
+    return "structured_outputs"

@@ -39,9 +39,15 @@ from pagedllm.entrypoints.openai.streaming import (
     finish_stream,
     sse,
 )
-from pagedllm.entrypoints.openai.tool_choice import resolve_tool_choice
+from pagedllm.entrypoints.openai.tool_choice import (
+    ToolChoice,
+    constrained_output_parser,
+    resolve_tool_choice,
+    tool_choice_json_schema,
+)
 from pagedllm.entrypoints.openai.tool_parsers.base import ToolParser
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output import StructuredOutputsParams, validate_structured_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -62,29 +68,54 @@ class OpenAIServingChat(OpenAIServing):
         self.tool_parser = tool_parser
         self.reasoning_parser = reasoning_parser
 
+    def tool_choice(self, request: ChatCompletionRequest) -> ToolChoice:
+        """The request's resolved tool_choice; 400 for a bad one."""
+        given = request.tool_choice if "tool_choice" in request.model_fields_set else None
+        try:
+            return resolve_tool_choice(given, request.tools, request.parallel_tool_calls,
+                                       auto_enabled=self.tool_parser is not None)
+        except ChatInputError as e:
+            raise BadRequestError(str(e), param=e.param) from e
+
     def output_parser(self, request: ChatCompletionRequest,
                       prompt_text: str) -> ChatOutputParser | None:
         """The request's reasoning / tool-call parsers (None when it needs neither); 400s
-        for a bad or unsupported tool_choice."""
-        given = request.tool_choice if "tool_choice" in request.model_fields_set else None
-        try:
-            choice = resolve_tool_choice(given, request.tools, request.parallel_tool_calls,
-                                         auto_enabled=self.tool_parser is not None)
-        except ChatInputError as e:
-            raise BadRequestError(str(e), param=e.param) from e
+        for a bad or unsupported tool_choice. Output held to the tools' schemas (tool_choice
+        required or naming a function) is read by the matching constrained parser."""
+        choice = self.tool_choice(request)
         if choice.mode in ("required", "function"):
-            raise BadRequestError(
-                f"tool_choice {'required' if choice.mode == 'required' else 'naming a function'}"
-                " needs structured outputs to hold the model to the tools' schemas, which "
-                "this server does not implement yet; use tool_choice 'auto' (with "
-                "--enable-auto-tool-choice) or 'none'.", param="tool_choice")
-        tools = (self.tool_parser(self.tokenizer, request.tools)
-                 if choice.mode == "auto" and self.tool_parser is not None else None)
+            tools = constrained_output_parser(choice, request.tools, self.tokenizer)
+        elif choice.mode == "auto" and self.tool_parser is not None:
+            tools = self.tool_parser(self.tokenizer, request.tools)
+        else:
+            tools = None
         reasoning = (self.reasoning_parser(self.tokenizer, prompt_text)
                      if self.reasoning_parser is not None else None)
         if tools is None and reasoning is None:
             return None
         return ChatOutputParser(reasoning, tools, choice.max_calls)
+
+    def constrain_tool_calls(self, request: ChatCompletionRequest,
+                             params: SamplingParams) -> None:
+        """tool_choice required / a named function: structured outputs hold the output to
+        a call list (or the function's arguments) that validates against the tools'
+        parameter schemas."""
+        choice = self.tool_choice(request)
+        schema = tool_choice_json_schema(choice, request.tools)
+        if schema is None:
+            return
+        if params.structured_outputs is not None:
+            raise BadRequestError("tool_choice 'required' or naming a function constrains the "
+                                  "output to the tools' schemas; it cannot be combined with "
+                                  "response_format or structured outputs.", param="tool_choice")
+        try:
+            so = StructuredOutputsParams(json=schema)
+            backend = validate_structured_outputs(so, self.structured_outputs_config)
+        except ValueError as e:
+            raise BadRequestError(f"The tools' parameter schemas cannot be enforced: {e}",
+                                  param="tools") from e
+        params.structured_outputs = so
+        params._structured_outputs_backend = backend
 
     def render(self, request: Any) -> str:
         """The prompt text of a chat (or chat tokenize) request."""
@@ -125,6 +156,7 @@ class OpenAIServingChat(OpenAIServing):
             logprobs=num_logprobs,
             stream=stream,
         )
+        self.constrain_tool_calls(request, params)
         parser = self.output_parser(request, text)
         if parser is not None and parser.needs_special_tokens:
             params.skip_special_tokens = False  # the format's markers are special tokens
