@@ -5,9 +5,17 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per process: a test often runs a server's engine core and a reference
+# model in this process at once, and two processes of two spinning threads each on a
+# 2-core machine stall one another's matmuls many times over. Servers inherit these.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("PAGEDLLM_CPU_THREADS", "1")
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Small shapes shared by every architecture; the init range is raised from HF's 0.02 so
 # that greedy choices are not near-ties that rounding could flip.

@@ -90,7 +90,6 @@ class EngineCore:
                 for i, cid in enumerate(child_ids)]
         # One sequence computes the prompt; the others fork off it when it samples.
         seqs[0].pending_forks = seqs[1:]
-        seqs[0].sampling_extras = seqs[0].sampling_extras or len(seqs) > 1
         self._children[request_id] = child_ids
         for cid in child_ids:
             self._parent_of[cid] = request_id

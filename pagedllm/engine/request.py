@@ -62,9 +62,6 @@ class Request:
         self.wants_logprobs = (sampling_params.logprobs is not None
                                or sampling_params.best_of > sampling_params.n)
         self.wants_prompt_logprobs = sampling_params.prompt_logprobs is not None
-        # True when the model runner has more to do than sample one token (logprobs, prompt
-        # logprobs, forks); requests without it take the plain fast path.
-        self.sampling_extras = self.wants_logprobs or self.wants_prompt_logprobs
         # KV blocks of this request the model runner holds (-1: the runner does not hold
         # the request, so it is sent in full the next time it is scheduled).
         self.num_runner_blocks = -1

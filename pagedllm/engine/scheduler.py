@@ -302,7 +302,6 @@ class Scheduler:
         filled last block (copied on the device before the next step writes into it).
         Returns the children that got their first token."""
         children, parent.pending_forks = parent.pending_forks, []
-        parent.sampling_extras = parent.wants_logprobs or parent.wants_prompt_logprobs
         started = []
         for child in children:
             self.requests[child.request_id] = child
