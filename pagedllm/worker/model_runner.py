@@ -57,6 +57,8 @@ class ModelRunner:
             # Each rank's process (or Ray actor) selected its GPU before building the runner.
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.block_size = config.cache.block_size
+        if self.device.type == "cpu" and config.device.cpu_threads:
+            torch.set_num_threads(config.device.cpu_threads)
         self.backend: type[AttentionBackend] = get_attention_backend(
             config.device.attention_backend, config.device.device)
         logger.info("Attention backend: %s (%s)", self.backend.name,
@@ -96,8 +98,8 @@ class ModelRunner:
         if cache.kv_cache_memory_bytes is not None:
             return cache.kv_cache_memory_bytes // self.bytes_per_block()
         if self.device.type == "cpu":
-            # Default CPU budget (PAGEDLLM_CPU_KVCACHE_SPACE bytes, 4 GiB), but no more blocks
-            # than max_num_seqs full-length requests could ever use.
+            # What max_num_seqs full-length requests could use, capped at
+            # PAGEDLLM_CPU_KVCACHE_SPACE bytes (default DEFAULT_CPU_KV_CACHE_BYTES).
             budget = parse_bytes(os.environ.get("PAGEDLLM_CPU_KVCACHE_SPACE",
                                                 str(DEFAULT_CPU_KV_CACHE_BYTES)))
             sched = self.config.scheduler
