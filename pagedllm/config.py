@@ -27,7 +27,7 @@ LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "gguf")
 RUNNERS = ("auto", "generate", "pooling")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits")
 QUANTIZATIONS = ("gguf",)
-DEFAULT_CPU_KV_CACHE_BYTES = 512 << 20  # cap of the CPU KV cache sized to the model
+DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20  # cap of the CPU KV cache sized to the model
 
 
 def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype | None,

@@ -155,3 +155,25 @@ def test_default_model_perplexity_within_2_percent(packed_llm) -> None:
     assert dense_llm.engine.model_config.quantization is None
     dense = _perplexity(dense_llm)
     assert abs(packed - dense) / dense <= 0.02, (packed, dense)
+
+
+def test_pack_cache_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagedllm.models.loader.pack_cache import PackCache
+
+    monkeypatch.setenv("PAGEDLLM_CACHE_DIR", str(tmp_path))
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF")
+    packed = _packed(_synth_rows(Q.Q4_1, np.random.default_rng(5)), Q.Q4_1)
+    weight = torch.empty(N, K)
+    first = PackCache(source, torch.bfloat16)
+    assert first.get("layers.0.mlp.down_proj", "int4", weight) is None
+    first.put("layers.0.mlp.down_proj", packed)
+    first.save()
+    second = PackCache(source, torch.bfloat16)
+    again = second.get("layers.0.mlp.down_proj", "int4", weight)
+    assert again is not None and second.hits == 1
+    x = torch.randn(3, K).to(torch.bfloat16)
+    torch.testing.assert_close(again(x), packed(x), rtol=0, atol=0)
+    assert second.get("layers.0.mlp.down_proj", "int8", weight) is None  # other kind
+    assert PackCache(source, torch.float32).get("layers.0.mlp.down_proj", "int4",
+                                                weight) is None  # other dtype

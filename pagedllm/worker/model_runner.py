@@ -21,6 +21,7 @@ from pagedllm.models.loader.model_loader import load_model
 from pagedllm.sampling_params import SamplingType
 from pagedllm.utils import cdiv, parse_bytes
 from pagedllm.worker.block_table import BlockTableRows
+from pagedllm.worker.cpu_memory import zeros_untouched
 from pagedllm.worker.logits_processors import apply_logits_processors, needs_processing
 from pagedllm.worker.logprobs import (
     StepLogprobs,
@@ -148,8 +149,9 @@ class ModelRunner:
         del dummy_cache, shared
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = [torch.zeros(self._kv_cache_shape(spec, num_blocks), dtype=self.dtype,
-                                      device=self.device)
+        alloc = zeros_untouched if self.device.type == "cpu" else torch.zeros
+        self.kv_caches = [alloc(self._kv_cache_shape(spec, num_blocks), dtype=self.dtype,
+                                device=self.device)
                           for spec in self.model.kv_cache_specs()]
         self.num_blocks = num_blocks
 

@@ -101,8 +101,10 @@ def load_packed_gguf(model: torch.nn.Module, path: str | os.PathLike[str] | GGUF
     from pagedllm.models.layers.quantized import PackedWeight, attach_packed
     from pagedllm.models.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
     from pagedllm.models.loader.gguf_pack import Int4Rows, packed_kind, rows_for
+    from pagedllm.models.loader.pack_cache import PackCache
 
     ckpt = open_checkpoint(path)
+    cache = PackCache(ckpt.path, dtype)
     groups: dict[str, dict[object, tuple[str, GGUFTensorInfo]]] = {}
     for info in ckpt.tensors:
         hf = ckpt.hf_name(info.name)
@@ -131,17 +133,21 @@ def load_packed_gguf(model: torch.nn.Module, path: str | os.PathLike[str] | GGUF
                      and not isinstance(module, ParallelLMHead))
         kind = "int4" if kinds == {"int4"} and not embedding else "int8"
         order = _shard_order(module, parts)
-        pieces = [rows_for(ckpt.raw_rows(parts[s][1]), parts[s][1].qtype, kind) for s in order]
         weight = module.weight
-        n = sum(p.codes.shape[0] for p in pieces)
-        if weight is None or (n, pieces[0].codes.shape[1]) != tuple(weight.shape):
-            raise ValueError(f"GGUF tensors for {module_name} make a [{n}, "
-                             f"{pieces[0].codes.shape[1]}] weight; the model expects "
-                             f"{tuple(weight.shape) if weight is not None else '?'}.")
-        cat = [np.concatenate([getattr(p, f) for p in pieces])
-               for f in (("codes", "scale", "zero") if kind == "int4" else ("codes", "scale"))]
-        packed = (PackedWeight.int4(*cat, dtype=dtype) if isinstance(pieces[0], Int4Rows)
-                  else PackedWeight.int8(*cat, dtype=dtype))
+        packed = cache.get(module_name, kind, weight)
+        if packed is None:
+            pieces = [rows_for(ckpt.raw_rows(parts[s][1]), parts[s][1].qtype, kind)
+                      for s in order]
+            n = sum(p.codes.shape[0] for p in pieces)
+            if weight is None or (n, pieces[0].codes.shape[1]) != tuple(weight.shape):
+                raise ValueError(f"GGUF tensors for {module_name} make a [{n}, "
+                                 f"{pieces[0].codes.shape[1]}] weight; the model expects "
+                                 f"{tuple(weight.shape) if weight is not None else '?'}.")
+            fields = ("codes", "scale", "zero") if kind == "int4" else ("codes", "scale")
+            cat = [np.concatenate([getattr(p, f) for p in pieces]) for f in fields]
+            packed = (PackedWeight.int4(*cat, dtype=dtype) if isinstance(pieces[0], Int4Rows)
+                      else PackedWeight.int8(*cat, dtype=dtype))
+            cache.put(module_name, packed)
         tied = getattr(model, "tie_word_embeddings", False) and module_name == "embed_tokens"
         attach_packed(module, packed)
         if tied:
@@ -151,8 +157,9 @@ def load_packed_gguf(model: torch.nn.Module, path: str | os.PathLike[str] | GGUF
     if dense_types:
         logger.info("GGUF types without a packed CPU kernel are dequantized to %s: %s",
                     str(dtype).removeprefix("torch."), ", ".join(sorted(dense_types)))
-    logger.info("Packed %d GGUF weights (%.1f MiB) for the CPU kernels", len(skip),
-                packed_bytes / 2**20)
+    cache.save()
+    logger.info("Packed %d GGUF weights (%.1f MiB) for the CPU kernels%s", len(skip),
+                packed_bytes / 2**20, " (from the pack cache)" if cache.hits else "")
     model.load_weights(_iter_weights(ckpt, dtype, skip=skip))
 
 
