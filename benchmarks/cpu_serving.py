@@ -4,7 +4,7 @@ HF transformers (benchmarks/hf_server.py), same client and prompts, ratios print
 Each server is started alone, timed to its first healthy answer (start-up) and measured for
 resident memory (the sum over its process tree) after the runs. The workload: streamed
 /v1/completions of 50-200 random English words in and 64-128 tokens out (ignore_eos),
-greedy, at 1, 8 and 32 concurrent clients (3, 3 and 2 requests per client), then
+greedy, at 1, 8 and 32 concurrent clients (3, 3 and 2 requests per client by default), then
 `pagedllm bench serve --random-input-len 128 --random-output-len 64` at 8 clients.
 llama-server is not built by this script: pass the path of one built as
 ../shared/MODELS.md describes (benchmarks only).
@@ -199,6 +199,8 @@ def main() -> None:
     ap.add_argument("--servers", default="pagedllm,llama,hf")
     ap.add_argument("--llama-server", default=None, help="path of a built llama-server")
     ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--requests-per-client", default="3,3,2",
+                    help="requests each client sends, per entry of --clients")
     ap.add_argument("--threads", type=int, default=2, help="threads of llama.cpp and HF")
     ap.add_argument("--pagedllm-args", nargs="*", default=[])
     ap.add_argument("--port", type=int, default=8190)
@@ -210,6 +212,9 @@ def main() -> None:
 
     gguf = find_default_model()
     clients = [int(c) for c in args.clients.split(",")]
+    per_client = [int(c) for c in args.requests_per_client.split(",")]
+    if len(per_client) != len(clients):
+        ap.error("--requests-per-client needs one entry per --clients entry")
     results: dict[str, dict] = {}
     for name in args.servers.split(","):
         if name == "llama" and not args.llama_server:
@@ -224,8 +229,7 @@ def main() -> None:
             entry: dict = {"startup_s": round(wait_ready(url, proc), 2),
                            "rss_ready_mb": round(tree_rss_mb(proc.pid))}
             runs = []
-            for c in clients:
-                per = {1: 3, 8: 3}.get(c, 2)
+            for c, per in zip(clients, per_client):
                 prompts = make_prompts(c * per, args.seed + c)
                 r = asyncio.run(run_load(url, c, prompts)).summary()
                 runs.append(r)
