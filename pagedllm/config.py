@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,8 @@ _DTYPES = {
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "gguf")
 RUNNERS = ("auto", "generate", "pooling")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits")
-DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
+QUANTIZATIONS = ("gguf",)
+DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20  # cap of the CPU KV cache sized to the model
 
 
 def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype | None,
@@ -74,6 +76,7 @@ class ModelConfig:
     chat_template: str | None = None
     sliding_window: int | None = None
     skip_tokenizer_init: bool = False
+    quantization: str | None = None  # "gguf": GGUF weights stay packed (CPU kernels)
 
     @property
     def num_layers(self) -> int:
@@ -131,6 +134,7 @@ class DeviceConfig:
     device: str = "cpu"
     attention_backend: str | None = None
     enforce_eager: bool = False
+    cpu_threads: int | None = None  # torch intra-op threads on the CPU (None: leave torch's)
 
     @property
     def torch_device(self) -> torch.device:
@@ -188,6 +192,8 @@ class EngineArgs:
     chat_template: str | None = None
     skip_tokenizer_init: bool = False
     structured_outputs_config: StructuredOutputsConfig | dict[str, Any] | str | None = None
+    quantization: str | None = None
+    cpu_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- CLI
@@ -202,7 +208,17 @@ class EngineArgs:
                        help="Allow custom code from the model repository (tokenizer/config).")
         g.add_argument("--download-dir", help="Where hub downloads go (default: the HF cache).")
         g.add_argument("--dtype", default="auto",
-                       help="auto, float32, float16 or bfloat16 (auto: fp32 on CPU, bf16 on GPU).")
+                       help="auto, float32, float16 or bfloat16 (auto: fp32 on CPU, bf16 on GPU; "
+                            "a GGUF model on the CPU stays packed with bf16 activations where "
+                            "the CPU has AVX512-BF16 / AMX). An explicit dtype dequantizes a "
+                            "GGUF model to it.")
+        g.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default=None,
+                       help="gguf: keep a GGUF checkpoint's quantized weights packed for the "
+                            "CPU kernels (the default for .gguf files on the CPU with dtype "
+                            "auto).")
+        g.add_argument("--cpu-threads", type=int, default=None,
+                       help="Torch threads of the CPU engine (default: PAGEDLLM_CPU_THREADS, "
+                            "else the cores this process may run on).")
         g.add_argument("--seed", type=int, default=0, help="Global random seed.")
         g.add_argument("--max-model-len", type=int,
                        help="Longest prompt + output in tokens (default: from the model config).")
@@ -279,7 +295,11 @@ class EngineArgs:
         hf_config = resolved.hf_config
         runner, architecture = resolve_architecture(hf_config, self.runner)
         config_dtype = _config_dtype(hf_config)
-        dtype = resolve_dtype(self.dtype, config_dtype, device)
+        quantization = self._resolve_quantization(resolved.load_format, device)
+        if quantization == "gguf" and str(self.dtype).lower() == "auto":
+            dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
+        else:
+            dtype = resolve_dtype(self.dtype, config_dtype, device)
         if device == "cpu" and dtype == torch.float16:
             raise ValueError("float16 is not supported on CPU; use dtype='float32' or 'bfloat16'.")
 
@@ -315,6 +335,7 @@ class EngineArgs:
             chat_template=self.chat_template,
             sliding_window=sliding_window if isinstance(sliding_window, int) else None,
             skip_tokenizer_init=self.skip_tokenizer_init,
+            quantization=quantization,
         )
         kv_bytes = self.kv_cache_memory_bytes
         if isinstance(kv_bytes, str):
@@ -353,6 +374,7 @@ class EngineArgs:
             device=device,
             attention_backend=attention_backend,
             enforce_eager=self.enforce_eager,
+            cpu_threads=self._resolve_cpu_threads(device),
         )
         return EngineConfig(
             model=model,
@@ -363,6 +385,53 @@ class EngineArgs:
             disable_log_stats=self.disable_log_stats,
             structured_outputs=StructuredOutputsConfig.parse(self.structured_outputs_config),
         )
+
+    def _resolve_quantization(self, load_format: str, device: str) -> str | None:
+        """'gguf' (weights stay packed) or None (dense, dequantized where quantized)."""
+        q = self.quantization.lower() if isinstance(self.quantization, str) else self.quantization
+        if q is not None and q not in QUANTIZATIONS:
+            raise ValueError(f"quantization={self.quantization!r} is not supported; "
+                             f"supported: {', '.join(QUANTIZATIONS)} (or leave it unset).")
+        if load_format != "gguf":
+            if q is not None:
+                raise ValueError(f"quantization={q!r} needs a .gguf model file.")
+            return None
+        if q is None:  # automatic: packed on one CPU process, unless a dtype is asked for
+            if (device != "cpu" or self.tensor_parallel_size != 1
+                    or str(self.dtype).lower() != "auto"):
+                return None
+            if not cpu_has_bf16():
+                logging.getLogger(__name__).info(
+                    "This CPU has no AVX512-BF16 / AMX: the GGUF weights are dequantized to "
+                    "float32 (the packed kernels are slow with float32 activations).")
+                return None
+            return "gguf"
+        if device != "cpu":
+            raise ValueError("quantization='gguf' runs on the CPU only; on CUDA leave it "
+                             "unset (the GGUF weights are dequantized).")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("quantization='gguf' needs tensor_parallel_size=1; leave it unset "
+                             "to shard the dequantized weights.")
+        return q
+
+    def _resolve_cpu_threads(self, device: str) -> int | None:
+        """Torch threads of the CPU engine: the flag, PAGEDLLM_CPU_THREADS, or the cores
+        this process may run on (shared by the tensor-parallel ranks)."""
+        if device != "cpu":
+            return None
+        threads = self.cpu_threads
+        if threads is None and os.environ.get("PAGEDLLM_CPU_THREADS"):
+            raw = os.environ["PAGEDLLM_CPU_THREADS"]
+            try:
+                threads = int(raw)
+            except ValueError:
+                raise ValueError(f"PAGEDLLM_CPU_THREADS={raw!r} must be an integer.") from None
+        if threads is not None:
+            _check_int("cpu_threads", threads, 1)
+            return threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        return max(1, cores // self.tensor_parallel_size)
 
     def _validate_scalars(self) -> None:
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
@@ -415,9 +484,22 @@ class EngineArgs:
 
 
 def _default_model_name() -> str:
-    from pagedllm.models.loader.gguf_loader import DEFAULT_MODEL_NAME
+    from pagedllm.models.loader.default_model import DEFAULT_MODEL_NAME
 
     return DEFAULT_MODEL_NAME
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), per /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

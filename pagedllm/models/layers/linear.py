@@ -1,7 +1,9 @@
 """Tensor-parallel-aware linear layers (Megatron style); with one process they are plain.
 
 Each layer knows its shard and loads its slice of a full checkpoint tensor through
-`weight_loader(param, loaded_weight, shard_id)`.
+`weight_loader(param, loaded_weight, shard_id)`. A layer whose `packed` is set (GGUF weights
+kept quantized on the CPU, `layers/quantized.PackedWeight`) has no dense weight and runs
+the packed matmul; bias, reduce and gather stay as they are.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.group import SINGLE_PROCESS, TensorParallelGroup
+from pagedllm.models.layers.quantized import PackedWeight
 
 
 def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
@@ -24,6 +27,8 @@ def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
 
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split along the output dimension across ranks."""
+
+    packed: PackedWeight | None = None
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  tp: TensorParallelGroup = SINGLE_PROCESS, gather_output: bool = False) -> None:
@@ -43,7 +48,12 @@ class ColumnParallelLinear(nn.Module):
         _copy_checked(param, loaded, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.packed is not None:
+            y = self.packed(x)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = F.linear(x, self.weight, self.bias)
         return self.tp.all_gather(y) if self.gather_output else y
 
 
@@ -103,6 +113,8 @@ class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split along the input dimension; partial sums all-reduced
     (unless reduce_results=False: the caller reduces once for several partial sums)."""
 
+    packed: PackedWeight | None = None
+
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  tp: TensorParallelGroup = SINGLE_PROCESS, reduce_results: bool = True) -> None:
         super().__init__()
@@ -125,7 +137,7 @@ class RowParallelLinear(nn.Module):
         _copy_checked(param, loaded, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.packed(x) if self.packed is not None else F.linear(x, self.weight)
         if self.reduce_results:
             y = self.tp.all_reduce(y)
         return y + self.bias if self.bias is not None else y

@@ -118,6 +118,16 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, inv_freq)
         self.register_buffer("cos_cache", freqs.cos() * mscale, persistent=False)
         self.register_buffer("sin_cache", freqs.sin() * mscale, persistent=False)
+        # The last CPU step's (positions, cos, sin) in the activation dtype: layers that
+        # share this module (equal tables) gather them once per step.
+        self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def same_table(self, other: RotaryEmbedding) -> bool:
+        """Whether `other` applies exactly the same rotation (so layers may share one)."""
+        return (self.head_dim == other.head_dim and self.rotary_dim == other.rotary_dim
+                and self.cos_cache.shape == other.cos_cache.shape
+                and torch.equal(self.cos_cache, other.cos_cache)
+                and torch.equal(self.sin_cache, other.sin_cache))
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -143,6 +153,39 @@ class RotaryEmbedding(nn.Module):
     def forward_native(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """The torch reference of forward() (returns new tensors)."""
-        cos = self.cos_cache.index_select(0, positions).unsqueeze(1)
-        sin = self.sin_cache.index_select(0, positions).unsqueeze(1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        if self.rotary_dim != self.head_dim or q.is_cuda:
+            cos = self.cos_cache.index_select(0, positions).unsqueeze(1)
+            sin = self.sin_cache.index_select(0, positions).unsqueeze(1)
+            return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        cos, sin = self._full_cos_sin(positions, q.dtype)
+        n, qw, kw = q.shape[0], q.shape[-1], k.shape[-1]
+        if (q.stride() == k.stride() and q.stride(-1) == 1
+                and k.data_ptr() == q.data_ptr() + qw * q.element_size()):
+            # q and k are neighbouring column blocks of one qkv output: rotate them together
+            qk = self._rotate_full(q.as_strided((n, qw + kw), q.stride()), cos, sin)
+            return qk[:, :qw], qk[:, qw:]
+        return self._rotate_full(q, cos, sin), self._rotate_full(k, cos, sin)
+
+    def _full_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin over the whole head ([n, 1, head_dim], `dtype`) for
+        x * cos + swap_halves(x) * sin; cached for the step's positions tensor."""
+        step = self._step
+        if step is not None and step[0] is positions and step[1].dtype == dtype:
+            return step[1], step[2]
+        cos = self.cos_cache.index_select(0, positions)
+        sin = self.sin_cache.index_select(0, positions)
+        cos_full = torch.cat((cos, cos), dim=-1).to(dtype).unsqueeze(1)
+        sin_full = torch.cat((-sin, sin), dim=-1).to(dtype).unsqueeze(1)
+        self._step = (positions, cos_full, sin_full)
+        return cos_full, sin_full
+
+    def _rotate_full(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                     ) -> torch.Tensor:
+        """Rotate every head of x [n, heads * head_dim] (rotary_dim == head_dim): the same
+        products as `_rotate` (x1 c - x2 s, x2 c + x1 s), in three ops."""
+        n = x.shape[0]
+        x = x.view(n, -1, self.head_dim)
+        x1, x2 = x.chunk(2, dim=-1)
+        out = x * cos + torch.cat((x2, x1), dim=-1) * sin
+        return out.view(n, -1)

@@ -7,11 +7,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.group import SINGLE_PROCESS, TensorParallelGroup
+from pagedllm.models.layers.quantized import PackedWeight
 from pagedllm.utils import cdiv
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding whose rows (the vocabulary) are split across ranks."""
+    """Embedding whose rows (the vocabulary) are split across ranks; `packed` (int8 rows,
+    one process) replaces the dense weight of a GGUF checkpoint kept quantized."""
+
+    packed: PackedWeight | None = None
 
     def __init__(self, vocab_size: int, hidden_size: int,
                  tp: TensorParallelGroup = SINGLE_PROCESS) -> None:
@@ -35,6 +39,8 @@ class VocabParallelEmbedding(nn.Module):
         param.data[:rows].copy_(loaded[self.vocab_start:self.vocab_start + rows])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.embed(input_ids)
         if self.tp.world_size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.vocab_start
@@ -48,6 +54,9 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Output projection to the vocabulary; each rank computes its slice of the logits."""
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight)
+        if self.packed is not None:
+            logits = self.packed(hidden_states)
+        else:
+            logits = F.linear(hidden_states, self.weight)
         logits = self.tp.all_gather(logits)
         return logits[..., : self.vocab_size]

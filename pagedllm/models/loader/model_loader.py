@@ -43,6 +43,10 @@ def load_model(model_config: ModelConfig, attn_impl: type[AttentionImpl] | None,
     fmt = model_config.load_format
     if fmt == "dummy":
         init_dummy_weights(model, model_config.seed)
+    elif fmt == "gguf" and model_config.quantization == "gguf":
+        from pagedllm.models.loader.gguf_loader import load_packed_gguf
+
+        load_packed_gguf(model, model_config.model_path, model_config.dtype)
     elif fmt == "gguf":
         from pagedllm.models.loader.gguf_loader import iterate_gguf_weights
 
@@ -52,6 +56,21 @@ def load_model(model_config: ModelConfig, attn_impl: type[AttentionImpl] | None,
     else:
         model.load_weights(iterate_safetensors(model_config.model_path))
     model.eval()
-    logger.info("Loaded %s (%s, %s) in %.2f s", model_config.architecture, fmt,
+    if device.type == "cpu":
+        _release_freed_memory()
+    packed = " packed" if model_config.quantization else ""
+    logger.info("Loaded %s (%s%s, %s) in %.2f s", model_config.architecture, fmt, packed,
                 str(model_config.dtype).removeprefix("torch."), time.perf_counter() - start)
     return model
+
+
+def _release_freed_memory() -> None:
+    """Give the heap freed by weight conversion back to the OS (glibc keeps it otherwise,
+    and the process's resident memory stays at the loading peak)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
