@@ -69,6 +69,19 @@ def _iter_weights(
             continue
         if name not in skip:
             jobs.append((name, info))
+    for name, tensor in _iter_jobs(ckpt, jobs, dtype, num_threads):
+        if "{expert}" in name:  # a stack of experts: one HF tensor per expert
+            for expert in range(tensor.shape[0]):
+                yield name.format(expert=expert), tensor[expert]
+        else:
+            yield name, tensor
+
+
+def _iter_jobs(
+    ckpt: GGUFCheckpoint, jobs: list[tuple[str, GGUFTensorInfo]], dtype: torch.dtype,
+    num_threads: int | None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantize `jobs` in order, a few ahead of the consumer in a thread pool."""
     threads = num_threads or min(4, os.cpu_count() or 1)
 
     def convert(info: GGUFTensorInfo) -> torch.Tensor:
