@@ -13,10 +13,15 @@ from parity_utils import generate, hf_greedy
 from test_gguf_loader import _arch_metadata, _tiny_hf_model, _write_gguf
 
 from pagedllm import LLM
-from pagedllm.models.loader.gguf_loader import gguf_to_hf_config, iterate_gguf_weights
+from pagedllm.models.loader.gguf_loader import (
+    GGUFCheckpoint,
+    gguf_to_hf_config,
+    iterate_gguf_weights,
+)
 from pagedllm.models.loader.gguf_reader import _GLOBAL_TENSOR_MAP, layer_tensor_map
 
 NEW_TOKENS = 16
+Q8 = gguf.GGMLQuantizationType.Q8_0
 PROMPTS = [[5, 17, 33], [40, 2, 9, 71, 12, 60, 3], list(range(10, 41))]
 
 # HF model_type -> (GGUF architecture, tiny-config overrides)
@@ -205,3 +210,39 @@ def test_gemma_norms_are_stored_plus_one(family) -> None:
     assert np.allclose(stored["blk.0.attn_q_norm.weight"], w + 1)
     ours = dict(iterate_gguf_weights(path))
     assert np.allclose(ours["model.layers.0.self_attn.q_norm.weight"].numpy(), w, atol=1e-6)
+
+
+def test_quantized_moe_dense_and_packed(family, tmp_path) -> None:
+    """Q8_0 linear and expert tensors: the dense path gives the gguf package's dequantized
+    values (expert stacks sliced per expert); the packed CPU path packs attention and the
+    shared expert, dequantizes the experts, and generates."""
+    model, state, _ = family("qwen2_moe")
+    tensors = _gguf_tensors("qwen2moe", state)
+    for name, (value, _) in list(tensors.items()):
+        if value.ndim >= 2 and value.shape[-1] % 32 == 0 and "gate_inp" not in name:
+            tensors[name] = (gguf.quants.quantize(value, Q8), Q8)
+    path = _write_gguf(tmp_path / "q8.gguf", "qwen2moe", _metadata("qwen2moe", model.config),
+                       tensors)
+    ours = dict(iterate_gguf_weights(path))
+    assert set(ours) == set(state)
+    ckpt = GGUFCheckpoint(path)
+    quantized = 0
+    for name, (value, qtype) in tensors.items():
+        if qtype != Q8:
+            continue
+        quantized += 1
+        ref = gguf.quants.dequantize(value, Q8)
+        hf = ckpt.hf_name(name)
+        pieces = ([(hf.format(expert=e), ref[e]) for e in range(ref.shape[0])]
+                  if "{expert}" in hf else [(hf, ref)])
+        for hf_name, want in pieces:
+            assert np.array_equal(ours[hf_name].numpy(), want), hf_name
+    assert quantized >= 2 * 9  # q/k/v/o, three expert stacks, three shared-expert linears
+
+    llm = LLM(str(path), device="cpu", dtype="float32", quantization="gguf",
+              max_model_len=128, skip_tokenizer_init=True)
+    layer = llm.engine.executor.runner.model.layers[0]
+    assert layer.self_attn.qkv_proj.packed is not None
+    assert layer.mlp.shared_expert.gate_up_proj.packed is not None
+    out = generate(llm, PROMPTS, NEW_TOKENS)
+    assert [len(o) for o in out] == [NEW_TOKENS] * len(PROMPTS)
