@@ -1,7 +1,7 @@
-"""GGUF files of the MoE and Gemma families (qwen2moe, qwen3moe, gemma2, gemma3): a tiny
-random HF model written as llama.cpp's converter would write it (stacked experts, Gemma
-norms + 1) loads with pagedllm's config equal to transformers' and greedy tokens equal to HF
-transformers' on the original model."""
+"""GGUF files of the MoE, Gemma and Phi-3 families (qwen2moe, qwen3moe, gemma2, gemma3,
+phi3): a tiny random HF model written as llama.cpp's converter would write it (stacked
+experts, Gemma norms + 1, Phi-3's fused qkv / gate-up) loads with pagedllm's config equal
+to transformers' and greedy tokens equal to HF transformers' on the original model."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                                              "rope_theta": 10000.0}})),
     "gemma2": ("gemma2", dict(query_pre_attn_scalar=16, sliding_window=8, head_dim=16,
                               attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "phi3": ("phi3", dict(partial_rotary_factor=0.5, pad_token_id=0, sliding_window=None)),
 }
 
 
@@ -109,6 +110,8 @@ def _metadata(arch: str, cfg) -> dict:
         meta[f"{arch}.final_logit_softcapping"] = float(cfg.final_logit_softcapping)
     if arch == "gemma3":
         meta[f"{arch}.attention.sliding_window_pattern"] = 3
+    if arch == "phi3":
+        meta[f"{arch}.rope.dimension_count"] = int(cfg.head_dim * cfg.partial_rotary_factor)
     return meta
 
 
@@ -171,6 +174,8 @@ def test_weights_and_config(family, model_type: str) -> None:
         fields += ["sliding_window", "layer_types", "query_pre_attn_scalar",
                    "attn_logit_softcapping", "final_logit_softcapping", "intermediate_size",
                    "rope_parameters"]
+    if model_type == "phi3":
+        fields += ["partial_rotary_factor", "sliding_window", "intermediate_size"]
     for field in fields:  # the file stores floats as float32
         want = getattr(ref, field)
         want = pytest.approx(want, rel=1e-6) if isinstance(want, float) else want
@@ -184,7 +189,8 @@ def test_weights_and_config(family, model_type: str) -> None:
                              "norm_topk_prob"],
                "qwen2_moe": ["num_experts", "num_experts_per_tok"],
                "gemma2": ["head_dim", "sliding_window", "intermediate_size"],
-               "gemma3_text": ["head_dim", "sliding_window", "intermediate_size"]}[model_type]
+               "gemma3_text": ["head_dim", "sliding_window", "intermediate_size"],
+               "phi3": ["intermediate_size"]}[model_type]
     for field in mapped:
         want = getattr(theirs, field)
         want = pytest.approx(want, rel=1e-6) if isinstance(want, float) else want
@@ -246,3 +252,29 @@ def test_quantized_moe_dense_and_packed(family, tmp_path) -> None:
     assert layer.mlp.shared_expert.gate_up_proj.packed is not None
     out = generate(llm, PROMPTS, NEW_TOKENS)
     assert [len(o) for o in out] == [NEW_TOKENS] * len(PROMPTS)
+
+
+def test_phi3_packed_fused_and_longrope_refused(family, tmp_path) -> None:
+    """Phi-3's fused qkv / gate-up tensors pack as one piece each; longrope files are
+    refused with a message naming it."""
+    model, state, _ = family("phi3")
+    tensors = _gguf_tensors("phi3", state)
+    for name, (value, _) in list(tensors.items()):
+        if value.ndim == 2 and value.shape[-1] % 32 == 0:
+            tensors[name] = (gguf.quants.quantize(value, Q8), Q8)
+    meta = _metadata("phi3", model.config)
+    path = _write_gguf(tmp_path / "phi3-q8.gguf", "phi3", meta, tensors)
+    llm = LLM(str(path), device="cpu", dtype="float32", quantization="gguf",
+              max_model_len=128, skip_tokenizer_init=True)
+    layer = llm.engine.executor.runner.model.layers[0]
+    assert layer.self_attn.qkv_proj.packed is not None
+    assert layer.mlp.gate_up_proj.packed is not None
+    out = generate(llm, PROMPTS, NEW_TOKENS)
+    assert [len(o) for o in out] == [NEW_TOKENS] * len(PROMPTS)
+
+    factors = np.ones(model.config.head_dim // 4, dtype=np.float32)
+    tensors["rope_factors_long.weight"] = (factors, None)
+    tensors["rope_factors_short.weight"] = (factors, None)
+    longrope = _write_gguf(tmp_path / "phi3-longrope.gguf", "phi3", meta, tensors)
+    with pytest.raises(ValueError, match="phi3.*longrope"):
+        gguf_to_hf_config(longrope)

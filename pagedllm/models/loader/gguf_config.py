@@ -101,6 +101,8 @@ def gguf_to_hf_config(path: str | os.PathLike[str] | GGUFCheckpoint) -> Any:
         config = _moe_config(ckpt, kwargs)
     elif arch in ("gemma2", "gemma3"):
         config = _gemma_config(ckpt, kwargs, theta)
+    elif arch == "phi3":
+        config = _phi3_config(ckpt, kwargs)
     else:  # ARCHITECTURE_ALIASES and this function disagree
         raise ValueError(f"GGUF architecture {ckpt.raw_architecture!r} has no config mapping.")
     # Older code reads the flat attribute; transformers 5 reads rope_parameters.
@@ -191,3 +193,23 @@ def _gemma_config(ckpt: GGUFCheckpoint, kwargs: dict[str, Any], theta: float) ->
     config = Gemma3TextConfig(architectures=["Gemma3ForCausalLM"], **kwargs)
     config.rope_local_base_freq = local
     return config
+
+
+def _phi3_config(ckpt: GGUFCheckpoint, kwargs: dict[str, Any]) -> Any:
+    """Phi-3 / Phi-4-mini with plain rope (partial rotary dimensions, sliding window); the
+    long-context models' longrope factors (``rope_factors_long`` tensors) are refused."""
+    from transformers import Phi3Config
+
+    if "rope_factors_long.weight" in ckpt.tensor_by_name:
+        raise ValueError(f"GGUF file {str(ckpt.path)!r} (phi3) uses longrope scaling "
+                         "(rope_factors_long / rope_factors_short), which the GGUF loader "
+                         "does not map; load the HF checkpoint of this model instead.")
+    head_dim = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+    if kwargs["head_dim"] != head_dim:
+        raise ValueError(f"GGUF file {str(ckpt.path)!r} (phi3) has head_dim "
+                         f"{kwargs['head_dim']} != hidden / heads ({head_dim}).")
+    rotary = ckpt.arch_get("rope.dimension_count")
+    kwargs["partial_rotary_factor"] = 1.0 if rotary is None else int(rotary) / head_dim
+    window = ckpt.arch_get("attention.sliding_window")
+    kwargs["sliding_window"] = int(window) if window else None
+    return Phi3Config(architectures=["Phi3ForCausalLM"], **kwargs)

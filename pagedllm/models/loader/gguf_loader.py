@@ -186,6 +186,8 @@ def _shard_order(module: torch.nn.Module, parts: dict[object, object]) -> list[o
         order = list(range(len(module.shard_sizes)))
     else:
         order = [None]
+    if set(parts) == {None}:  # one fused tensor (Phi-3's qkv / gate-up), rows in layer order
+        return [None]
     if set(order) != set(parts):
         raise ValueError(f"GGUF file has pieces {sorted(map(str, parts))} of a layer made of "
                          f"{[str(o) for o in order]}.")

@@ -66,6 +66,7 @@ ARCHITECTURE_ALIASES: dict[str, str] = {
     "qwen3moe": "qwen3moe",
     "gemma2": "gemma2",
     "gemma3": "gemma3",
+    "phi3": "phi3",
 }
 MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe")
 GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
@@ -99,6 +100,10 @@ _GEMMA_TENSOR_MAP: dict[str, str] = {
     "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
+}
+_PHI3_TENSOR_MAP: dict[str, str] = {  # fused as in HF's Phi-3 checkpoints
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_up": "mlp.gate_up_proj",
 }
 _GLOBAL_TENSOR_MAP: dict[str, str] = {
     "token_embd": "model.embed_tokens",
@@ -430,6 +435,8 @@ def layer_tensor_map(architecture: str) -> dict[str, str]:
         table.update(_MOE_TENSOR_MAP)
     if architecture in GEMMA_ARCHITECTURES:
         table.update(_GEMMA_TENSOR_MAP)
+    if architecture == "phi3":
+        table.update(_PHI3_TENSOR_MAP)
     return table
 
 
