@@ -321,6 +321,8 @@ def _write_gguf(
 
 
 def _arch_metadata(arch: str, cfg) -> dict[str, int | float | str]:
+    rope = cfg.rope_parameters
+    rope = rope.get("full_attention", rope)  # Gemma 3: per layer type; the global base
     meta: dict[str, int | float | str] = {
         f"{arch}.block_count": cfg.num_hidden_layers,
         f"{arch}.context_length": cfg.max_position_embeddings,
@@ -328,7 +330,7 @@ def _arch_metadata(arch: str, cfg) -> dict[str, int | float | str]:
         f"{arch}.feed_forward_length": cfg.intermediate_size,
         f"{arch}.attention.head_count": cfg.num_attention_heads,
         f"{arch}.attention.head_count_kv": cfg.num_key_value_heads,
-        f"{arch}.rope.freq_base": float(cfg.rope_parameters["rope_theta"]),
+        f"{arch}.rope.freq_base": float(rope["rope_theta"]),
         f"{arch}.attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
         f"{arch}.vocab_size": cfg.vocab_size,
         "tokenizer.ggml.bos_token_id": 1,

@@ -69,6 +69,19 @@ def _iter_weights(
             continue
         if name not in skip:
             jobs.append((name, info))
+    for name, tensor in _iter_jobs(ckpt, jobs, dtype, num_threads):
+        if "{expert}" in name:  # a stack of experts: one HF tensor per expert
+            for expert in range(tensor.shape[0]):
+                yield name.format(expert=expert), tensor[expert]
+        else:
+            yield name, tensor
+
+
+def _iter_jobs(
+    ckpt: GGUFCheckpoint, jobs: list[tuple[str, GGUFTensorInfo]], dtype: torch.dtype,
+    num_threads: int | None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantize `jobs` in order, a few ahead of the consumer in a thread pool."""
     threads = num_threads or min(4, os.cpu_count() or 1)
 
     def convert(info: GGUFTensorInfo) -> torch.Tensor:
@@ -173,6 +186,8 @@ def _shard_order(module: torch.nn.Module, parts: dict[object, object]) -> list[o
         order = list(range(len(module.shard_sizes)))
     else:
         order = [None]
+    if set(parts) == {None}:  # one fused tensor (Phi-3's qkv / gate-up), rows in layer order
+        return [None]
     if set(order) != set(parts):
         raise ValueError(f"GGUF file has pieces {sorted(map(str, parts))} of a layer made of "
                          f"{[str(o) for o in order]}.")

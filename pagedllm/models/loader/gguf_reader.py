@@ -14,6 +14,12 @@ Differences from the HF layout that are undone here:
   models (it turns HF's "rotate half" rope layout into interleaved pairs). The permutation is
   inverted exactly as transformers' GGUF loader does (``LlamaTensorProcessor``), for weights
   and biases. Qwen2/Qwen3 use the NeoX rope layout and are stored unpermuted.
+* MoE files (``qwen2moe`` / ``qwen3moe``) stack each layer's experts in one tensor
+  (``ffn_gate_exps`` / ``ffn_up_exps`` [E, I, H], ``ffn_down_exps`` [E, H, I]); ``hf_name``
+  gives such a tensor a name with an ``{expert}`` field and the weight iterator yields one
+  HF per-expert tensor (``mlp.experts.{e}.gate_proj.weight``) per slice.
+* llama.cpp's Gemma 2/3 converter stores every RMSNorm weight with the 1 of Gemma's
+  ``(1 + w)`` already added; ``dequantize`` subtracts it again (as transformers does).
 """
 
 from __future__ import annotations
@@ -56,7 +62,14 @@ ARCHITECTURE_ALIASES: dict[str, str] = {
     "mistral": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "qwen2moe": "qwen2moe",
+    "qwen3moe": "qwen3moe",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "phi3": "phi3",
 }
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe")
+GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 
 # Per-layer GGUF tensor stems -> HF module paths (relative to `model.layers.{i}.`).
 _LAYER_TENSOR_MAP: dict[str, str] = {
@@ -71,6 +84,26 @@ _LAYER_TENSOR_MAP: dict[str, str] = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Family-specific stems (they override the common ones above).
+_MOE_TENSOR_MAP: dict[str, str] = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.{expert}.gate_proj",
+    "ffn_up_exps": "mlp.experts.{expert}.up_proj",
+    "ffn_down_exps": "mlp.experts.{expert}.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+_GEMMA_TENSOR_MAP: dict[str, str] = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_PHI3_TENSOR_MAP: dict[str, str] = {  # fused as in HF's Phi-3 checkpoints
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_up": "mlp.gate_up_proj",
 }
 _GLOBAL_TENSOR_MAP: dict[str, str] = {
     "token_embd": "model.embed_tokens",
@@ -228,6 +261,7 @@ class GGUFCheckpoint:
         self.tensor_by_name = {t.name: t for t in self.tensors}
         self.raw_architecture = self._require_architecture()
         self.architecture = ARCHITECTURE_ALIASES[self.raw_architecture]
+        self.layer_tensor_map = layer_tensor_map(self.architecture)
         self._check_tensors()
 
     # -- parsing ---------------------------------------------------------------------------
@@ -354,7 +388,7 @@ class GGUFCheckpoint:
         m = _LAYER_NAME_RE.match(gguf_name)
         if m is not None:
             layer, stem, kind = m.groups()
-            target = _LAYER_TENSOR_MAP.get(stem)
+            target = self.layer_tensor_map.get(stem)
             return None if target is None else f"model.layers.{layer}.{target}.{kind}"
         stem, _, kind = gguf_name.rpartition(".")
         target = _GLOBAL_TENSOR_MAP.get(stem)
@@ -384,8 +418,26 @@ class GGUFCheckpoint:
         return None
 
     def dequantize(self, info: GGUFTensorInfo) -> np.ndarray:
-        """The tensor as a float32 numpy array in HF shape (llama Q/K permutation undone)."""
-        return dequantize_rows(self.raw_rows(info), info.qtype).reshape(info.shape)
+        """The tensor as a float32 numpy array in HF shape (llama Q/K permutation undone,
+        Gemma's +1 on norm weights undone; expert stacks keep their leading expert axis)."""
+        array = dequantize_rows(self.raw_rows(info), info.qtype).reshape(info.shape)
+        if self.architecture in GEMMA_ARCHITECTURES and info.name.endswith("norm.weight"):
+            array = array - np.float32(1.0)
+        if info.name.endswith(".ffn_gate_inp_shexp.weight"):
+            array = array.reshape(1, -1)  # HF's shared_expert_gate is a [1, H] linear
+        return array
+
+
+def layer_tensor_map(architecture: str) -> dict[str, str]:
+    """Per-layer GGUF tensor stems -> HF module paths for one architecture family."""
+    table = dict(_LAYER_TENSOR_MAP)
+    if architecture in MOE_ARCHITECTURES:
+        table.update(_MOE_TENSOR_MAP)
+    if architecture in GEMMA_ARCHITECTURES:
+        table.update(_GEMMA_TENSOR_MAP)
+    if architecture == "phi3":
+        table.update(_PHI3_TENSOR_MAP)
+    return table
 
 
 def _unpermute_rows(arr: np.ndarray, n_head: int) -> np.ndarray:
