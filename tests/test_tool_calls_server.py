@@ -101,3 +101,61 @@ def test_tool_choice_none_and_bad_tool_requests(server):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=model, max_tokens=4, **kwargs)
         assert e.value.body["param"] == param, e.value.body
+
+
+def _streamed_calls(stream) -> tuple[dict[int, dict], str | None]:
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        for c in chunk.choices:
+            for tc in c.delta.tool_calls or []:
+                entry = calls.setdefault(tc.index, {"name": None, "arguments": ""})
+                if tc.function and tc.function.name:
+                    entry["name"] = tc.function.name
+                if tc.function and tc.function.arguments:
+                    entry["arguments"] += tc.function.arguments
+            finish = c.finish_reason or finish
+    return calls, finish
+
+
+def test_required_and_named_tool_choice_then_the_whole_exchange(server):
+    """tool_choice "required" and a named function give calls whose arguments validate
+    against the function's schema, whole and streamed; the call, the tool's result and the
+    final answer then go round through the official client."""
+    import jsonschema
+
+    client = server.get_client()
+    model = client.models.list().data[0].id
+    ask = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    schema = TOOLS[0]["function"]["parameters"]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in ("required", named):
+        reply = client.chat.completions.create(model=model, messages=ask, tools=TOOLS,
+                                               tool_choice=choice, temperature=0,
+                                               max_tokens=64)
+        calls = reply.choices[0].message.tool_calls
+        assert calls and all(c.function.name == "get_weather" for c in calls), reply
+        for c in calls:
+            assert c.id.startswith("call_")
+            jsonschema.validate(json.loads(c.function.arguments), schema)
+        streamed, finish = _streamed_calls(client.chat.completions.create(
+            model=model, messages=ask, tools=TOOLS, tool_choice=choice, temperature=0,
+            max_tokens=64, stream=True))
+        assert [(v["name"], v["arguments"]) for _, v in sorted(streamed.items())] == [
+            (c.function.name, c.function.arguments) for c in calls]
+        assert finish == reply.choices[0].finish_reason
+    # The exchange: the model's call, the tool's answer, then the model's reply in text.
+    (call,) = calls[:1]
+    history = ask + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18}'}]
+    final = client.chat.completions.create(model=model, messages=history, tools=TOOLS,
+                                           tool_choice="none", temperature=0, max_tokens=24)
+    message = final.choices[0].message
+    # This server's deepseek_r1 parser counts text before a </think> as reasoning, and
+    # SmolLM2 writes none: its reply text is then all reasoning_content.
+    text = message.content or (message.model_extra or {}).get("reasoning_content") or ""
+    assert not message.tool_calls and final.choices[0].finish_reason in ("stop", "length")
+    assert text.strip(), final

@@ -77,11 +77,14 @@ class OpenAIServingChat(OpenAIServing):
         except ChatInputError as e:
             raise BadRequestError(str(e), param=e.param) from e
 
-    def output_parser(self, request: ChatCompletionRequest,
-                      prompt_text: str) -> ChatOutputParser | None:
+    def output_parser(self, request: ChatCompletionRequest, prompt_text: str,
+                      constrained: bool = False) -> ChatOutputParser | None:
         """The request's reasoning / tool-call parsers (None when it needs neither); 400s
         for a bad or unsupported tool_choice. Output held to the tools' schemas (tool_choice
-        required or naming a function) is read by the matching constrained parser."""
+        required or naming a function) is read by the matching constrained parser.
+
+        A `constrained` output (structured outputs, from its first token) is all answer: the
+        reasoning parser does not apply to it."""
         choice = self.tool_choice(request)
         if choice.mode in ("required", "function"):
             tools = constrained_output_parser(choice, request.tools, self.tokenizer)
@@ -90,7 +93,7 @@ class OpenAIServingChat(OpenAIServing):
         else:
             tools = None
         reasoning = (self.reasoning_parser(self.tokenizer, prompt_text)
-                     if self.reasoning_parser is not None else None)
+                     if self.reasoning_parser is not None and not constrained else None)
         if tools is None and reasoning is None:
             return None
         return ChatOutputParser(reasoning, tools, choice.max_calls)
@@ -157,7 +160,8 @@ class OpenAIServingChat(OpenAIServing):
             stream=stream,
         )
         self.constrain_tool_calls(request, params)
-        parser = self.output_parser(request, text)
+        parser = self.output_parser(request, text,
+                                    constrained=params.structured_outputs is not None)
         if parser is not None and parser.needs_special_tokens:
             params.skip_special_tokens = False  # the format's markers are special tokens
         role = "assistant" if request.add_generation_prompt else request.messages[-1].role
