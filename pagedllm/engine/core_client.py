@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 # How long the front-end waits for the core to load the model.
 STARTUP_TIMEOUT_S = 3600.0
+# How often the front-end repeats its hello while it waits for the core's answer.
+HELLO_INTERVAL_S = 1.0
 
 
 class EngineDeadError(RuntimeError):
@@ -180,9 +182,17 @@ class CoreClient:
 
     # ------------------------------------------------------------ start-up
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> EngineCoreReady:
-        """Block until the core has loaded the model; its failure is raised here."""
+        """Block until the core has loaded the model; its failure is raised here.
+
+        The hello is repeated every second until the core answers: ZeroMQ connects the two
+        sockets independently, so the first hello can reach a core that cannot answer yet
+        (this front-end's output socket not connected), and that answer is dropped."""
         deadline = time.monotonic() + timeout
+        next_hello = time.monotonic() + HELLO_INTERVAL_S
         while time.monotonic() < deadline:
+            if time.monotonic() >= next_hello:
+                self._send(Hello(self.client_index))
+                next_hello = time.monotonic() + HELLO_INTERVAL_S
             if self.output.poll(200):
                 msg = self.decoder.decode(self.output.recv(copy=False).buffer)
                 if isinstance(msg, EngineCoreReady):

@@ -108,7 +108,8 @@ class CoreProc:
     def _send(self, client: int, msg: Any) -> None:
         try:
             self.outputs[client].send(self.encoder.encode(msg), flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # the front-end is gone; its requests are aborted below
+        except zmq.Again:  # the front-end is gone (or not connected yet: it says hello
+            # again until answered); its requests are aborted below
             logger.info("Front-end %d is gone; its requests are aborted.", client)
             self.clients.discard(client)
             self._abort_client(client)
