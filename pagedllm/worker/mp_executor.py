@@ -96,7 +96,10 @@ class MultiprocExecutor(DistributedExecutor):
                                         f"{WORKER_CALL_TIMEOUT_S:.0f} s")
             status, value = _receive(conn, rank)
             if status == "error":
-                self.health.fail(value)
+                # The worker's own report wins over the monitor's exit code, which may
+                # have been recorded first (the report is read from the pipe only once).
+                if not self.health.fail(value) and not self.health.closing:
+                    self.health.error = value
                 raise WorkerFailure(value)
             results.append(value)
         return results
