@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import uuid
+from collections.abc import Iterable
+from typing import Any
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
           "gb": 1000**3, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -32,3 +35,22 @@ def get_open_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def config_dict(value: Any, name: str, flag: str, example: str,
+                known: Iterable[str]) -> dict[str, Any]:
+    """A config argument given as a dict (Python) or its JSON text (the CLI `flag`), with
+    only `known` keys; anything else is a ValueError naming `name` and showing `example`."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{flag} must be a JSON object such as {example}: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict such as {example} "
+                         f"(got {type(value).__name__}).")
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ValueError(f"{name} has unsupported keys {unknown} (unknown keys are "
+                         f"refused); pagedllm takes {sorted(known)}.")
+    return dict(value)

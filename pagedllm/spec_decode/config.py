@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from typing import Any
+
+from pagedllm.utils import config_dict
 
 METHODS = ("ngram", "draft_model")
 # Methods vLLM knows that pagedllm does not implement: refused by name.
@@ -80,20 +81,9 @@ class SpeculativeConfig:
         The method defaults to "draft_model" when a model is named, as in vLLM."""
         if isinstance(value, SpeculativeConfig):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--speculative-config must be a JSON object: {e}") from None
-        if not isinstance(value, dict):
-            raise ValueError("speculative_config must be a dict such as {\"method\": \"ngram\", "
-                             f"\"num_speculative_tokens\": 4}} (got {type(value).__name__}).")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"speculative_config has unsupported keys {unknown}; pagedllm "
-                             f"takes {sorted(known)}.")
-        data = dict(value)
+        data = config_dict(value, "speculative_config", "--speculative-config",
+                           '{"method": "ngram", "num_speculative_tokens": 4}',
+                           [f.name for f in fields(cls)])
         if "method" not in data:
             if data.get("model") is None:
                 raise ValueError("speculative_config needs 'method' (\"ngram\") or 'model' "

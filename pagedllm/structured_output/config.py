@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from pagedllm.utils import config_dict
 
 BackendName = Literal["xgrammar", "guidance"]
 BACKENDS: tuple[str, ...] = ("auto", "xgrammar", "guidance")
@@ -70,17 +71,6 @@ class StructuredOutputsConfig:
             return cls()
         if isinstance(value, cls):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError('--structured-outputs-config must be a JSON object such as '
-                                 f'{{"backend": "guidance"}}: {e}') from e
-        if not isinstance(value, dict):
-            raise ValueError("structured_outputs_config must be a dict such as "
-                             '{"backend": "guidance"}.')
-        unknown = set(value) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"structured_outputs_config has unknown keys {sorted(unknown)}; "
-                             f"known: {sorted(cls.__dataclass_fields__)}.")
+        value = config_dict(value, "structured_outputs_config", "--structured-outputs-config",
+                            '{"backend": "guidance"}', cls.__dataclass_fields__)
         return cls(**value)
