@@ -3,7 +3,8 @@
 `instrument(llm)` wraps the phases of a live LLM's engine with timers; `report(...)` prints
 milliseconds per step for each. "launch" is `execute` (inputs, forward, sampler queued; with
 a grammar or penalties also collecting the previous step), "wait" is `fetch`, waiting for the
-device.
+device; "forward_launch", "logits_pipeline" and "grammar_fill" (the bitmask rows, host side)
+are parts of "launch".
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ def instrument(llm: Any) -> Counter:
     _wrap(engine.executor, "fetch", "wait", totals)
     if runner is not None:
         _wrap(runner, "prepare_host_inputs", "prepare_host_inputs", totals)
+        _wrap(runner, "run_model", "forward_launch", totals)
+        _wrap(runner, "_logits_pipeline", "logits_pipeline", totals)
         _wrap(runner, "_sampling_metadata", "sampling_metadata", totals)
+    core = getattr(engine, "core", None)
+    if hasattr(core, "_grammar_output"):
+        _wrap(core, "_grammar_output", "grammar_fill", totals)
     _wrap(engine.scheduler, "update", "update", totals)
     _wrap(engine.output_processor, "process", "output_processing", totals)
     return totals

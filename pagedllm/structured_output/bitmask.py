@@ -26,23 +26,37 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
     (llguidance's own apply goes through torch.compile: ~30 s on its first CPU call).
     """
     vocab = min(logits.shape[-1], bitmask.shape[-1] * 32)
+    index: torch.Tensor | None = None
     if rows is not None:
         rows = list(rows)
         if not rows:
             return
+        index = _device_index(rows, logits.device)
     if backend_available("xgrammar"):
         import xgrammar
 
-        xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=rows)
+        xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=index)
     else:
-        _apply_torch(logits, bitmask, vocab, rows)
+        _apply_torch(logits, bitmask, vocab, index)
     if logits.shape[-1] > vocab:  # ids past the bitmask are never allowed
-        logits[rows if rows is not None else slice(None), vocab:] = float("-inf")
+        logits[index if index is not None else slice(None), vocab:] = float("-inf")
+
+
+def _device_index(rows: list[int], device: torch.device) -> torch.Tensor:
+    """``rows`` as an int32 tensor on ``device``, copied without waiting for the device.
+
+    A list (or a tensor made from one on the device) is copied synchronously, which waits
+    for the step's forward to finish: the host could then not fill and launch the sampler
+    ahead of the device, and every grammar step would expose its host work."""
+    host = torch.tensor(rows, dtype=torch.int32)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _apply_torch(logits: torch.Tensor, bitmask: torch.Tensor, vocab: int,
-                 rows: list[int] | None) -> None:
-    index = slice(None) if rows is None else torch.tensor(rows, device=logits.device)
+                 rows: torch.Tensor | None) -> None:
+    index = slice(None) if rows is None else rows.long()
     words = bitmask[index]
     shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
     allowed = ((words.unsqueeze(-1) >> shifts) & 1).flatten(-2)[:, :vocab].bool()
