@@ -50,7 +50,7 @@ def _llm(folder: str, eager: bool, **kwargs):
     from pagedllm import LLM
 
     return LLM(folder, device="cuda", dtype="bfloat16", enforce_eager=eager,
-               gpu_memory_utilization=0.3, **kwargs)
+               gpu_memory_utilization=0.3, max_num_seqs=16, **kwargs)
 
 
 @fp8_gpu
@@ -82,8 +82,8 @@ def test_fp8_kv_cache(folder, eager: bool) -> None:
     compare_first_tokens(dense, fp8, _prompts(folder))
 
 
-@pytest.mark.parametrize("name", ["awq", "gptq-act-order", "ct-tensor-static", "fp8-dynamic"])
-@pytest.mark.parametrize("eager", [True, False])
+@pytest.mark.parametrize("name,eager", [("awq", False), ("awq", True), ("gptq-act-order", False),
+                                        ("ct-tensor-static", False), ("fp8-dynamic", True)])
 def test_checkpoints_against_their_dequantized_weights(folder, tmp_path, name: str,
                                                        eager: bool) -> None:
     from quant_utils import awq_checkpoint, compare_first_tokens, fp8_checkpoint, gptq_checkpoint
