@@ -156,8 +156,8 @@ def _fp8_kv_case(query_lens: list[int], seq_lens: list[int], decode: bool, dtype
         cache[0] = _exact_fp8(cache[0].shape, gen, ks)
         cache[1] = _exact_fp8(cache[1].shape, gen, vs)
     else:
-        cache[0] *= ks * 4
-        cache[1] *= vs * 4
+        cache[0] *= ks
+        cache[1] *= vs
     fp8 = torch.stack([(cache[0] / ks).clamp(-448, 448), (cache[1] / vs).clamp(-448, 448)]
                       ).to(FP8).to(device)
     k_scale = torch.tensor([ks], device=device)
