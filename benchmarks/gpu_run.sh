@@ -6,6 +6,8 @@
 #   (TOKENIZER_DIR=a tokenizer folder, e.g. SmolLM2's saved with save_pretrained).
 # serve: served vs offline (issue 14); flash: FLASH_ATTN against TRITON_ATTN (issue 15).
 # (one part per device call keeps each under the 10-minute limit; moe-tput vs 8b: MoE vs dense)
+# quant (issue 20): quantization GPU tests, then FP8 / FP8 KV / W4A16 against bf16
+#   (benchmarks/quant.py; about 8 minutes in all)
 # Two GPUs (issue 9): OUT=/some/dir bash benchmarks/gpu_run.sh tp-tests tp tp-small
 set -u
 OUT=${OUT:-/tmp/pagedllm-out}
@@ -59,6 +61,11 @@ PY
         done
         timeout 60 python benchmarks/structured_output.py --batch 256 --steps 50 \
           --tokenizer "$TOKENIZER_DIR" 2>&1 | tee "$OUT/so_backends.log" | tail -12 ;;
+    quant) timeout 170 python -m pytest tests/gpu/test_quant_kernels.py \
+             tests/gpu/test_gpu_quantization.py -q -p no:cacheprovider 2>&1 \
+             | tee "$OUT/quant_tests.log" | tail -15
+           timeout 330 python benchmarks/quant.py --out "$OUT" --timeout 110 2>&1 \
+             | tee "$OUT/quant_bench.log" ;;
     kernel) timeout 120 python benchmarks/kernel_decode.py 2>&1 | tee "$OUT/kernel.log" | tail -12 ;;
     flash) timeout 180 python -m pytest tests/gpu/test_flash_attn.py -q -p no:cacheprovider \
              2>&1 | tee "$OUT/flash_tests.log" | tail -8

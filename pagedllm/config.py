@@ -27,7 +27,8 @@ _DTYPES = {
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "gguf")
 RUNNERS = ("auto", "generate", "pooling")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits")
-QUANTIZATIONS = ("gguf",)
+QUANTIZATIONS = ("gguf", "fp8", "compressed-tensors", "awq", "gptq")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20  # cap of the CPU KV cache sized to the model
 
 
@@ -77,6 +78,8 @@ class ModelConfig:
     sliding_window: int | None = None
     skip_tokenizer_init: bool = False
     quantization: str | None = None  # "gguf": GGUF weights stay packed (CPU kernels)
+    # fp8 / compressed-tensors / awq / gptq: how the linear layers are quantized
+    quant: Any = None  # pagedllm.quantization.spec.QuantSpec
 
     @property
     def num_layers(self) -> int:
@@ -109,6 +112,7 @@ class CacheConfig:
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8" (e4m3, per-tensor scales)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,7 @@ class EngineArgs:
     skip_tokenizer_init: bool = False
     structured_outputs_config: StructuredOutputsConfig | dict[str, Any] | str | None = None
     quantization: str | None = None
+    kv_cache_dtype: str = "auto"
     cpu_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -215,7 +220,15 @@ class EngineArgs:
         g.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default=None,
                        help="gguf: keep a GGUF checkpoint's quantized weights packed for the "
                             "CPU kernels (the default for .gguf files on the CPU with dtype "
-                            "auto).")
+                            "auto). fp8: quantize a bf16 / fp16 checkpoint's linear layers to "
+                            "FP8 at load (GPU with compute capability >= 8.9). "
+                            "compressed-tensors / fp8 / awq / gptq checkpoints are detected "
+                            "from config.json without this flag (on the CPU they are "
+                            "dequantized at load).")
+        g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                       help="auto: the model dtype; fp8 (= fp8_e4m3): e4m3 with per-tensor "
+                            "scales from the checkpoint (else 1.0), twice the blocks "
+                            "(TRITON_ATTN, compute capability >= 8.9).")
         g.add_argument("--cpu-threads", type=int, default=None,
                        help="Torch threads of the CPU engine (default: PAGEDLLM_CPU_THREADS, "
                             "else the cores this process may run on).")
@@ -296,6 +309,13 @@ class EngineArgs:
         runner, architecture = resolve_architecture(hf_config, self.runner)
         config_dtype = _config_dtype(hf_config)
         quantization = self._resolve_quantization(resolved.load_format, device)
+        quant = None
+        if quantization != "gguf" and resolved.load_format != "gguf":
+            from pagedllm.quantization.spec import resolve_quantization
+
+            quant = resolve_quantization(quantization, hf_config, device,
+                                         self.tensor_parallel_size)
+            quantization = quant.method if quant is not None else None
         if quantization == "gguf" and str(self.dtype).lower() == "auto":
             dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
         else:
@@ -336,20 +356,25 @@ class EngineArgs:
             sliding_window=sliding_window if isinstance(sliding_window, int) else None,
             skip_tokenizer_init=self.skip_tokenizer_init,
             quantization=quantization,
+            quant=quant,
         )
         kv_bytes = self.kv_cache_memory_bytes
         if isinstance(kv_bytes, str):
             kv_bytes = parse_bytes(kv_bytes)
         attention_backend = self.attention_backend or os.environ.get("PAGEDLLM_ATTENTION_BACKEND")
         attention_backend = attention_backend.upper() if attention_backend else None
+        from pagedllm.quantization.kv_cache import resolve_kv_cache_dtype
+
+        kv_cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype)
         block_size = check_attention_config(attention_backend, device, self.block_size, dtype,
-                                            model.head_dim)
+                                            model.head_dim, kv_cache_dtype)
         cache = CacheConfig(
             block_size=block_size,
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_cache_memory_bytes=kv_bytes,
             num_gpu_blocks_override=self.num_gpu_blocks_override,
             enable_prefix_caching=self.enable_prefix_caching,
+            kv_cache_dtype=kv_cache_dtype,
         )
         max_num_seqs = self.max_num_seqs or (256 if device != "cpu" else 128)
         max_batched = self.max_num_batched_tokens or (8192 if device != "cpu" else 2048)
@@ -387,15 +412,19 @@ class EngineArgs:
         )
 
     def _resolve_quantization(self, load_format: str, device: str) -> str | None:
-        """'gguf' (weights stay packed) or None (dense, dequantized where quantized)."""
+        """'gguf' (weights stay packed), None (dense, dequantized where quantized) or, for
+        other files, the requested method (checked against the checkpoint later)."""
         q = self.quantization.lower() if isinstance(self.quantization, str) else self.quantization
         if q is not None and q not in QUANTIZATIONS:
             raise ValueError(f"quantization={self.quantization!r} is not supported; "
                              f"supported: {', '.join(QUANTIZATIONS)} (or leave it unset).")
         if load_format != "gguf":
-            if q is not None:
-                raise ValueError(f"quantization={q!r} needs a .gguf model file.")
-            return None
+            if q == "gguf":
+                raise ValueError("quantization='gguf' needs a .gguf model file.")
+            return q
+        if q not in (None, "gguf"):
+            raise ValueError(f"quantization={q!r} does not apply to a .gguf file; leave it "
+                             "unset or use 'gguf'.")
         if q is None:  # automatic: packed on one CPU process, unless a dtype is asked for
             if (device != "cpu" or self.tensor_parallel_size != 1
                     or str(self.dtype).lower() != "auto"):
@@ -450,6 +479,13 @@ class EngineArgs:
                 _check_int(name, value, 1)
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         _check_int("max_logprobs", self.max_logprobs, 0)
+        q = self.quantization
+        if q is not None and (not isinstance(q, str) or q.lower() not in QUANTIZATIONS):
+            raise ValueError(f"quantization={q!r} is not supported; supported: "
+                             f"{', '.join(QUANTIZATIONS)} (or leave it unset).")
+        if str(self.kv_cache_dtype).lower() not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; use one "
+                             f"of {', '.join(KV_CACHE_DTYPES)} (auto: the model dtype).")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(
                 f"Unknown load_format {self.load_format!r}; use one of {', '.join(LOAD_FORMATS)}."

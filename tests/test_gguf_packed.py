@@ -104,7 +104,7 @@ def test_packed_weight_refuses_unknown_kind() -> None:
 def test_quantization_option_checks() -> None:
     from pagedllm.config import EngineArgs
 
-    with pytest.raises(ValueError, match="quantization='awq' is not supported"):
+    with pytest.raises(ValueError, match="quantization=.awq. does not apply to a .gguf file"):
         EngineArgs(model=None, device="cpu", quantization="awq").create_engine_config()
 
 

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
     ("test_fused_ops.py", "FUSED_INTERPRETER_OK"),
     ("test_triton_sampling.py", "SAMPLING_INTERPRETER_OK"),
     ("test_fused_moe.py", "MOE_INTERPRETER_OK"),
+    ("test_quant_kernels.py", "QUANT_INTERPRETER_OK"),
 ])
 def test_triton_kernels_under_interpreter(script: str, marker: str) -> None:
     env = dict(os.environ)

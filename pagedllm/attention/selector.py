@@ -57,11 +57,13 @@ def get_attention_backend(name: str | None, device: str) -> type[AttentionBacken
 
 
 def check_attention_config(name: str | None, device: str, block_size: int | None,
-                           dtype: torch.dtype, head_size: int) -> int:
+                           dtype: torch.dtype, head_size: int,
+                           kv_cache_dtype: str = "auto") -> int:
     """Start-up check of the backend against the engine's settings; returns the KV block
     size to use (the backend's default where the user set none). Raises ValueError naming
     the setting to change."""
     backend = get_attention_backend(name, device)
     resolved = backend.resolve_block_size(block_size)
     backend.check_model(dtype, head_size)
+    backend.check_kv_cache_dtype(kv_cache_dtype)
     return resolved

@@ -47,11 +47,23 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_folder(name: str, dtype: str = "bfloat16") -> str:
-    """Write config.json of a preset into a temporary folder and return the folder."""
+# quantization_config of a 4-bit checkpoint, for dummy weights in that format
+PRESET_QUANTIZATION: dict[str, dict] = {
+    "awq": dict(quant_method="awq", bits=4, group_size=128, zero_point=True, version="gemm"),
+    "gptq": dict(quant_method="gptq", bits=4, group_size=128, desc_act=False, sym=True,
+                 checkpoint_format="gptq"),
+}
+
+
+def preset_folder(name: str, dtype: str = "bfloat16", quantization: dict | None = None) -> str:
+    """Write config.json of a preset (with a `quantization_config`, if given) into a
+    temporary folder and return the folder."""
     if name not in PRESETS:
         raise SystemExit(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     folder = tempfile.mkdtemp(prefix=f"pagedllm-{name}-")
+    config = {**PRESETS[name], "torch_dtype": dtype}
+    if quantization is not None:
+        config["quantization_config"] = quantization
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({**PRESETS[name], "torch_dtype": dtype}, f, indent=1)
+        json.dump(config, f, indent=1)
     return folder

@@ -24,7 +24,7 @@ import torch
 
 from pagedllm.benchmarks.phases import instrument
 from pagedllm.benchmarks.phases import report as phase_report
-from pagedllm.benchmarks.presets import PRESETS, preset_folder
+from pagedllm.benchmarks.presets import PRESET_QUANTIZATION, PRESETS, preset_folder
 
 Requests = list[tuple[list[int], int]]  # (prompt token ids, output length)
 
@@ -51,6 +51,10 @@ def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> di
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.attention_backend:
         kwargs["attention_backend"] = args.attention_backend
+    if args.quantization:
+        kwargs["quantization"] = args.quantization
+    if args.kv_cache_dtype != "auto":
+        kwargs["kv_cache_dtype"] = args.kv_cache_dtype
     if args.gpu_memory_utilization:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.tensor_parallel_size > 1:
@@ -78,6 +82,7 @@ def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> di
     if not constrained and out_tokens != sum(o for _, o in requests):
         raise RuntimeError("a request stopped before its output length despite ignore_eos")
     in_tokens = sum(len(p) for p, _ in requests)
+    num_blocks = llm.engine.scheduler.kv.pool.num_blocks
     if phase_totals is not None:
         print(phase_report(phase_totals))
     del llm, outs
@@ -88,6 +93,8 @@ def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> di
                 requests=len(requests), constrained_requests=constrained,
                 output_tokens=out_tokens,
                 input_tokens=in_tokens, seconds=elapsed, startup_s=startup,
+                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                num_kv_blocks=num_blocks, ms_per_output_token=1000 * elapsed / out_tokens,
                 output_tok_s=out_tokens / elapsed, total_tok_s=(out_tokens + in_tokens) / elapsed)
 
 
@@ -177,6 +184,11 @@ def add_throughput_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help="share of requests held to one of 8 JSON schemas (needs --tokenizer)")
     ap.add_argument("--tokenizer", help="tokenizer folder (for --structured-fraction with a "
                                         "preset's dummy weights)")
+    ap.add_argument("--quantization", default=None,
+                    choices=["fp8", "awq", "gptq", "compressed-tensors"],
+                    help="fp8: quantize at load; awq / gptq with --preset: random 4-bit "
+                         "weights in that checkpoint format (group 128)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     ap.add_argument("--json", help="write results to this file")
     return ap
 
@@ -211,7 +223,8 @@ def run_bench_throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
     validate_throughput_args(args)
     if not args.model and not args.preset:
         args.preset = "smollm2-135m"
-    model = args.model or preset_folder(args.preset)
+    model = args.model or preset_folder(args.preset,
+                                        quantization=PRESET_QUANTIZATION.get(args.quantization))
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(model).vocab_size

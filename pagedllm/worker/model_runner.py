@@ -18,6 +18,7 @@ from pagedllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from pagedllm.distributed.group import SINGLE_PROCESS, TensorParallelGroup
 from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.models.loader.model_loader import load_model
+from pagedllm.quantization.kv_cache import check_kv_cache_scales, kv_cache_torch_dtype
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.utils import cdiv, parse_bytes
 from pagedllm.worker.batch_state import BatchState, RequestState, seeded
@@ -67,6 +68,8 @@ class ModelRunner:
                     self.backend.implementation())
         self.model = load_model(config.model, self.backend.get_impl_cls(), self.device, tp)
         self.dtype = config.model.dtype
+        self.kv_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, self.dtype)
+        check_kv_cache_scales(self.model, config.cache.kv_cache_dtype)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -83,7 +86,7 @@ class ModelRunner:
         return max(spec.num_kv_heads for spec in self.model.kv_cache_specs())
 
     def bytes_per_block(self) -> int:
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         per_token = [spec.bytes_per_token(elem) for spec in self.model.kv_cache_specs()]
         # FLASH_ATTN without a paged kernel gathers K/V into scratch layers.
         return self.block_size * (sum(per_token)
@@ -132,7 +135,7 @@ class ModelRunner:
         dummy_blocks = cdiv(max(per_req), self.block_size) * num_reqs
         shapes = [self._kv_cache_shape(spec, dummy_blocks)
                   for spec in self.model.kv_cache_specs()]
-        shared = {shape: torch.zeros(shape, dtype=self.dtype, device=self.device)
+        shared = {shape: torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                   for shape in set(shapes)}  # layers of one shape share a scratch cache
         dummy_cache = [shared[shape] for shape in shapes]
         qsl = np.concatenate([[0], np.cumsum(per_req)]).astype(np.int32)
@@ -152,7 +155,7 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         alloc = zeros_untouched if self.device.type == "cpu" else torch.zeros
-        self.kv_caches = [alloc(self._kv_cache_shape(spec, num_blocks), dtype=self.dtype,
+        self.kv_caches = [alloc(self._kv_cache_shape(spec, num_blocks), dtype=self.kv_dtype,
                                 device=self.device)
                           for spec in self.model.kv_cache_specs()]
         self.num_blocks = num_blocks

@@ -42,6 +42,9 @@ class AttentionImpl(ABC):
 
     name = "attention backend"  # for messages
     supports_logits_soft_cap = False
+    # Per-tensor scales of an FP8 KV cache (float32 [1] on the device; set by the layer).
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -127,6 +130,16 @@ class AttentionBackend(ABC):
         model of this dtype and head size (the default backends run any)."""
         del dtype, head_size
 
+    @classmethod
+    def check_kv_cache_dtype(cls, kv_cache_dtype: str) -> None:
+        """Raise ValueError when the backend cannot run a KV cache of this kind ('auto' is the
+        model dtype; 'fp8' is e4m3 with per-tensor scales)."""
+        if kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported by the "
+                             f"{cls.name} attention backend; use attention_backend="
+                             "'TRITON_ATTN' on a GPU with compute capability >= 8.9, or "
+                             "kv_cache_dtype='auto'.")
+
     @staticmethod
     def kv_cache_shape(
         num_blocks: int, block_size: int, num_kv_heads: int, head_size: int
@@ -138,4 +151,6 @@ class AttentionBackend(ABC):
                     dst: torch.Tensor) -> None:
         """Copy whole KV blocks src[i] -> dst[i] in every layer (copy-on-write of forks)."""
         for cache in kv_caches:
+            if cache.element_size() == 1:  # fp8: copied as bytes
+                cache = cache.view(torch.uint8)
             cache.index_copy_(1, dst, cache.index_select(1, src))

@@ -41,7 +41,7 @@ class TritonAttentionImpl(AttentionImpl):
         if num_actual == 0:
             return out
         slots = metadata.slot_mapping[: min(num_actual, metadata.slot_mapping.shape[0])]
-        reshape_and_cache(key, value, kv_cache, slots)
+        reshape_and_cache(key, value, kv_cache, slots, self.k_scale, self.v_scale)
 
         if metadata.is_decode_only:
             # One token per request; the grid is sized by the (padded) token count so the
@@ -55,6 +55,8 @@ class TritonAttentionImpl(AttentionImpl):
                 self.scale,
                 sliding_window=self.sliding_window,
                 out=out[:batch],
+                k_scale=self.k_scale,
+                v_scale=self.v_scale,
             )
         else:
             prefill_attention(
@@ -68,6 +70,8 @@ class TritonAttentionImpl(AttentionImpl):
                 scale=self.scale,
                 sliding_window=self.sliding_window,
                 out=out,
+                k_scale=self.k_scale,
+                v_scale=self.v_scale,
             )
         return out
 
@@ -99,3 +103,16 @@ class TritonAttentionBackend(AttentionBackend):
     @staticmethod
     def implementation() -> str:
         return "pagedllm's Triton kernels"
+
+    @classmethod
+    def check_kv_cache_dtype(cls, kv_cache_dtype: str) -> None:
+        """FP8 (e4m3) caches need Triton's e4m3 conversions: compute capability >= 8.9."""
+        if kv_cache_dtype == "auto":
+            return
+        from pagedllm.quantization.spec import cuda_supports_fp8
+
+        if not cuda_supports_fp8():
+            major, minor = torch.cuda.get_device_capability()
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} needs a GPU with compute "
+                             f"capability >= 8.9 (Ada, Hopper); this one is {major}.{minor}. "
+                             "Use kv_cache_dtype='auto'.")

@@ -19,6 +19,7 @@ from pagedllm.attention.ops.triton_prefill_attention import (
     LOG2E,
     _attend_range,
     interpreting,
+    kv_scales,
 )
 
 MAX_SPLITS = 16
@@ -36,6 +37,8 @@ def _decode_kernel(
     v_cache_ptr,
     block_table_ptr,
     seq_lens_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     qk_scale,
     window,
     num_splits,
@@ -55,9 +58,13 @@ def _decode_kernel(
     D_PAD: tl.constexpr,
     SLIDING: tl.constexpr,
     DIRECT: tl.constexpr,
+    KV_FP8: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """Program (request, kv head, split): attention of GROUP heads over one context split."""
+    """Program (request, kv head, split): attention of GROUP heads over one context split.
+    KV_FP8: the cache holds k / k_scale and v / v_scale."""
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -101,6 +108,8 @@ def _decode_kernel(
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
+    if KV_FP8:
+        out = out * tl.load(v_scale_ptr)
     st_mask = row_valid[:, None] & dmask
     if DIRECT:
         tl.store(
@@ -193,8 +202,12 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention: query ``[B, Hq, D]`` (token i = request i), seq_lens int32 ``[>= B]``.
+
+    An FP8 kv_cache holds k / k_scale and v / v_scale (float32 [1] tensors; None: 1.0).
 
     kv_cache ``[2, num_blocks, block_size, Hkv, D]`` (already holding the new token), block_table
     int32 ``[>= B, max_blocks]``. Rows with ``seq_len == 0`` get zeros. No host sync, grid fixed
@@ -229,6 +242,7 @@ def decode_attention(
             (batch, num_heads, num_splits), dtype=torch.float32, device=query.device
         )
     window = int(sliding_window) if sliding_window else 0
+    kv_fp8, k_scale, v_scale = kv_scales(kv_cache, k_scale, v_scale)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         out,
         part_out,
@@ -238,6 +252,8 @@ def decode_attention(
         kv_cache[1],
         block_table,
         seq_lens,
+        k_scale,
+        v_scale,
         scale * LOG2E,
         window,
         num_splits,
@@ -257,6 +273,7 @@ def decode_attention(
         D_PAD=d_pad,
         SLIDING=window > 0,
         DIRECT=direct,
+        KV_FP8=kv_fp8,
         INTERPRET=interpreting(),
         num_warps=num_warps or cfg_w,
         num_stages=num_stages or cfg_s,

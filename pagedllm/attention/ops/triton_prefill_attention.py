@@ -70,6 +70,9 @@ def _attend_tile(
         dmask = offs_d[None, :] < HEAD_DIM
         k = tl.load(k_cache_ptr + kv_off, mask=dmask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=dmask, other=0.0)
+    # An FP8 cache is read in the query dtype (its scales are applied by the caller).
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
     # fp32 models get exact fp32 products (Triton's default for fp32 is tf32).
     if q.dtype == tl.float32:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -156,6 +159,8 @@ def _prefill_kernel(
     block_table_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     qk_scale,
     num_reqs,
     window,
@@ -175,10 +180,14 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     SLIDING: tl.constexpr,
+    KV_FP8: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """Program (query block, kv head): causal attention of BLOCK_Q tokens x GROUP heads."""
+    """Program (query block, kv head): causal attention of BLOCK_Q tokens x GROUP heads.
+    KV_FP8: the cache holds k / k_scale and v / v_scale."""
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kvh = tl.program_id(1)
 
@@ -249,6 +258,8 @@ def _prefill_kernel(
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
+    if KV_FP8:
+        out = out * tl.load(v_scale_ptr)
     tl.store(
         out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -259,6 +270,19 @@ def _prefill_kernel(
 def interpreting() -> bool:
     """True when kernels run under the Triton interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kv_scales(kv_cache: torch.Tensor, k_scale: torch.Tensor | None,
+              v_scale: torch.Tensor | None) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """(whether the cache is FP8, k scale, v scale) for a kernel launch: unit scales where
+    none are given; any tensor stands in for the unused pointers of other caches."""
+    if kv_cache.dtype != torch.float8_e4m3fn:
+        return False, kv_cache, kv_cache
+    if k_scale is None or v_scale is None:
+        ones = torch.ones(1, dtype=torch.float32, device=kv_cache.device)
+        k_scale = ones if k_scale is None else k_scale
+        v_scale = ones if v_scale is None else v_scale
+    return True, k_scale, v_scale
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -287,8 +311,12 @@ def prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal paged attention over a flat batch of variable-length query chunks.
+
+    An FP8 kv_cache holds k / k_scale and v / v_scale (float32 [1] tensors; None: 1.0).
 
     query ``[T, Hq, D]`` (only the first ``num_tokens`` rows are read/written), kv_cache
     ``[2, num_blocks, block_size, Hkv, D]`` (already holding the new tokens), block_table
@@ -315,6 +343,7 @@ def prefill_attention(
         block_q = 16 // g_pad
     num_blocks_q = num_tokens // block_q + num_reqs
     window = int(sliding_window) if sliding_window else 0
+    kv_fp8, k_scale, v_scale = kv_scales(kv_cache, k_scale, v_scale)
     _prefill_kernel[(num_blocks_q, num_kv_heads)](
         out,
         query,
@@ -323,6 +352,8 @@ def prefill_attention(
         block_table,
         seq_lens,
         query_start_loc,
+        k_scale,
+        v_scale,
         scale * LOG2E,
         num_reqs,
         window,
@@ -342,6 +373,7 @@ def prefill_attention(
         HEAD_DIM=head_dim,
         D_PAD=triton.next_power_of_2(head_dim),
         SLIDING=window > 0,
+        KV_FP8=kv_fp8,
         INTERPRET=interpreting(),
         num_warps=num_warps or cfg_w,
         num_stages=num_stages or cfg_s,

@@ -13,6 +13,8 @@ def _reshape_and_cache_kernel(
     value_ptr,
     cache_ptr,
     slot_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -26,8 +28,10 @@ def _reshape_and_cache_kernel(
     HEAD_DIM: tl.constexpr,
     H_PAD: tl.constexpr,
     D_PAD: tl.constexpr,
+    FP8: tl.constexpr,
 ):
-    """One program per token: copy its [Hkv, D] key and value rows into their cache slot."""
+    """One program per token: copy its [Hkv, D] key and value rows into their cache slot
+    (FP8: divided by the per-tensor scales, saturated to +-448)."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     blk = slot // BLOCK_SIZE
@@ -38,6 +42,9 @@ def _reshape_and_cache_kernel(
     k = tl.load(key_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
     dst = cache_ptr + blk * stride_c_blk + off * stride_c_slot + h * stride_c_h + d
+    if FP8:
+        k = tl.clamp(k.to(tl.float32) / tl.load(k_scale_ptr), -448.0, 448.0)
+        v = tl.clamp(v.to(tl.float32) / tl.load(v_scale_ptr), -448.0, 448.0)
     tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + stride_c_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
@@ -47,8 +54,13 @@ def reshape_and_cache(
     value: torch.Tensor,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write key/value ``[T, Hkv, D]`` into ``kv_cache[0]``/``kv_cache[1]`` at ``slot_mapping``.
+
+    An FP8 (e4m3) cache stores key / k_scale and value / v_scale (float32 [1] tensors; None:
+    1.0), rounded to nearest and saturated.
 
     ``kv_cache`` is ``[2, num_blocks, block_size, Hkv, D]``; ``slot_mapping`` (int64, length
     ``T' <= T``) gives ``block * block_size + offset`` per token, ``-1`` for padding (skipped).
@@ -64,11 +76,18 @@ def reshape_and_cache(
         value = value.contiguous()
     assert kv_cache.stride(-1) == 1, "kv_cache must be contiguous in head_dim"
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if fp8 and (k_scale is None or v_scale is None):
+        ones = torch.ones(1, dtype=torch.float32, device=kv_cache.device)
+        k_scale = ones if k_scale is None else k_scale
+        v_scale = ones if v_scale is None else v_scale
     _reshape_and_cache_kernel[(num_tokens,)](
         key,
         value,
         kv_cache,
         slot_mapping,
+        k_scale if fp8 else slot_mapping,
+        v_scale if fp8 else slot_mapping,
         key.stride(0),
         key.stride(1),
         value.stride(0),
@@ -82,5 +101,6 @@ def reshape_and_cache(
         HEAD_DIM=head_dim,
         H_PAD=triton.next_power_of_2(num_kv_heads),
         D_PAD=triton.next_power_of_2(head_dim),
+        FP8=fp8,
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
     )

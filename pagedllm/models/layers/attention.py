@@ -1,4 +1,8 @@
-"""The attention layer: reshapes flat q/k/v and calls the selected backend's impl."""
+"""The attention layer: reshapes flat q/k/v and calls the selected backend's impl.
+
+`k_scale` / `v_scale` (float32 [1]) are the per-tensor scales of an FP8 KV cache (the cache
+holds k / k_scale); the impl holds the same tensors, filled at load
+(`pagedllm.quantization.kv_cache`)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,10 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.impl = impl_cls(num_heads, head_dim, scale, num_kv_heads, sliding_window,
                              logits_soft_cap)
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.impl.k_scale = self.k_scale
+        self.impl.v_scale = self.v_scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Each layer knows its shard and loads its slice of a full checkpoint tensor through
 `weight_loader(param, loaded_weight, shard_id)`. A layer whose `packed` is set (GGUF weights
 kept quantized on the CPU, `layers/quantized.PackedWeight`) has no dense weight and runs
-the packed matmul; bias, reduce and gather stay as they are.
+the packed matmul; bias, reduce and gather stay as they are. `packed` is any module computing
+x W^T: GGUF's `PackedWeight` (CPU), or `pagedllm.quantization`'s FP8 and 4-bit weights.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ class ColumnParallelLinear(nn.Module):
         loaded = loaded.narrow(0, self.tp.rank * size, size)
         _copy_checked(param, loaded, type(self).__name__)
 
+    def piece_rows(self, shard_id: int | str | None) -> tuple[int, int]:
+        """(offset, size) of checkpoint piece `shard_id`'s rows in this rank's weight."""
+        del shard_id
+        return 0, self.output_size_per_rank
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             y = self.packed(x)
@@ -73,6 +79,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         loaded = loaded.narrow(0, self.tp.rank * size, size)
         _copy_checked(param.data.narrow(0, offset, size), loaded, type(self).__name__)
 
+    def piece_rows(self, shard_id: int | str | None) -> tuple[int, int]:
+        assert isinstance(shard_id, int)
+        return sum(self.shard_sizes[:shard_id]), self.shard_sizes[shard_id]
+
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection; KV heads are split across ranks, or replicated when fewer."""
@@ -95,16 +105,17 @@ class QKVParallelLinear(ColumnParallelLinear):
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.world_size
         super().__init__(hidden_size, out, bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
-                      shard_id: int | str | None = None) -> None:
+    def piece_rows(self, shard_id: int | str | None) -> tuple[int, int]:
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         if shard_id == "q":
-            offset, size, rank = 0, q_size, self.tp.rank
-        elif shard_id == "k":
-            offset, size, rank = q_size, kv_size, self.tp.rank // self.kv_replicas
-        else:
-            offset, size, rank = q_size + kv_size, kv_size, self.tp.rank // self.kv_replicas
+            return 0, q_size
+        return (q_size, kv_size) if shard_id == "k" else (q_size + kv_size, kv_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: int | str | None = None) -> None:
+        offset, size = self.piece_rows(shard_id)
+        rank = self.tp.rank if shard_id == "q" else self.tp.rank // self.kv_replicas
         loaded = loaded.narrow(0, rank * size, size)
         _copy_checked(param.data.narrow(0, offset, size), loaded, f"qkv_proj.{shard_id}")
 
@@ -123,6 +134,7 @@ class RowParallelLinear(nn.Module):
         if bias and not reduce_results and tp.world_size > 1:
             raise ValueError("A row-parallel layer with a bias must reduce its own results.")
         self.input_size_per_rank = tp.shard(input_size, "input size")
+        self.output_size = output_size
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank),
                                    requires_grad=False)
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
@@ -135,6 +147,11 @@ class RowParallelLinear(nn.Module):
         size = param.shape[1]
         loaded = loaded.narrow(1, self.tp.rank * size, size)
         _copy_checked(param, loaded, type(self).__name__)
+
+    def piece_rows(self, shard_id: int | str | None) -> tuple[int, int]:
+        """(offset, size) of the checkpoint piece's rows: all of them (not split)."""
+        del shard_id
+        return 0, self.output_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.packed(x) if self.packed is not None else F.linear(x, self.weight)

@@ -1,0 +1,131 @@
+"""FP8 (e4m3) linear layers: weights with one scale per output channel, activations
+quantized per token (or with a checkpoint's static per-tensor scale), GEMM through
+``torch._scaled_mm``.
+
+``_scaled_mm`` with per-row scales (scale_a [M, 1], scale_b [1, N], float32) is the cuBLASLt /
+CUTLASS row-wise FP8 GEMM on Hopper; torch has had it with bf16 output since 2.5 (fp16
+output came later). `scaled_mm_mode` probes once per model which form this torch and GPU
+take: ``rowwise`` (output in the model dtype), ``rowwise-bf16`` (bf16 out, cast) or
+``tensor`` (unit per-tensor scales, float32 out, both scales applied after), which compute
+the same products.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # rows of zeros keep a finite scale
+SCALED_MM_MODES = ("rowwise", "rowwise-bf16", "tensor")
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] -> (e4m3 codes [N, K], float32 scales [N]) with W ~ codes * scale[:, None]:
+    each row's largest magnitude maps to 448."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(_MIN_SCALE)
+    codes = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return codes, scale
+
+
+def quantize_tokens_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], float32 scales [M, 1]): dynamic per-token quantization in
+    torch ops (the CPU path, and the reference of the Triton kernel)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(_MIN_SCALE)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def quantize_static_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] with one given float32 scale [1] -> e4m3 [M, K]."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_tokens(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """Per-token (or static per-tensor) quantization of activations [M, K]: one Triton pass
+    on CUDA, torch ops elsewhere. Returns codes and float32 scales [M, 1]."""
+    if x.is_cuda:
+        from pagedllm.quantization.fp8_kernels import quantize_fp8
+
+        return quantize_fp8(x, static_scale)
+    if static_scale is not None:
+        return (quantize_static_reference(x, static_scale),
+                static_scale.reshape(1, 1).expand(x.shape[0], 1).contiguous())
+    return quantize_tokens_reference(x)
+
+
+def scaled_mm_mode(device: torch.device, out_dtype: torch.dtype) -> str:
+    """Which `_scaled_mm` form works here (see the module docstring); raises RuntimeError
+    when none does."""
+    a = torch.ones(16, 32, device=device).to(FP8_DTYPE)
+    b = torch.ones(16, 32, device=device).to(FP8_DTYPE)
+    sa = torch.ones(16, 1, device=device)
+    sb = torch.ones(1, 16, device=device)
+    errors = []
+    for mode in SCALED_MM_MODES:
+        try:
+            y = _mm(mode, a, b, sa, sb, out_dtype)
+            if float(y.float()[0, 0]) == 32.0:
+                return mode
+            errors.append(f"{mode}: wrong result")
+        except (RuntimeError, NotImplementedError, TypeError) as e:
+            errors.append(f"{mode}: {str(e).splitlines()[0]}")
+    raise RuntimeError("torch._scaled_mm does not run FP8 here (torch "
+                       f"{torch.__version__}): " + "; ".join(errors))
+
+
+def _mm(mode: str, xq: torch.Tensor, wq: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
+        out_dtype: torch.dtype) -> torch.Tensor:
+    """xq [M, K] e4m3 @ wq [N, K]^T with scales sx [M, 1] and sw [1, N] (float32)."""
+    if mode == "rowwise":
+        return torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw, out_dtype=out_dtype)
+    if mode == "rowwise-bf16":
+        return torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw,
+                                out_dtype=torch.bfloat16).to(out_dtype)
+    one = torch.ones((), device=xq.device)
+    y = torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    return (y * sx * sw).to(out_dtype)
+
+
+class Fp8Weight(nn.Module):
+    """y = x W^T for W = codes * scale[:, None] (e4m3 codes [N, K], float32 scales [N]); x
+    is quantized to e4m3 per token, or with `input_scale` (a checkpoint's static scale)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                 mode: str, input_scale: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if codes.dtype != FP8_DTYPE or codes.dim() != 2:
+            raise ValueError(f"FP8 weight codes must be a 2-D {FP8_DTYPE} tensor, got "
+                             f"{codes.dtype} {tuple(codes.shape)}.")
+        if mode not in SCALED_MM_MODES:
+            raise ValueError(f"Unknown scaled_mm mode {mode!r}; use one of {SCALED_MM_MODES}.")
+        self.out_features, self.in_features = codes.shape
+        self.dtype = dtype
+        self.mode = mode
+        self.register_buffer("codes", codes.contiguous(), persistent=False)
+        self.register_buffer("scale", scale.float().reshape(1, -1).contiguous(),
+                             persistent=False)
+        self.register_buffer("input_scale", None if input_scale is None else
+                             input_scale.float().reshape(1).contiguous(), persistent=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + 4 * self.scale.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        xq, sx = quantize_tokens(x2, self.input_scale)
+        y = _mm(self.mode, xq, self.codes, sx, self.scale, self.dtype)
+        return y.view(*lead, self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """W as a dense float32 tensor (tests)."""
+        return self.codes.float() * self.scale.reshape(-1, 1)
+
+    def extra_repr(self) -> str:
+        static = ", static input scale" if self.input_scale is not None else ""
+        return f"e4m3, out={self.out_features}, in={self.in_features}, {self.mode}{static}"

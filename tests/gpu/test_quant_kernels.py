@@ -1,0 +1,250 @@
+"""Quantization kernels against torch references: FP8 GEMM (Fp8Weight through
+torch._scaled_mm) against bf16, the per-token FP8 quantization kernel, the W4A16 Triton
+GEMM against dequantize-then-matmul, and the FP8 KV cache (cache write, prefill and decode
+attention) against attention over the unquantized K/V.
+
+Runs on a CUDA device with FP8 (compute capability >= 8.9). ``python
+tests/gpu/test_quant_kernels.py`` with ``TRITON_INTERPRET=1`` runs tiny cases on the CPU
+(tests/test_triton_interpreter.py); the interpreter's e4m3 rounding is wrong where a value
+rounds up to the next power of two, so its FP8 cases use values e4m3 holds exactly.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from test_triton_attention import _make_cache, _reference, _rel_err  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+# e4m3 keeps 3 mantissa bits: each operand is off by up to 2^-4 of its magnitude (about
+# 2^-5.5 rms); a product of two such operands over random data measures ~3.8% relative
+# (Frobenius) error. Bound:
+FP8_GEMM_REL_ERROR = 0.05
+# FP8 K/V under softmax attention over random data: ~2-3% measured; bound:
+FP8_KV_REL_ERROR = 0.05
+
+
+def _fp8_ok() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+gpu_fp8 = pytest.mark.skipif(not _fp8_ok(), reason="needs a CUDA GPU with FP8 (sm >= 8.9)")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _exact_fp8(shape: tuple[int, ...], gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """float32 values that e4m3 holds exactly (times a power-of-two scale)."""
+    return (torch.randn(shape, generator=gen) * 4).to(FP8).float() * scale
+
+
+# ----------------------------------------------------------------------------- int4
+def _int4_case(m: int, n: int, k: int, group: int, dtype: torch.dtype, device: str,
+               seed: int) -> float:
+    from pagedllm.quantization.int4 import Int4Weight, dequantize
+
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (n, k // group), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).half()
+    w = dequantize(codes, zeros, scales)  # float32 [N, K]
+    x = torch.randn(m, k, generator=gen)
+    layer = Int4Weight(codes.to(device), zeros.to(device), scales.to(device), None, dtype)
+    from pagedllm.quantization.int4_kernels import int4_matmul
+
+    y = int4_matmul(x.to(device, dtype), layer.qweight, layer.scales, layer.zeros, group)
+    ref = x.to(dtype).float() @ w.t()
+    return _rel_err(y.float().cpu(), ref)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 200, 1024])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_matmul_matches_dequantize_then_matmul(m: int, dtype: torch.dtype) -> None:
+    """Exact up to the accumulation: the products of integer-valued (q - z) are exact in
+    bf16 / fp16 and the sums float32; only the output rounding (2^-8 for bf16) remains."""
+    for n, k, group in ((4096, 4096, 128), (1024, 14336, 128), (384, 512, 64), (96, 256, 32)):
+        err = _int4_case(m, n, k, group, dtype, "cuda", seed=m)
+        assert err < 5e-3, (m, n, k, group, err)
+
+
+def test_int4_act_order_layer_matches_dense() -> None:
+    from pagedllm.quantization.int4 import Int4Weight, dequantize
+
+    gen = torch.Generator().manual_seed(0)
+    n, k, group = 256, 512, 128
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (n, k // group), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).half()
+    g_idx = torch.randperm(k, generator=gen) // group
+    layer = Int4Weight(codes, zeros, scales, g_idx, torch.bfloat16).cuda()
+    x = torch.randn(5, k, generator=gen)
+    ref = x.to(torch.bfloat16).float() @ dequantize(codes, zeros, scales, g_idx).t()
+    assert _rel_err(layer(x.cuda().bfloat16()).float().cpu(), ref) < 5e-3
+
+
+# ----------------------------------------------------------------------------- fp8 GEMM
+@gpu_fp8
+@pytest.mark.parametrize("m", [1, 7, 256, 2048])
+def test_fp8_gemm_against_bf16(m: int) -> None:
+    from pagedllm.quantization.fp8 import Fp8Weight, quantize_rows, scaled_mm_mode
+
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    mode = scaled_mm_mode(torch.device("cuda"), torch.bfloat16)
+    for n, k in ((6144, 4096), (4096, 14336)):
+        w = torch.randn(n, k, device="cuda", generator=gen).bfloat16()
+        x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+        codes, scale = quantize_rows(w)
+        y = Fp8Weight(codes, scale, torch.bfloat16, mode)(x)
+        ref = x.float() @ w.float().t()
+        err = _rel_err(y.float(), ref)
+        assert err < FP8_GEMM_REL_ERROR, (m, n, k, mode, err)
+
+
+@gpu_fp8
+def test_fp8_gemm_static_input_scale_and_fp16() -> None:
+    from pagedllm.quantization.fp8 import Fp8Weight, quantize_rows, scaled_mm_mode
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    w = torch.randn(512, 1024, device="cuda", generator=gen)
+    x = torch.randn(33, 1024, device="cuda", generator=gen)
+    codes, scale = quantize_rows(w)
+    for dtype in (torch.float16, torch.bfloat16):
+        mode = scaled_mm_mode(torch.device("cuda"), dtype)
+        static = (x.abs().max() / 448).reshape(1)
+        for s in (None, static):
+            y = Fp8Weight(codes, scale, dtype, mode, s)(x.to(dtype))
+            assert y.dtype == dtype
+            assert _rel_err(y.float(), x.to(dtype).float() @ w.t()) < FP8_GEMM_REL_ERROR
+
+
+@gpu_fp8
+def test_per_token_quant_kernel_matches_reference() -> None:
+    from pagedllm.quantization.fp8 import quantize_tokens_reference
+    from pagedllm.quantization.fp8_kernels import quantize_fp8
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for k in (64, 4096, 14336):
+        x = (torch.randn(37, k, device="cuda", generator=gen)
+             * torch.logspace(-3, 2, 37, device="cuda")[:, None]).bfloat16()
+        x[5] = 0
+        q, s = quantize_fp8(x)
+        rq, rs = quantize_tokens_reference(x)
+        torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+        diff = (q.float() - rq.float()).abs()
+        assert (diff <= rq.float().abs() * 2**-3 + 1e-30).all()  # at most one e4m3 step
+        assert (diff > 0).float().mean() < 1e-3
+
+
+# ----------------------------------------------------------------------------- fp8 KV
+def _fp8_kv_case(query_lens: list[int], seq_lens: list[int], decode: bool, dtype: torch.dtype,
+                 device: str, exact: bool, seed: int) -> float:
+    """Attention over an FP8 cache (scales k 0.5, v 2) against attention over the K/V it
+    stands for (exact: values e4m3 holds; else the unquantized values)."""
+    from pagedllm.attention.ops.triton_decode_attention import decode_attention
+    from pagedllm.attention.ops.triton_prefill_attention import prefill_attention
+
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv, d, bs = 8, 2, 64, 16
+    cache, table = _make_cache(seq_lens, hkv, d, bs, torch.float32, "cpu", gen)
+    ks, vs = 0.5, 2.0
+    if exact:
+        cache[0] = _exact_fp8(cache[0].shape, gen, ks)
+        cache[1] = _exact_fp8(cache[1].shape, gen, vs)
+    else:
+        cache[0] *= ks
+        cache[1] *= vs
+    fp8 = torch.stack([(cache[0] / ks).clamp(-448, 448), (cache[1] / vs).clamp(-448, 448)]
+                      ).to(FP8).to(device)
+    k_scale = torch.tensor([ks], device=device)
+    v_scale = torch.tensor([vs], device=device)
+    ref_cache = cache.to(dtype).to(device)  # what a dtype cache would hold
+    table = table.to(device)
+    n = sum(query_lens)
+    q = torch.randn(n, hq, d, generator=gen).to(device, dtype)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    if decode:
+        out = decode_attention(q, fp8, table, sl, d**-0.5, k_scale=k_scale, v_scale=v_scale)
+    else:
+        qsl = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(),
+                           dtype=torch.int32, device=device)
+        out = prefill_attention(q, fp8, table, sl, qsl, len(seq_lens), n, d**-0.5,
+                                k_scale=k_scale, v_scale=v_scale)
+    ref = _reference(q, ref_cache, table, seq_lens, query_lens, d**-0.5, None)
+    return _rel_err(out.float().cpu(), ref.float().cpu())
+
+
+@gpu_fp8
+@pytest.mark.parametrize("decode", [False, True])
+def test_fp8_kv_attention(decode: bool) -> None:
+    if decode:
+        seq_lens, query_lens = [1, 300, 77, 1000], [1, 1, 1, 1]
+    else:
+        seq_lens, query_lens = [40, 300, 17, 129], [40, 100, 1, 64]
+    err = _fp8_kv_case(query_lens, seq_lens, decode, torch.bfloat16, "cuda", True, 0)
+    assert err < 2e-2, err  # exact FP8 values: bf16 attention's own error
+    err = _fp8_kv_case(query_lens, seq_lens, decode, torch.bfloat16, "cuda", False, 1)
+    assert err < FP8_KV_REL_ERROR, err
+
+
+@gpu_fp8
+def test_fp8_reshape_and_cache() -> None:
+    from pagedllm.attention.ops.triton_reshape_and_cache import reshape_and_cache
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    key = torch.randn(20, 8, 128, device="cuda", generator=gen).bfloat16() * 30
+    value = torch.randn(20, 8, 128, device="cuda", generator=gen).bfloat16()
+    cache = torch.zeros(2, 8, 16, 8, 128, dtype=FP8, device="cuda")
+    slots = torch.randperm(128, device="cuda")[:20]
+    slots[3] = -1
+    ks = torch.tensor([0.05], device="cuda")
+    vs = torch.tensor([0.01], device="cuda")
+    reshape_and_cache(key, value, cache, slots, ks, vs)
+    flat = cache.view(2, 128, 8, 128).float()
+    keep = slots >= 0
+    want_k = (key.float() / ks).clamp(-448, 448).to(FP8).float()[keep]
+    want_v = (value.float() / vs).clamp(-448, 448).to(FP8).float()[keep]
+    got_k, got_v = flat[0, slots[keep]], flat[1, slots[keep]]
+    assert ((got_k - want_k).abs() <= want_k.abs() * 2**-3).all()
+    assert ((got_v - want_v).abs() <= want_v.abs() * 2**-3).all()
+    assert float(want_k.abs().max()) == 448.0  # saturated, not NaN
+    assert torch.isfinite(flat).all()
+
+
+# ----------------------------------------------------------------------------- interpreter
+def run_interpreter_smoke() -> None:
+    """Tiny cases on the CPU; run under TRITON_INTERPRET=1 (set before triton is imported)."""
+    from pagedllm.attention.ops.triton_reshape_and_cache import reshape_and_cache
+    from pagedllm.quantization.fp8_kernels import quantize_fp8
+
+    for m in (1, 20):
+        err = _int4_case(m, 64, 256, 32, torch.float16, "cpu", m)
+        assert err < 5e-3, ("int4", m, err)
+    gen = torch.Generator().manual_seed(0)
+    x = _exact_fp8((5, 48), gen)
+    x[:, 0] = 448.0  # every row's scale is 1: the codes are x itself
+    q, s = quantize_fp8(x)
+    assert torch.equal(s, torch.ones(5, 1)) and torch.equal(q.float(), x)
+    q, s = quantize_fp8(x, torch.tensor([2.0]))
+    assert torch.equal(q.float(), x / 2) and torch.equal(s, torch.full((5, 1), 2.0))
+
+    key = _exact_fp8((6, 2, 32), gen, 0.5)
+    value = _exact_fp8((6, 2, 32), gen, 4.0)
+    cache = torch.zeros(2, 4, 4, 2, 32, dtype=FP8)
+    slots = torch.tensor([3, -1, 9, 15, 0], dtype=torch.int64)
+    reshape_and_cache(key, value, cache, slots, torch.tensor([0.5]), torch.tensor([4.0]))
+    flat = cache.view(2, 16, 2, 32).float()
+    assert torch.equal(flat[0, 9], key[2] / 0.5) and torch.equal(flat[1, 15], value[3] / 4)
+    for decode in (False, True):
+        ql = [1, 1] if decode else [5, 9]
+        err = _fp8_kv_case(ql, [12, 30], decode, torch.float32, "cpu", True, 2)
+        assert err < 1e-4, ("fp8 kv", decode, err)
+    print("QUANT_INTERPRETER_OK")
+
+
+if __name__ == "__main__":
+    sys.exit(run_interpreter_smoke())
