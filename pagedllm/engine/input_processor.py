@@ -16,7 +16,7 @@ def load_tokenizer(model_config: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     if model_config.load_format == "gguf" and model_config.tokenizer == model_config.model_path:
-        from pagedllm.models.loader.gguf_loader import load_gguf_tokenizer
+        from pagedllm.models.loader.gguf_tokenizer import load_gguf_tokenizer
 
         tokenizer = load_gguf_tokenizer(model_config.model_path)
     else:
