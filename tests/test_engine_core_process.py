@@ -29,9 +29,12 @@ def model_path(tmp_path_factory) -> str:
 
 
 def _serve(model_path: str, *extra: str) -> RemoteServer:
+    """A CPU server whose engine core has a process of its own (on the CPU with one API
+    server it would run on a thread unless PAGEDLLM_ENABLE_MULTIPROCESSING=1)."""
     return RemoteServer(model_path, ["--served-model-name", MODEL, "--device", "cpu",
                                      "--max-model-len", "256", "--num-gpu-blocks-override",
-                                     "512", "--disable-uvicorn-access-log", *extra])
+                                     "512", "--disable-uvicorn-access-log", *extra],
+                        env={"PAGEDLLM_ENABLE_MULTIPROCESSING": "1"})
 
 
 def _core_pids(server: RemoteServer) -> list[int]:

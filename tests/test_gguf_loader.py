@@ -222,6 +222,31 @@ def test_tokenizer_matches_transformers(our_tokenizer, hf_tokenizer) -> None:
 
 
 @needs_smollm2
+def test_tokenizer_cache_round_trip(smollm_path: Path, hf_tokenizer, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first load rebuilds and writes the cache; the second reads it and tokenizes,
+    templates and decodes as transformers' own GGUF tokenizer."""
+    monkeypatch.setenv("PAGEDLLM_CACHE_DIR", str(tmp_path))
+    first = load_gguf_tokenizer(smollm_path)
+    (entry,) = (tmp_path / "gguf-tokenizer").iterdir()
+    assert (entry / "tokenizer.json").is_file()
+    cached = load_gguf_tokenizer(smollm_path)
+    assert cached is not first and len(cached) == len(hf_tokenizer) == 49152
+    assert (cached.bos_token_id, cached.eos_token_id) == (1, 2)
+    assert cached.chat_template == first.chat_template
+    for text in TOKENIZER_TEXTS[:20]:
+        ids = cached(text)["input_ids"]
+        assert ids == hf_tokenizer(text)["input_ids"], text
+        assert cached.decode(ids) == hf_tokenizer.decode(ids), text
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert cached.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    monkeypatch.setenv("PAGEDLLM_PACK_CACHE", "0")  # off: rebuilt, nothing new written
+    load_gguf_tokenizer(smollm_path)
+    assert len(list((tmp_path / "gguf-tokenizer").iterdir())) == 1
+
+
+@needs_smollm2
 def test_tokenizer_special_tokens_and_template(our_tokenizer, hf_tokenizer) -> None:
     assert our_tokenizer.bos_token == "<|im_start|>" and our_tokenizer.bos_token_id == 1
     assert our_tokenizer.eos_token == "<|im_end|>" and our_tokenizer.eos_token_id == 2

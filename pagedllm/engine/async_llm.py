@@ -27,6 +27,7 @@ from pagedllm.engine.core_client import (
     start_core_process,
 )
 from pagedllm.engine.core_proc import CoreAddresses
+from pagedllm.engine.core_thread import core_in_thread
 from pagedllm.engine.input_processor import InputProcessor, PromptType
 from pagedllm.engine.messages import EngineCoreOutputs, EngineCoreRequest, child_request_ids
 from pagedllm.engine.output_collector import RequestOutputCollector
@@ -57,7 +58,8 @@ class AsyncLLM:
         # The launcher (client 0 without given addresses) owns the core process.
         self.core_process: CoreProcess | None = None
         if core_addresses is None:
-            self.core_process = start_core_process(config, num_clients)
+            self.core_process = start_core_process(config, num_clients,
+                                                   in_thread=core_in_thread(config, num_clients))
             core_addresses = self.core_process.addresses
         try:
             self.client = CoreClient(core_addresses, client_index, self.core_process, core_pid)

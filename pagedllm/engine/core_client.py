@@ -29,6 +29,7 @@ import zmq.asyncio
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.core_proc import CoreAddresses, run_engine_core
+from pagedllm.engine.core_thread import CoreThread
 from pagedllm.engine.messages import (
     Abort,
     Decoder,
@@ -57,9 +58,9 @@ class EngineDeadError(RuntimeError):
 
 @dataclass
 class CoreProcess:
-    """A running engine core process, as its launcher holds it."""
+    """A running engine core process (or `CoreThread`), as its launcher holds it."""
 
-    process: multiprocessing.process.BaseProcess
+    process: multiprocessing.process.BaseProcess | CoreThread
     addresses: CoreAddresses
     folder: str
 
@@ -77,17 +78,25 @@ class CoreProcess:
             logger.warning("The engine core did not stop in %.0f s; killing it.", timeout)
             self.process.kill()
             self.process.join(5)
+        if isinstance(self.process, CoreThread) and not self.process.is_alive():
+            self.process.close_sentinel()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def start_core_process(config: EngineConfig, num_clients: int = 1) -> CoreProcess:
-    """Spawn the engine core process; it binds its sockets in a fresh private folder."""
+def start_core_process(config: EngineConfig, num_clients: int = 1,
+                       in_thread: bool = False) -> CoreProcess:
+    """Spawn the engine core process (or, `in_thread`, start it on a thread of this one:
+    `core_thread`); it binds its sockets in a fresh private folder."""
     folder = tempfile.mkdtemp(prefix="pagedllm-core-")
     addresses = CoreAddresses.in_dir(folder, num_clients)
-    ctx = multiprocessing.get_context("spawn")
-    level = logging.getLogger("pagedllm").getEffectiveLevel()
-    process = ctx.Process(target=run_engine_core, name="pagedllm-engine-core",
-                          args=(config, addresses, os.getpid(), level), daemon=False)
+    process: multiprocessing.process.BaseProcess | CoreThread
+    if in_thread:
+        process = CoreThread(config, addresses)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        level = logging.getLogger("pagedllm").getEffectiveLevel()
+        process = ctx.Process(target=run_engine_core, name="pagedllm-engine-core",
+                              args=(config, addresses, os.getpid(), level), daemon=False)
     process.start()
     return CoreProcess(process, addresses, folder)
 
@@ -108,7 +117,8 @@ def describe_exit(pid: int, code: int | None) -> str:
 class _ProcessWatch:
     """Tells whether the core process is alive; its fd turns readable when it exits."""
 
-    def __init__(self, pid: int, process: multiprocessing.process.BaseProcess | None) -> None:
+    def __init__(self, pid: int,
+                 process: multiprocessing.process.BaseProcess | CoreThread | None) -> None:
         self.pid = pid
         self.process = process
         self.fd: int | None = None

@@ -76,8 +76,8 @@ def die_with_parent() -> None:
 class CoreProc:
     """The loop of the engine core process (built and run by `run_engine_core`)."""
 
-    def __init__(self, addresses: CoreAddresses, parent_pid: int) -> None:
-        self.parent_pid = parent_pid
+    def __init__(self, addresses: CoreAddresses, parent_pid: int | None) -> None:
+        self.parent_pid = parent_pid  # None: a thread of the front-end's own process
         self.ctx = zmq.Context()
         self.input = self.ctx.socket(zmq.PULL)
         self.input.bind(addresses.input)
@@ -213,8 +213,12 @@ class CoreProc:
         for client, outs in per_client.items():
             self._send(client, EngineCoreOutputs(outs, iteration, snapshot, now))
 
+    def stop(self) -> None:
+        """End `run` after the current step (or idle wait)."""
+        self._stopping = True
+
     def _check_parent(self) -> None:
-        if os.getppid() != self.parent_pid:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
             logger.error("The process that started the engine core is gone; exiting.")
             self._stopping = True
 

@@ -13,13 +13,13 @@ PromptType = str | dict[str, Any]
 
 def load_tokenizer(model_config: ModelConfig) -> Any:
     """The HF tokenizer for the model (rebuilt from GGUF metadata for .gguf models)."""
-    from transformers import AutoTokenizer
-
     if model_config.load_format == "gguf" and model_config.tokenizer == model_config.model_path:
-        from pagedllm.models.loader.gguf_loader import load_gguf_tokenizer
+        from pagedllm.models.loader.gguf_tokenizer import load_gguf_tokenizer
 
         tokenizer = load_gguf_tokenizer(model_config.model_path)
     else:
+        from transformers import AutoTokenizer
+
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 model_config.tokenizer,

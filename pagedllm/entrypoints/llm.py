@@ -20,9 +20,10 @@ ChatMessage = dict[str, Any]
 
 logger = logging.getLogger(__name__)
 
-# "1": the engine core runs in a process of its own (as the server runs it); "0": in this
-# process. In-process is the default on every device: see docs/ARCHITECTURE.md for the
-# measurement behind it.
+# "1": the engine core runs in a process of its own (as the server runs it, except on the
+# CPU with one API server: a thread there, `engine/core_thread.py`); "0": in this process.
+# In-process is the offline default on every device: see docs/ARCHITECTURE.md for the
+# measurement behind it. The server reads the same variable (1: a core process, 0: a thread).
 MULTIPROCESSING_ENV = "PAGEDLLM_ENABLE_MULTIPROCESSING"
 
 

@@ -7,13 +7,10 @@ own generator, so a seeded request draws the same numbers whatever else is in th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
+from types import ModuleType
 
 import torch
-
-try:
-    from pagedllm.worker import triton_sampling
-except ImportError:  # no triton: the torch pipeline samples everywhere
-    triton_sampling = None
 
 _EPS = 1e-5
 
@@ -126,7 +123,18 @@ class Sampler:
     def sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         """Sampled ids only. Plain greedy / temperature batches on CUDA take one fused
         Triton pass (Gumbel-max) instead of the torch pipeline."""
-        if (triton_sampling is not None and logits.is_cuda and md.top_k is None
-                and md.top_p is None and md.min_p is None and not md.generators):
-            return triton_sampling.sample(logits, md.temperature)
+        if (logits.is_cuda and md.top_k is None and md.top_p is None and md.min_p is None
+                and not md.generators and (fused := _triton_sampling()) is not None):
+            return fused.sample(logits, md.temperature)
         return self(logits, md)[0]
+
+
+@cache
+def _triton_sampling() -> ModuleType | None:
+    """The fused Triton sampler, imported on first CUDA use (a CPU engine never pays for
+    importing triton); None without triton."""
+    try:
+        from pagedllm.worker import triton_sampling
+    except ImportError:  # no triton: the torch pipeline samples everywhere
+        return None
+    return triton_sampling

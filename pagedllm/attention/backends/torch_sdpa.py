@@ -69,8 +69,7 @@ class TorchSDPAImpl(AttentionImpl):
                 kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         write_kv_cache(key, value, kv_cache, metadata.slot_mapping,
                        _has_padding(metadata))
-        qsl = metadata.query_start_loc_cpu.tolist()
-        seq_lens = metadata.seq_lens_cpu.tolist()
+        qsl, seq_lens = _step_lists(metadata)
         if metadata.is_decode_only and query.shape[0] == metadata.num_reqs:
             return self._decode(query, kv_cache, metadata, list(range(metadata.num_reqs)),
                                 qsl, seq_lens, None)
@@ -130,7 +129,10 @@ class TorchSDPAImpl(AttentionImpl):
 
         Plain matmuls with K gathered as [R, Hkv, D, L] and V as [R, Hkv, L, D] (contiguous):
         on the CPU several times faster than SDPA's flash kernel for one query per row.
-        Scores are rounded to the cache dtype as in eager attention; softmax in float32."""
+        The gathers copy into float32 and the matmuls run in float32 (at these tiny shapes
+        4x faster than bf16 matmuls on the CPU); scores, probabilities and the output are
+        rounded to the cache dtype where a matmul in that dtype rounds (as in eager
+        attention), so the results equal the cache-dtype matmuls'. Softmax in float32."""
         key = ("torch_sdpa_decode", self.sliding_window)
         plan = md.backend_cache.get(key)
         if plan is None:  # once per step: every layer shares it
@@ -141,21 +143,37 @@ class TorchSDPAImpl(AttentionImpl):
         # index_select copies whole blocks (a fast path on CPU), unlike advanced indexing.
         k = kv_cache[0].index_select(0, plan.blocks).view(r, length, hkv, -1)
         v = kv_cache[1].index_select(0, plan.blocks).view(r, length, hkv, -1)
-        k = k.permute(0, 2, 3, 1).contiguous()  # [R, Hkv, D, L]
-        v = v.transpose(1, 2).contiguous()  # [R, Hkv, L, D]
+        dtype = k.dtype
+        k = k.permute(0, 2, 3, 1).to(torch.float32, memory_format=torch.contiguous_format)
+        v = v.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
         q = query if out is None else query.index_select(0, plan.tokens)
-        scores = torch.matmul(q.view(r, hkv, group, -1), k).float()  # [R, Hkv, G, L]
+        # [R, Hkv, G, L]
+        scores = _round_to(torch.matmul(q.view(r, hkv, group, -1).float(), k), dtype)
         if self.logits_soft_cap is not None:
             cap = self.logits_soft_cap
             scores = torch.tanh(scores.mul_(self.scale / cap)).mul_(cap)
         else:
             scores.mul_(self.scale)
-        probs = torch.softmax(scores.add_(plan.bias), dim=-1).to(v.dtype)
-        o = torch.matmul(probs, v).view(r, self.num_heads, -1)  # [R, Hq, D]
+        probs = _round_to(torch.softmax(scores.add_(plan.bias), dim=-1), dtype)
+        o = torch.matmul(probs, v).view(r, self.num_heads, -1).to(dtype)  # [R, Hq, D]
         if out is None:
             return o
         out[plan.tokens] = o.to(out.dtype)
         return out
+
+
+def _round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 `x` rounded to `dtype` (as a matmul in that dtype rounds), kept float32."""
+    return x if dtype == torch.float32 else x.to(dtype).float()
+
+
+def _step_lists(md: AttentionMetadata) -> tuple[list[int], list[int]]:
+    """The step's query start offsets and sequence lengths as lists; read once per step."""
+    lists = md.backend_cache.get("torch_sdpa_lists")
+    if lists is None:
+        lists = (md.query_start_loc_cpu.tolist(), md.seq_lens_cpu.tolist())
+        md.backend_cache["torch_sdpa_lists"] = lists
+    return lists
 
 
 def _has_padding(md: AttentionMetadata) -> bool:

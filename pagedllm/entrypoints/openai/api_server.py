@@ -64,6 +64,7 @@ from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompleti
 from pagedllm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
+from pagedllm.entrypoints.openai.startup import PHASES, StartupClock
 from pagedllm.entrypoints.openai.streaming import StreamRegistry
 
 logger = logging.getLogger(__name__)
@@ -356,7 +357,18 @@ class _Server(uvicorn.Server):
 
     uvicorn re-raises the caught signal after its graceful shutdown, which would kill the
     process before the engine is shut down; here the caller gets control back instead.
+    With a `StartupClock`, the start-up log line is written once the socket listens.
     """
+
+    def __init__(self, config: uvicorn.Config, clock: StartupClock | None = None) -> None:
+        super().__init__(config)
+        self.clock = clock
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.clock is not None:
+            self.clock.mark(PHASES[3])
+            logger.info("%s", self.clock.summary())
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -411,6 +423,7 @@ def run_server(args: argparse.Namespace) -> int:
 
     With `--api-server-count N > 1`, this process starts the engine core and N API server
     processes sharing the port, and supervises them."""
+    clock = StartupClock()
     configure_logging(args.log_level)
     interval = getattr(args, "log_stats_interval", 5.0)
     if interval <= 0:
@@ -427,19 +440,22 @@ def run_server(args: argparse.Namespace) -> int:
         return 2
     try:
         output_parsers(args)  # unknown parser names fail before the model loads
+        clock.mark(PHASES[0])
         engine_args = engine_args_from(args)
         engine_config = engine_args.create_engine_config()
+        clock.mark(PHASES[1])
         if count > 1 and engine_config.model.runner == "pooling":
             raise ValueError("--api-server-count > 1 serves generative models only; pooling "
                              "(embedding) models run with one API server.")
         if count > 1:
             return _run_api_servers(args, engine_config, count, interval)
         engine = _make_engine(engine_config, interval)
+        clock.mark(PHASES[2], _core_placement(engine))
     except ValueError as e:  # bad flags or model: say what to fix, no traceback
         logger.error("Cannot start the engine: %s", e)
         return 2
     try:
-        return _serve(engine, args)
+        return _serve(engine, args, clock=clock)
     finally:
         logger.info("Shutting down the engine.")
         engine.shutdown()
@@ -455,8 +471,19 @@ def _make_engine(engine_config: Any, interval: float) -> Any:
     return AsyncLLM(engine_config, log_stats_interval=interval)
 
 
+def _core_placement(engine: Any) -> str | None:
+    """Where the engine core runs, for the start-up line."""
+    from pagedllm.engine.core_thread import CoreThread
+
+    process = getattr(getattr(engine, "core_process", None), "process", None)
+    if process is None:
+        return None
+    return ("engine core on a thread" if isinstance(process, CoreThread)
+            else "engine core in its own process")
+
+
 def _serve(engine: Any, args: argparse.Namespace,
-           sockets: list[socket.socket] | None = None) -> int:
+           sockets: list[socket.socket] | None = None, clock: StartupClock | None = None) -> int:
     """Run uvicorn on `engine` until SIGINT/SIGTERM; 0 when it stopped normally."""
     app = build_app(engine, args)
     config = uvicorn.Config(
@@ -467,7 +494,7 @@ def _serve(engine: Any, args: argparse.Namespace,
         access_log=not args.disable_uvicorn_access_log,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
-    server = _Server(config)
+    server = _Server(config, clock)
     host = f"[{args.host}]" if ":" in args.host else args.host
     logger.info("Serving %s as %s", _describe(engine, args),
                 ", ".join(app.state.models.served_model_names))

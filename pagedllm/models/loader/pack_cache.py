@@ -3,14 +3,13 @@ numpy repacking (seconds on two cores) and map the packed tensors straight from 
 
 Entries are keyed by the file's absolute path, size and modification time, the activation
 dtype, the torch version (the int4 layout is torch's) and a format version. The cache
-lives in ``$PAGEDLLM_CACHE_DIR/gguf-packed`` (default ``~/.cache/pagedllm``);
+lives in ``$PAGEDLLM_CACHE_DIR/gguf-packed`` (default ``~/.cache/pagedllm``; see ``file_cache``);
 ``PAGEDLLM_PACK_CACHE=0`` turns it off. A cache that cannot be read or written is skipped
 with a debug log line: the weights are then packed as without it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from pagedllm.models.layers.quantized import PackedWeight
+from pagedllm.models.loader.file_cache import cache_enabled, cache_root, file_key
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +25,7 @@ FORMAT_VERSION = 1
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PAGEDLLM_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "pagedllm")
-    return Path(root) / "gguf-packed"
+    return cache_root() / "gguf-packed"
 
 
 class PackCache:
@@ -35,8 +33,7 @@ class PackCache:
     `save` once after loading (only when something was packed anew)."""
 
     def __init__(self, gguf_path: Path, dtype: torch.dtype) -> None:
-        self.enabled = os.environ.get("PAGEDLLM_PACK_CACHE", "1").lower() not in (
-            "0", "false", "no", "off")
+        self.enabled = cache_enabled()
         self.dtype = dtype
         self.entries: dict[str, dict[str, object]] = {}
         self.new = 0
@@ -44,10 +41,8 @@ class PackCache:
         self.file: Path | None = None
         if not self.enabled:
             return
-        stat = gguf_path.stat()
-        key = "|".join(map(str, (gguf_path.resolve(), stat.st_size, stat.st_mtime_ns, dtype,
-                                 torch.__version__, FORMAT_VERSION)))
-        self.file = cache_dir() / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".pt")
+        key = file_key(gguf_path, dtype, torch.__version__, FORMAT_VERSION)
+        self.file = cache_dir() / (key + ".pt")
         if self.file.is_file():
             try:
                 self.entries = torch.load(self.file, mmap=True, weights_only=True)

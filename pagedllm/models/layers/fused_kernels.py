@@ -1,0 +1,171 @@
+"""Triton kernels that fuse a decoder layer's small element-wise steps on CUDA (reached
+through `fused_ops`, which imports this module on first CUDA use).
+
+Residual add + RMSNorm, SiLU-and-mul, and rotary embedding of q and k each become one
+kernel instead of five to fifteen small torch ops. Every kernel rounds to the model dtype
+where the torch reference in the layer modules does, so results agree with it to within
+fp32 reduction order. The layer modules call these only for CUDA tensors; on CPU, and where
+triton is missing, the torch code runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(out_ptr, res_out_ptr, x_ptr, res_ptr, w_ptr, stride_x, stride_r,
+                     stride_o, stride_ro, n_cols, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    dtype = x.dtype
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    mean_sq = tl.sum(xf * xf, axis=0) / n_cols
+    normed = (xf * (1.0 / tl.sqrt(mean_sq + eps))).to(dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    out = w.to(tl.float32) * normed.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _silu_and_mul_kernel(out_ptr, x_ptr, d, stride_x, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    out = act.to(tl.float32) * up.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 -> nearest bf16 (ties to even), as fp32. Integer ops, so the compiler cannot
+    fold the rounding into a fused multiply-add the way it folds a cast round trip."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+@triton.jit
+def _round_to(x, dtype, IS_BF16: tl.constexpr):
+    if IS_BF16:
+        return _round_bf16(x)
+    return x.to(dtype).to(tl.float32)
+
+@triton.jit
+def _rotate_heads(base_ptr, offs_h, offs_d, num_heads, c, s,
+                  HEAD_DIM: tl.constexpr, HALF: tl.constexpr, IS_BF16: tl.constexpr):
+    """Rotate-half rotary of one token's heads, in place, rounding each product to the
+    activations' dtype as torch does."""
+    ptr = base_ptr + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
+    x1 = tl.load(ptr, mask=mask, other=0.0)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
+    dtype = x1.dtype
+    a1 = x1.to(tl.float32)
+    a2 = x2.to(tl.float32)
+    o1 = _round_to(a1 * c, dtype, IS_BF16) - _round_to(a2 * s, dtype, IS_BF16)
+    o2 = _round_to(a2 * c, dtype, IS_BF16) + _round_to(a1 * s, dtype, IS_BF16)
+    tl.store(ptr, o1.to(dtype), mask=mask)
+    tl.store(ptr + HALF, o2.to(dtype), mask=mask)
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt, stride_kt,
+                   stride_cache, num_q_heads, num_k_heads,
+                   HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                   QH_PAD: tl.constexpr, KH_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_d = tl.arange(0, HALF_PAD)
+    dmask = offs_d < HALF
+    c = tl.load(cos_ptr + pos * stride_cache + offs_d, mask=dmask, other=0.0)
+    s = tl.load(sin_ptr + pos * stride_cache + offs_d, mask=dmask, other=0.0)
+    # torch casts cos/sin to the activations' dtype before multiplying.
+    dtype = q_ptr.dtype.element_ty
+    IS_BF16: tl.constexpr = dtype == tl.bfloat16
+    c = _round_to(c, dtype, IS_BF16)[None, :]
+    s = _round_to(s, dtype, IS_BF16)[None, :]
+    _rotate_heads(q_ptr + t * stride_qt, tl.arange(0, QH_PAD), offs_d, num_q_heads, c, s,
+                  HEAD_DIM, HALF, IS_BF16)
+    _rotate_heads(k_ptr + t * stride_kt, tl.arange(0, KH_PAD), offs_d, num_k_heads, c, s,
+                  HEAD_DIM, HALF, IS_BF16)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim; with a residual, (norm(x + residual), x + residual)."""
+    shape = x.shape
+    n_cols = shape[-1]
+    x2 = x.reshape(-1, n_cols)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    out = torch.empty((rows, n_cols), dtype=x.dtype, device=x.device)
+    res_out = res2 = None
+    if residual is not None:
+        res2 = residual.reshape(-1, n_cols)
+        if res2.stride(-1) != 1:
+            res2 = res2.contiguous()
+        res_out = torch.empty_like(out)
+    if rows:
+        _rms_norm_kernel[(rows,)](
+            out, res_out if res_out is not None else out, x2,
+            res2 if res2 is not None else x2, weight,
+            x2.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0),
+            res_out.stride(0) if res_out is not None else 0, n_cols, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols),
+            num_warps=_row_warps(n_cols))
+    out = out.view(shape)
+    return out if residual is None else (out, res_out.view(shape))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :d]) * x[..., d:] for a 2-D x of shape [tokens, 2 * d]."""
+    d = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        block = min(1024, triton.next_power_of_2(d))
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
+            out, x2, d, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+    return out.view(*x.shape[:-1], d)
+
+
+def rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                   cos_cache: torch.Tensor, sin_cache: torch.Tensor, head_dim: int,
+                   rotary_dim: int) -> None:
+    """Rotate-half rotary embedding of flat q [T, Hq * D] and k [T, Hk * D], in place
+    (rows may be strided views, e.g. slices of a fused qkv output)."""
+    num_tokens = q.shape[0]
+    if not num_tokens:
+        return
+    assert q.stride(-1) == 1 and k.stride(-1) == 1
+    assert cos_cache.stride(-1) == 1 and cos_cache.stride(0) == sin_cache.stride(0)
+    num_q_heads = q.shape[1] // head_dim
+    num_k_heads = k.shape[1] // head_dim
+    half = rotary_dim // 2
+    _rotary_kernel[(num_tokens,)](
+        q, k, cos_cache, sin_cache, positions, q.stride(0), k.stride(0), cos_cache.stride(0),
+        num_q_heads, num_k_heads, HEAD_DIM=head_dim, HALF=half,
+        HALF_PAD=triton.next_power_of_2(half), QH_PAD=triton.next_power_of_2(num_q_heads),
+        KH_PAD=triton.next_power_of_2(num_k_heads), num_warps=4)
+
+
+def _row_warps(n_cols: int) -> int:
+    if n_cols <= 1024:
+        return 4
+    if n_cols <= 4096:
+        return 8
+    return 16
