@@ -85,6 +85,7 @@ def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> di
     num_blocks = llm.engine.scheduler.kv.pool.num_blocks
     if phase_totals is not None:
         print(phase_report(phase_totals))
+    matched = _matched_unconstrained(llm, prompts, outs, args) if constrained else {}
     del llm, outs
     gc.collect()
     if args.device == "cuda":
@@ -95,7 +96,28 @@ def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> di
                 input_tokens=in_tokens, seconds=elapsed, startup_s=startup,
                 quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                 num_kv_blocks=num_blocks, ms_per_output_token=1000 * elapsed / out_tokens,
-                output_tok_s=out_tokens / elapsed, total_tok_s=(out_tokens + in_tokens) / elapsed)
+                output_tok_s=out_tokens / elapsed, total_tok_s=(out_tokens + in_tokens) / elapsed,
+                **matched)
+
+
+def _matched_unconstrained(llm: Any, prompts: list[dict], outs: list[Any],
+                           args: argparse.Namespace) -> dict:
+    """The same requests again on the same engine, unconstrained, each generating exactly as
+    many tokens as it did under its grammar: the grammar's own cost, apart from the shorter
+    outputs (constrained requests end when their grammar does, so new requests join a
+    running batch all along instead of in waves)."""
+    from pagedllm import SamplingParams
+
+    params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, detokenize=False,
+                             max_tokens=max(len(o.outputs[0].token_ids), 1)) for o in outs]
+    start = time.perf_counter()
+    again = llm.generate(prompts, params, use_tqdm=False)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in again)
+    return dict(matched_unconstrained_seconds=elapsed,
+                matched_unconstrained_output_tok_s=tokens / elapsed)
 
 
 def _constrain(params: list[Any], fraction: float) -> int:
@@ -246,6 +268,11 @@ def run_bench_throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
     for r in results:
         print(f"{r['engine']:<18}{r['requests']:>9}{r['output_tokens']:>12}"
               f"{r['seconds']:>10.2f}{r['output_tok_s']:>12.1f}")
+    if "matched_unconstrained_output_tok_s" in results[0]:
+        r = results[0]
+        print(f"same requests unconstrained, same output lengths: "
+              f"{r['matched_unconstrained_output_tok_s']:.1f} out tok/s; constrained / that: "
+              f"{r['output_tok_s'] / r['matched_unconstrained_output_tok_s']:.2f}x")
     if len(results) == 2:
         print(f"ratio pagedllm / HF (output tokens/s): "
               f"{results[0]['output_tok_s'] / results[1]['output_tok_s']:.2f}x")
