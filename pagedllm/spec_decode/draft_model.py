@@ -7,7 +7,8 @@ slots (`forward`). After verification it proposes K tokens per sampled request, 
 single-token forward at a time from the request's last token (`propose`), greedily for
 greedy requests, else sampled from its own processed distribution q (kept for the next
 step's rejection sampler). The proposals' KV lands in slots past the request's known
-tokens (the scheduler's lookahead slots), which the next step's forward overwrites.
+tokens (the scheduler's lookahead slots), which the next step's forward overwrites. The
+request's logits processors shape q as they shape the target's distribution.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 
 from pagedllm.models.loader.model_loader import load_model
 from pagedllm.sampling_params import SamplingType
+from pagedllm.spec_decode.positions import DraftPosition
+from pagedllm.worker.logits_processors import apply_logits_processors, needs_processing
 from pagedllm.worker.sampler import random_sample
 
 if TYPE_CHECKING:
@@ -88,7 +91,7 @@ class DraftModel:
             pos = int(step.seq_lens[where[rid]]) - len(d) + len(kept) - 1  # of kept[-1]
             k = min(self.num_tokens, st.num_blocks * bs - pos, self.max_model_len - pos)
             if k > 0:
-                rows.append((rid, st, kept[-1], pos, k))
+                rows.append((rid, st, kept[-1], pos, k, kept))
         for rid, *_ in rows:
             self._q.pop(rid, None)
         if not rows:
@@ -106,6 +109,11 @@ class DraftModel:
         sampled_rows = [i for i, p in enumerate(params) if p.sampling_type != SamplingType.GREEDY]
         qsl = np.arange(num + 1, dtype=np.int32)
         current = torch.tensor([r[2] for r in rows], dtype=torch.long).to(self.device)
+        # The logits processors (allowed ids, bias, penalties, ...) shape q as they shape
+        # the target's p, seeing the proposals so far: closer proposals, more accepted.
+        processing = any(needs_processing(r[1]) for r in rows)
+        # The runner's copy of the request's tokens gets this step's at `fetch`.
+        history: list[list[int]] = [list(r[5]) for r in rows]
         proposed, qs = [], []
         for j in range(int(ks.max())):
             # Rows past their own k write a position they hold (past their known tokens,
@@ -116,6 +124,12 @@ class DraftModel:
             hidden = self.model(current, torch.from_numpy(pos).to(self.device),
                                 self.kv_caches, attn)
             logits = self.model.compute_logits(hidden)
+            if processing:
+                if j:
+                    for h, token in zip(history, current.tolist()):
+                        h.append(token)
+                logits = apply_logits_processors(
+                    logits.float(), [DraftPosition(r[1], h) for r, h in zip(rows, history)])
             greedy, processed = runner.sampler.process(logits, md)
             if sampled_rows:
                 probs = processed.softmax(dim=-1)
