@@ -1,0 +1,75 @@
+"""Speculative decoding with structured outputs, on a tiny random Llama over the default
+model's real tokenizer: drafts are cut to the prefix the grammar accepts, every verified
+position is masked by its own bitmask row, so greedy constrained output equals
+non-speculative constrained output, for both grammar backends."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import assert_pool_whole
+from test_structured_outputs_engine import SCHEMA, _prompts
+from test_structured_outputs_engine import tiny_llama as tiny_smol  # noqa: F401
+
+from pagedllm import LLM, SamplingParams, StructuredOutputsParams
+
+REPEAT = r"(ab1 ){3,30}"
+
+
+def _params(so: StructuredOutputsParams, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=60, structured_outputs=so, **kw)
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
+def test_constrained_greedy_equals_non_speculative(tiny_smol, backend):  # noqa: F811
+    so = StructuredOutputsParams
+    cases = [_params(so(regex=REPEAT)), _params(so(json=SCHEMA, disable_any_whitespace=True)),
+             _params(so(choice=["alpha beta alpha beta", "gamma"])),
+             SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)]
+    prompts = _prompts(len(cases))
+    common = dict(device="cpu", structured_outputs_config={"backend": backend})
+    plain = LLM(tiny_smol, **common).generate(prompts, cases, use_tqdm=False)
+    for config in ({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3},
+                   {"model": tiny_smol, "num_speculative_tokens": 3}):
+        llm = LLM(tiny_smol, **common, speculative_config=config)
+        outs = llm.generate(prompts, cases, use_tqdm=False)
+        for a, b in zip(plain, outs):
+            assert b.outputs[0].token_ids == a.outputs[0].token_ids
+            assert b.outputs[0].finish_reason == a.outputs[0].finish_reason
+        assert re.fullmatch(REPEAT, outs[0].outputs[0].text)
+        json.loads(outs[1].outputs[0].text)
+        stats = llm.engine.core.stats._current
+        assert stats.spec_num_accepted_tokens > 0, config
+        assert_pool_whole(llm)
+
+
+def test_drafts_the_grammar_refuses_are_never_verified(tiny_smol):  # noqa: F811
+    """The target drafting for itself proposes its unconstrained choices; the scheduler cuts
+    them where the grammar refuses, so whatever is verified is grammar-valid."""
+    so = StructuredOutputsParams(regex=REPEAT)
+    llm = LLM(tiny_smol, device="cpu",
+              speculative_config={"model": tiny_smol, "num_speculative_tokens": 3})
+    engine = llm.engine
+    engine.add_request("r", _prompts(1)[0], _params(so))
+    verified: list[list[int]] = []
+    core = engine.core
+    schedule = core.scheduler.schedule
+
+    def spy():
+        out = schedule()
+        verified.extend(out.scheduled_draft_tokens.values())
+        return out
+
+    core.scheduler.schedule = spy
+    while engine.has_unfinished_requests():
+        engine.step()
+    req_text = []
+    tok = engine.tokenizer
+    for drafts in verified:
+        req_text.append(tok.decode(drafts))
+    # Every verified run continues the ab1 pattern (the grammar's only choice).
+    assert verified
+    assert all(set(t) <= set("ab1 ") for t in req_text), req_text
+    assert_pool_whole(llm)
