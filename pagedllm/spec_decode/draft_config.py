@@ -33,7 +33,10 @@ def resolve_draft_model(spec: SpeculativeConfig, target: ModelConfig, device: st
     from pagedllm.models.loader.resolve import resolve_model
     from pagedllm.models.registry import resolve_architecture
 
-    resolved = resolve_model(spec.model, trust_remote_code=target.trust_remote_code)
+    # A target with dummy weights (benchmarks) gets a dummy draft: the same seed gives the
+    # same weights, so a draft of the target's shape is the target itself.
+    resolved = resolve_model(spec.model, trust_remote_code=target.trust_remote_code,
+                             load_format="dummy" if target.load_format == "dummy" else "auto")
     hf_config = resolved.hf_config
     runner, architecture = resolve_architecture(hf_config, "generate")
     vocab = getattr(hf_config, "vocab_size", None)
