@@ -20,7 +20,7 @@ import numpy as np
 from pagedllm.config import CacheConfig, SchedulerConfig
 from pagedllm.engine.kv_cache_manager import KVCacheManager
 from pagedllm.engine.request import Request, RequestStatus
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SamplingParams, SamplingType
 from pagedllm.spec_decode.config import SpeculativeConfig
 from pagedllm.spec_decode.ngram_proposer import NgramProposer
 from pagedllm.worker.logits_processors import needs_processing
@@ -257,8 +257,8 @@ class Scheduler:
         """The draft tokens to verify for a decoding request this step: the proposal, cut
         to what the request may still generate (its last token is always sampled, so
         max_tokens and max_model_len hold), the token budget, its first stop token and the
-        prefix its grammar accepts. Requests still prefilling, or whose first token forks
-        n > 1 samples, get none."""
+        prefix its grammar accepts (see below for sampled drafts). Requests still
+        prefilling, or whose first token forks n > 1 samples, get none."""
         spec = self.speculative
         if (spec is None or req.num_pending or req.pending_forks
                 or req.num_computed_tokens < req.num_prompt_tokens):
@@ -282,7 +282,15 @@ class Scheduler:
         so = req.structured_output_request
         if so is not None and drafts:
             grammar = so.grammar
-            drafts = [] if grammar.is_terminated() else drafts[:grammar.validate_tokens(drafts)]
+            if grammar.is_terminated():
+                return []
+            valid = grammar.validate_tokens(drafts)
+            # A sampled draft model's first refused draft stays, to be rejected (the
+            # grammar's mask gives it p = 0): cutting it would leave the position to p
+            # instead of the residual max(p - q, 0), off the target's distribution.
+            # A point-mass proposal (n-gram, greedy) refused is p at that position either way.
+            sampled_q = self.ngram is None and params.sampling_type != SamplingType.GREEDY
+            drafts = drafts[:valid + 1 if sampled_q else valid]
         return drafts
 
     def _lookahead(self, end: int) -> int:
