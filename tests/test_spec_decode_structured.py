@@ -16,6 +16,8 @@ from test_structured_outputs_engine import tiny_llama as tiny_smol  # noqa: F401
 from pagedllm import LLM, SamplingParams, StructuredOutputsParams
 
 REPEAT = r"(ab1 ){3,30}"
+# SmolLM2 ids of "a", "b", "ab", "1", " " (216), "x", "c"
+ALLOWED = [81, 82, 369, 33, 216, 104, 83]
 
 
 def _params(so: StructuredOutputsParams, **kw) -> SamplingParams:
@@ -52,7 +54,9 @@ def test_drafts_the_grammar_refuses_are_never_verified(tiny_smol):  # noqa: F811
     llm = LLM(tiny_smol, device="cpu",
               speculative_config={"model": tiny_smol, "num_speculative_tokens": 3})
     engine = llm.engine
-    engine.add_request("r", _prompts(1)[0], _params(so))
+    # The draft sees allowed_token_ids (a logits processor), not the grammar: its
+    # proposals mix the grammar's tokens and refused ones ("x", "c").
+    engine.add_request("r", _prompts(1)[0], _params(so, allowed_token_ids=ALLOWED))
     verified: list[list[int]] = []
     core = engine.core
     schedule = core.scheduler.schedule
@@ -77,9 +81,9 @@ def test_drafts_the_grammar_refuses_are_never_verified(tiny_smol):  # noqa: F811
 
 def test_sampled_constrained_distribution_matches_non_speculative(tiny_smol):  # noqa: F811
     """Sampled constrained output draws from the same distribution with a sampled draft
-    model (the target itself: its unmasked choices are often refused by the grammar and
-    must be rejected, not cut) as without speculation: chi-square of per-position
-    characters over many seeds."""
+    model (the target itself, seeing allowed_token_ids but not the grammar: its choices
+    are often refused by the grammar and must be rejected, not cut) as without
+    speculation: chi-square of per-position characters over many seeds."""
     import numpy as np
     from scipy.stats import chi2_contingency
 
@@ -88,8 +92,10 @@ def test_sampled_constrained_distribution_matches_non_speculative(tiny_smol):  #
     prompt = _prompts(1)[0]
 
     def cells(llm: LLM) -> np.ndarray:
+        allowed = ALLOWED + [llm.get_tokenizer().eos_token_id]  # the grammar's end
         params = [SamplingParams(temperature=1.0, max_tokens=12, seed=100 + i,
-                                 structured_outputs=so) for i in range(num)]
+                                 structured_outputs=so, allowed_token_ids=allowed)
+                  for i in range(num)]
         texts = [o.outputs[0].text for o in llm.generate([prompt] * num, params,
                                                           use_tqdm=False)]
         assert all(re.fullmatch("[ab]{8}", t) for t in texts), texts[:5]
