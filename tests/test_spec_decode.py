@@ -249,6 +249,16 @@ def test_abort_mid_run_returns_every_block(tiny_llama):
         assert_pool_whole(llm)
 
 
+def test_ngram_with_tensor_parallelism(tiny_llama, reference):
+    """Every rank computes logits over all verified rows; rank 0 verifies (gloo on CPU)."""
+    prompts, expected = reference
+    llm = LLM(tiny_llama, **BASE, tensor_parallel_size=2, speculative_config=NGRAM)
+    assert greedy(llm, prompts) == expected
+    assert spec_counts(llm)[2] > 0
+    assert_pool_whole(llm)
+    llm.engine.shutdown()
+
+
 # ---------------------------------------------------------------- sampled
 def _sampled_outputs(llm: LLM, prompt: list[int], allowed: list[int], num: int,
                      temperature: float = 1.0) -> list[tuple[int, ...]]:
