@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from pagedllm.spec_decode.config import SpeculativeConfig
 from pagedllm.structured_output.config import StructuredOutputsConfig
 from pagedllm.utils import parse_bytes
 
@@ -155,6 +156,8 @@ class EngineConfig:
     disable_log_stats: bool = False
     structured_outputs: StructuredOutputsConfig = field(
         default_factory=lambda: StructuredOutputsConfig.parse(None))
+    speculative: SpeculativeConfig | None = None
+    draft_model: ModelConfig | None = None  # the draft of speculative method "draft_model"
 
 
 def default_device() -> str:
@@ -196,6 +199,7 @@ class EngineArgs:
     chat_template: str | None = None
     skip_tokenizer_init: bool = False
     structured_outputs_config: StructuredOutputsConfig | dict[str, Any] | str | None = None
+    speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
     cpu_threads: int | None = None
@@ -281,6 +285,11 @@ class EngineArgs:
                             'backend auto (xgrammar when installed and it takes the request, '
                             'else llguidance), xgrammar or guidance; disable_any_whitespace, '
                             'compile_workers, grammar_cache_size.')
+        g.add_argument("--speculative-config",
+                       help='Speculative decoding as a JSON object: {"method": "ngram", '
+                            '"num_speculative_tokens": 4, "prompt_lookup_max": 4} (prompt '
+                            'lookup) or {"model": "DRAFT", "num_speculative_tokens": 4} (a '
+                            'draft model sharing the vocabulary).')
         return parser
 
     @classmethod
@@ -295,6 +304,7 @@ class EngineArgs:
         from pagedllm.distributed.checks import resolve_tensor_parallel
         from pagedllm.models.loader.resolve import resolve_model
         from pagedllm.models.registry import resolve_architecture
+        from pagedllm.spec_decode.draft_config import resolve_draft_model
 
         self._validate_scalars()
         device = self._resolve_device()
@@ -383,12 +393,18 @@ class EngineArgs:
                 f"max_num_batched_tokens ({max_batched}) must be >= max_num_seqs "
                 f"({max_num_seqs}) so every running request can decode each step."
             )
+        speculative = (SpeculativeConfig.parse(self.speculative_config)
+                       if self.speculative_config is not None else None)
+        if speculative is not None and self.async_scheduling:
+            raise ValueError("async_scheduling=True does not work with speculative_config: "
+                             "each verify step's accepted tokens decide the next step's "
+                             "inputs. Leave async_scheduling unset (off with speculation).")
         scheduler = SchedulerConfig(
             max_num_batched_tokens=max_batched,
             max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
-            async_scheduling=(device == "cuda" if self.async_scheduling is None
-                              else self.async_scheduling),
+            async_scheduling=(device == "cuda" and speculative is None
+                              if self.async_scheduling is None else self.async_scheduling),
         )
         parallel = ParallelConfig(
             tensor_parallel_size=self.tensor_parallel_size,
@@ -401,6 +417,12 @@ class EngineArgs:
             enforce_eager=self.enforce_eager,
             cpu_threads=self._resolve_cpu_threads(device),
         )
+        if (speculative is not None and speculative.method == "draft_model"
+                and cache.kv_cache_dtype != "auto"):
+            raise ValueError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} with a speculative draft model is not "
+                "supported (the draft's cache keeps its weights' dtype); use "
+                "kv_cache_dtype='auto' or the 'ngram' method.")
         return EngineConfig(
             model=model,
             cache=cache,
@@ -409,6 +431,10 @@ class EngineArgs:
             device=device_config,
             disable_log_stats=self.disable_log_stats,
             structured_outputs=StructuredOutputsConfig.parse(self.structured_outputs_config),
+            speculative=speculative,
+            draft_model=(resolve_draft_model(speculative, model, device,
+                                             self.tensor_parallel_size)
+                         if speculative is not None else None),
         )
 
     def _resolve_quantization(self, load_format: str, device: str) -> str | None:

@@ -44,7 +44,8 @@ class EngineCore:
             self.executor.shutdown()  # tensor-parallel workers must not outlive a failed start
             raise
         self.num_blocks = num_blocks
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks,
+                                   config.speculative)
         self.stats = StatsCollector()
         # request id -> ids of its sequences (n > 1 requests have several)
         self._children: dict[str, list[str]] = {}
@@ -114,10 +115,14 @@ class EngineCore:
             tokenizer = load_tokenizer(model)
             eos, extra = eos_token_ids(model, tokenizer)
             stops = ([eos] if eos is not None else []) + sorted(extra)
+            spec = self.config.speculative
+            k = spec.num_speculative_tokens if spec is not None else 0
+            # Each verified position of a speculating request has its own bitmask row.
             self.structured_outputs = StructuredOutputManager(
                 tokenizer, model.vocab_size, self.config.structured_outputs,
-                stop_token_ids=stops or None, max_rows=self.config.scheduler.max_num_seqs,
-                device=self.config.device.torch_device)
+                stop_token_ids=stops or None,
+                max_rows=self.config.scheduler.max_num_seqs * (1 + k),
+                max_rollback_tokens=k, device=self.config.device.torch_device)
         return self.structured_outputs
 
     def abort(self, request_ids: list[str], reason: str = "abort") -> list[str]:
@@ -181,11 +186,12 @@ class EngineCore:
         if not sched_out.grammar_rows:
             return None
         requests = self.scheduler.requests
+        drafts = sched_out.scheduled_draft_tokens
         rows = []
         for rid, row in sched_out.grammar_rows.items():
             req = requests.get(rid)
             if req is not None and not req.is_finished:
-                rows.append((req.structured_output_request, row))
+                rows.append((req.structured_output_request, row, drafts.get(rid, ())))
         manager = self.structured_outputs
         return GrammarOutput(manager.bitmask, manager.fill_bitmask(rows))
 
@@ -210,19 +216,24 @@ class EngineCore:
 
     def _process(self, sched_out: SchedulerOutput,
                  runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        updated = self.scheduler.update(sched_out, runner_out.sampled)
+        updated = self.scheduler.update(sched_out, runner_out.sampled,
+                                        runner_out.draft_token_ids)
         self.stats.record_step(updated)
+        if sched_out.scheduled_draft_tokens:
+            self.stats.record_spec_decode(sched_out.scheduled_draft_tokens, runner_out.sampled)
         logprobs = runner_out.logprobs
         outputs = []
         for req in updated:
             finish = req.finish_reason
             if finish is not None:
                 self._forget(req.request_id)
+            lp = logprobs.get(req.request_id) if logprobs else None
+            if lp is not None and len(lp) > req.num_new_tokens:  # a stop inside a draft run
+                lp = lp.head(req.num_new_tokens)
             outputs.append(EngineCoreOutput(
                 req.request_id, req.output_token_ids[-req.num_new_tokens:], finish,
                 req.stop_reason if isinstance(req.stop_reason, int) else None,
-                max(req.num_cached_tokens, 0),
-                logprobs.get(req.request_id) if logprobs else None))
+                max(req.num_cached_tokens, 0), lp))
         if runner_out.prompt_logprobs:
             for rid, lists in runner_out.prompt_logprobs.items():
                 outputs.append(EngineCoreOutput(rid, [], prompt_logprobs=lists))

@@ -151,15 +151,18 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       computed_blocks: list[KVBlock] | None = None) -> list[KVBlock] | None:
+                       computed_blocks: list[KVBlock] | None = None,
+                       num_lookahead_tokens: int = 0) -> list[KVBlock] | None:
         """Give the request room for num_new_tokens more tokens (after any cached prefix
-        in computed_blocks). Returns the new blocks, or None when too few are free."""
+        in computed_blocks), plus `num_lookahead_tokens` slots past them that this step
+        writes without computing them for good (a draft model's proposals). Returns the
+        new blocks, or None when too few are free."""
         rid = request.request_id
         blocks = self.req_blocks.get(rid)
         if not computed_blocks and blocks is not None:
             # Fast path for running requests (decodes): often no new block is needed.
             total = request.num_computed_tokens + num_new_tokens
-            num_needed = cdiv(total, self.block_size) - len(blocks)
+            num_needed = cdiv(total + num_lookahead_tokens, self.block_size) - len(blocks)
             if num_needed <= 0:
                 if (self.enable_caching and total // self.block_size
                         > self.req_num_cached.get(rid, 0)):
@@ -169,7 +172,8 @@ class KVCacheManager:
         blocks = blocks or []
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
-        num_needed = cdiv(total, self.block_size) - len(blocks) - len(computed_blocks)
+        num_needed = (cdiv(total + num_lookahead_tokens, self.block_size) - len(blocks)
+                      - len(computed_blocks))
         # Cached blocks held only by the free queue count as free but would be taken.
         num_evictable_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if num_needed > self.pool.num_free_blocks - num_evictable_hits:
@@ -197,6 +201,21 @@ class KVCacheManager:
             if blocks[i].block_hash is None:
                 self.pool.cache_block(blocks[i], request.block_hashes[i])
         self.req_num_cached[rid] = max(done, num_full)
+
+    def rollback(self, request: Request, num_tokens: int) -> int:
+        """Free the request's blocks past the first cdiv(num_tokens, block_size): the slots
+        of rejected draft tokens. Those blocks hold no known token, so none is registered in
+        the prefix cache. Returns the number of blocks the request keeps."""
+        rid = request.request_id
+        blocks = self.req_blocks.get(rid, [])
+        keep = cdiv(num_tokens, self.block_size)
+        if len(blocks) > keep:
+            dropped = blocks[keep:]
+            assert all(b.block_hash is None for b in dropped), "a rolled-back block was cached"
+            del blocks[keep:]
+            del self.req_block_ids[rid][keep:]
+            self.pool.free_blocks(reversed(dropped))
+        return len(blocks)
 
     def fork(self, parent: Request, child: Request) -> list[tuple[int, int]] | None:
         """Give `child` the parent's computed blocks: full blocks by reference (ref count),

@@ -66,6 +66,11 @@ class Request:
         # the request, so it is sent in full the next time it is scheduled).
         self.num_runner_blocks = -1
         self.num_new_tokens = 0  # output tokens the last update appended
+        # Speculative decoding: a draft model's proposal for the next step (from the model
+        # runner), and the block count the runner must cut its block row to after a
+        # rollback of rejected draft tokens (-1: no cut pending).
+        self.spec_token_ids: list[int] = []
+        self.runner_block_cut = -1
         # Its grammar (a StructuredOutputRequest), when the request is constrained.
         self.structured_output_request: Any = None
         self.first_scheduled_time: float | None = None

@@ -15,10 +15,14 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from pagedllm.config import CacheConfig, SchedulerConfig
 from pagedllm.engine.kv_cache_manager import KVCacheManager
 from pagedllm.engine.request import Request, RequestStatus
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SamplingParams, SamplingType
+from pagedllm.spec_decode.config import SpeculativeConfig
+from pagedllm.spec_decode.ngram_proposer import NgramProposer
 from pagedllm.worker.logits_processors import needs_processing
 
 logger = logging.getLogger(__name__)
@@ -33,8 +37,9 @@ class ScheduledRequest:
 
     request: Request
     start: int  # = num_computed_tokens before the step
-    num_tokens: int
+    num_tokens: int  # the draft tokens included
     samples: bool = False
+    draft_token_ids: list[int] = field(default_factory=list)  # verified this step
 
 
 @dataclass
@@ -52,11 +57,14 @@ class NewRequestData:
 
 @dataclass
 class CachedRequestData:
-    """A request the runner already holds: only what changed (KV blocks added). Its new
-    tokens are the ones the runner sampled itself."""
+    """A request the runner already holds: only what changed (KV blocks added, or cut after
+    a rollback). Its new tokens are the ones the runner sampled itself."""
 
     request_id: str
     new_block_ids: list[int]
+    # >= 0: first cut the block row to this many blocks (rejected draft tokens' blocks
+    # were freed), then add new_block_ids.
+    num_kept_blocks: int = -1
 
 
 @dataclass
@@ -68,7 +76,9 @@ class SchedulerOutput:
     requests take logits rows in batch order (``sampling_ids``); ``grammar_rows`` maps the
     constrained ones to their row (their bitmask is filled later, while the forward runs).
     ``forks`` lists the samples of an n > 1 request that draw their first token from its row.
-    ``scheduled_draft_tokens`` is room for speculative decoding (empty for now).
+    ``scheduled_draft_tokens``: speculative decoding's proposals per decoding request; such a
+    request computes its last token and the K drafts (1 + K scheduled tokens) and takes
+    1 + K logits rows (one per position verified), so ``grammar_rows`` gives its first.
     """
 
     new_requests: list[NewRequestData] = field(default_factory=list)
@@ -118,8 +128,19 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
-                 num_blocks: int) -> None:
+                 num_blocks: int, speculative: SpeculativeConfig | None = None) -> None:
         self.config = scheduler_config
+        self.speculative = speculative
+        # n-gram proposals are made here, from the request's tokens; a draft model's come
+        # from the model runner (Request.spec_token_ids). A draft model writes its
+        # proposals' KV past a sampled request's tokens: K lookahead slots.
+        self.ngram: NgramProposer | None = None
+        self.num_lookahead = 0
+        if speculative is not None and speculative.method == "ngram":
+            lo, hi = speculative.lookup_range
+            self.ngram = NgramProposer(speculative.num_speculative_tokens, lo, hi)
+        elif speculative is not None:
+            self.num_lookahead = speculative.num_speculative_tokens
         self.block_size = cache_config.block_size
         self.kv = KVCacheManager(num_blocks, cache_config.block_size,
                                  cache_config.enable_prefix_caching)
@@ -163,9 +184,17 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
+            drafts = self._drafts(req, budget) if num_new == 1 else []
+            req.spec_token_ids = []
+            end = req.num_computed_tokens + num_new
+            lookahead = self._lookahead(end + len(drafts)) if end == req.num_tokens else 0
             while True:
-                if self.kv.allocate_slots(req, num_new) is not None:
+                if self.kv.allocate_slots(req, num_new + len(drafts),
+                                          num_lookahead_tokens=lookahead) is not None:
                     break
+                if drafts or lookahead:  # fewer slots before preempting anyone
+                    drafts, lookahead = [], 0
+                    continue
                 victim = self.running.pop()  # the newest running request
                 self._preempt(victim)
                 out.preempted.append(victim.request_id)
@@ -173,8 +202,8 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 break  # req itself was preempted: nothing more fits
-            out.scheduled.append(self._item(req, req.num_computed_tokens, num_new))
-            budget -= num_new
+            out.scheduled.append(self._item(req, req.num_computed_tokens, num_new, drafts))
+            budget -= num_new + len(drafts)
             i += 1
 
         if not out.preempted:
@@ -197,7 +226,9 @@ class Scheduler:
                     break  # its forks will need sequence slots too
                 hits, num_hit_tokens = self.kv.get_computed_blocks(req)
                 num_new = min(req.num_tokens - num_hit_tokens, budget)
-                if self.kv.allocate_slots(req, num_new, hits) is None:
+                end = num_hit_tokens + num_new
+                lookahead = self._lookahead(end) if end == req.num_tokens else 0
+                if self.kv.allocate_slots(req, num_new, hits, lookahead) is None:
                     break
                 self.waiting.popleft()
                 req.num_computed_tokens = num_hit_tokens
@@ -216,8 +247,58 @@ class Scheduler:
         return out
 
     @staticmethod
-    def _item(req: Request, start: int, num_tokens: int) -> ScheduledRequest:
+    def _item(req: Request, start: int, num_tokens: int,
+              drafts: list[int] | None = None) -> ScheduledRequest:
+        if drafts:
+            return ScheduledRequest(req, start, num_tokens + len(drafts), True, drafts)
         return ScheduledRequest(req, start, num_tokens, start + num_tokens == req.num_tokens)
+
+    def _drafts(self, req: Request, budget: int) -> list[int]:
+        """The draft tokens to verify for a decoding request this step: the proposal, cut
+        to what the request may still generate (its last token is always sampled, so
+        max_tokens and max_model_len hold), the token budget, its first stop token and the
+        prefix its grammar accepts (see below for sampled drafts). Requests still
+        prefilling, or whose first token forks n > 1 samples, get none."""
+        spec = self.speculative
+        if (spec is None or req.num_pending or req.pending_forks
+                or req.num_computed_tokens < req.num_prompt_tokens):
+            return []
+        k = min(spec.num_speculative_tokens, budget - 1,
+                req.max_tokens - req.num_output_tokens - 1)
+        if k <= 0:
+            return []
+        if self.ngram is not None:
+            drafts = self.ngram.propose([np.asarray(req.all_token_ids)], [k])[0]
+        else:
+            drafts = req.spec_token_ids[:k]
+        if not drafts:
+            return drafts
+        params = req.sampling_params
+        stops = params.all_stop_token_ids
+        for i, token in enumerate(drafts):
+            if token in stops or (token == req.eos_token_id and not params.ignore_eos):
+                drafts = drafts[:i + 1]  # a stop token ends the run: nothing to verify after it
+                break
+        so = req.structured_output_request
+        if so is not None and drafts:
+            grammar = so.grammar
+            if grammar.is_terminated():
+                return []
+            valid = grammar.validate_tokens(drafts)
+            # A sampled draft model's first refused draft stays, to be rejected (the
+            # grammar's mask gives it p = 0): cutting it would leave the position to p
+            # instead of the residual max(p - q, 0), off the target's distribution.
+            # A point-mass proposal (n-gram, greedy) refused is p at that position either way.
+            sampled_q = self.ngram is None and params.sampling_type != SamplingType.GREEDY
+            drafts = drafts[:valid + 1 if sampled_q else valid]
+        return drafts
+
+    def _lookahead(self, end: int) -> int:
+        """Slots past position `end` (where a sampling request's scheduled tokens end) for
+        the draft model's proposals; none beyond max_model_len."""
+        if not self.num_lookahead:
+            return 0
+        return max(0, min(self.num_lookahead, self.config.max_model_len - end))
 
     def _runner_view(self, out: SchedulerOutput) -> None:
         """Fill the typed per-request data of the model runner's contract."""
@@ -231,8 +312,9 @@ class Scheduler:
                     rid, list(req.all_token_ids), req.num_prompt_tokens, req.sampling_params,
                     req.eos_token_id, list(blocks)))
             else:
-                out.cached_requests.append(
-                    CachedRequestData(rid, blocks[req.num_runner_blocks:]))
+                out.cached_requests.append(CachedRequestData(
+                    rid, blocks[req.num_runner_blocks:], req.runner_block_cut))
+            req.runner_block_cut = -1
             req.num_runner_blocks = len(blocks)
             out.req_ids.append(rid)
             out.num_scheduled_tokens.append(item.num_tokens)
@@ -240,6 +322,8 @@ class Scheduler:
             out.samples.append(item.samples)
             if not item.samples:
                 continue
+            if item.draft_token_ids:
+                out.scheduled_draft_tokens[rid] = item.draft_token_ids
             if req.structured_output_request is not None:
                 out.grammar_rows[rid] = row
                 out.needs_host_tokens = True
@@ -247,13 +331,15 @@ class Scheduler:
                 out.needs_host_tokens = True
             if req.pending_forks:
                 out.forks[rid] = [(c.request_id, c.sampling_params) for c in req.pending_forks]
-            row += 1
+            row += 1 + len(item.draft_token_ids)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_runner_blocks = -1  # the runner drops it (out.preempted)
+        req.runner_block_cut = -1
+        req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -269,9 +355,12 @@ class Scheduler:
             if item.samples:
                 req.num_pending += 1
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
+    def update(self, out: SchedulerOutput, sampled: dict[str, list[int]],
+               proposals: dict[str, list[int]] | None = None) -> list[Request]:
         """Append a launched step's sampled tokens (a list per request), apply token-level
-        stop rules (and the grammar's end); returns requests that got new tokens."""
+        stop rules (and the grammar's end), roll back the slots of rejected draft tokens;
+        returns requests that got new tokens. `proposals`: a draft model's drafts for each
+        request's next step."""
         updated = []
         for item in out.scheduled:
             req = item.request
@@ -287,6 +376,11 @@ class Scheduler:
                 if req.is_finished:
                     break
             req.num_new_tokens = req.num_output_tokens - num_before
+            num_rejected = len(item.draft_token_ids) - (len(tokens) - 1)
+            if num_rejected > 0 and not req.is_finished:
+                self._rollback(req, num_rejected)
+            if proposals and not req.is_finished:
+                req.spec_token_ids = proposals.get(req.request_id, [])
             if req.first_token_time is None:
                 req.first_token_time = time.monotonic()
             if req.pending_forks:
@@ -295,6 +389,17 @@ class Scheduler:
             if req.is_finished:
                 self._free(req)
         return updated
+
+    def _rollback(self, req: Request, num_rejected: int) -> None:
+        """Rejected draft tokens were computed into KV slots: they no longer count, and
+        blocks past the request's known tokens go back to the pool (the runner cuts its
+        block row in the next step that schedules the request)."""
+        req.num_computed_tokens -= num_rejected
+        kept = self.kv.rollback(req, req.num_tokens)
+        if kept < req.num_runner_blocks:
+            req.num_runner_blocks = kept
+            req.runner_block_cut = (kept if req.runner_block_cut < 0
+                                    else min(kept, req.runner_block_cut))
 
     def _fork(self, parent: Request, sampled: dict[str, list[int]]) -> list[Request]:
         """Start the other samples of an n > 1 request once its prompt is computed: each

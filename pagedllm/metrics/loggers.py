@@ -33,10 +33,26 @@ class _Window:
         self.generation_tokens = 0
         self.queries0 = snapshot.prefix_cache_queries if snapshot else 0
         self.hits0 = snapshot.prefix_cache_hits if snapshot else 0
+        self.spec_drafts = 0
+        self.spec_draft_tokens = 0
+        self.spec_accepted = 0
 
     def add(self, iteration: IterationStats) -> None:
         self.prompt_tokens += iteration.num_prompt_tokens
         self.generation_tokens += iteration.num_generation_tokens
+        self.spec_drafts += iteration.spec_num_drafts
+        self.spec_draft_tokens += iteration.spec_num_draft_tokens
+        self.spec_accepted += iteration.spec_num_accepted_tokens
+
+    def spec_decode_line(self) -> str:
+        """Mean acceptance length (tokens per verify step: accepted drafts + 1) and the
+        draft acceptance rate over the window; empty without speculation."""
+        if not self.spec_drafts:
+            return ""
+        length = 1 + self.spec_accepted / self.spec_drafts
+        rate = 100 * self.spec_accepted / self.spec_draft_tokens
+        return (f", Spec decode: mean acceptance length {length:.2f}, "
+                f"draft acceptance rate {rate:.1f}%")
 
     def rates(self, now: float) -> tuple[float, float]:
         """(prompt tokens/s, generation tokens/s) over the window."""
@@ -85,9 +101,10 @@ class LoggingStatLogger(_WindowedLogger):
         logger.info(
             "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
             "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, "
-            "Prefix cache hit rate: %.1f%%",
+            "Prefix cache hit rate: %.1f%%%s",
             prompt_tps, gen_tps, snapshot.num_running, snapshot.num_waiting,
-            100 * snapshot.kv_cache_usage, 100 * window.hit_rate(snapshot))
+            100 * snapshot.kv_cache_usage, 100 * window.hit_rate(snapshot),
+            window.spec_decode_line())
 
 
 class ThroughputHistory(_WindowedLogger):

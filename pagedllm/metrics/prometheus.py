@@ -39,6 +39,12 @@ METRIC_HELP: dict[str, str] = {
     "request_decode_time_seconds": "Time from the first token to the finish.",
     "request_prompt_tokens": "Prompt length of finished requests.",
     "request_generation_tokens": "Generated tokens of finished requests.",
+    "spec_decode_num_drafts": "Speculative decoding: draft runs verified (one per request "
+                              "and step).",
+    "spec_decode_num_draft_tokens": "Speculative decoding: draft tokens verified.",
+    "spec_decode_num_accepted_tokens": "Speculative decoding: draft tokens accepted.",
+    "spec_decode_num_accepted_tokens_per_pos": "Speculative decoding: draft tokens accepted "
+                                               "at each position of a draft run (0 = first).",
 }
 
 
@@ -81,6 +87,11 @@ class PrometheusStatLogger:
         self.req_prompt = histogram("request_prompt_tokens", _TOKEN_BUCKETS).labels(m)
         self.req_gen = histogram("request_generation_tokens", _TOKEN_BUCKETS).labels(m)
         self._last: SchedulerSnapshot | None = None
+        self.spec_drafts = counter("spec_decode_num_drafts").labels(m)
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens").labels(m)
+        self.spec_accepted = counter("spec_decode_num_accepted_tokens").labels(m)
+        self._spec_per_pos = counter("spec_decode_num_accepted_tokens_per_pos", ("position",))
+        self.spec_per_pos: list = []
 
     def record(self, snapshot: SchedulerSnapshot, iteration: IterationStats,
                now: float) -> None:
@@ -100,6 +111,8 @@ class PrometheusStatLogger:
             self.prompt_tokens.inc(iteration.num_prompt_tokens)
         if iteration.num_generation_tokens:
             self.generation_tokens.inc(iteration.num_generation_tokens)
+        if iteration.spec_num_drafts:
+            self._record_spec_decode(iteration)
         for ttft in iteration.time_to_first_tokens:
             self.ttft.observe(ttft)
         for f in iteration.finished:
@@ -117,6 +130,17 @@ class PrometheusStatLogger:
             tpot = f.time_per_output_token
             if tpot is not None:
                 self.tpot.observe(tpot)
+
+    def _record_spec_decode(self, iteration: IterationStats) -> None:
+        self.spec_drafts.inc(iteration.spec_num_drafts)
+        self.spec_draft_tokens.inc(iteration.spec_num_draft_tokens)
+        self.spec_accepted.inc(iteration.spec_num_accepted_tokens)
+        per_pos = iteration.spec_accepted_per_pos
+        while len(self.spec_per_pos) < len(per_pos):
+            self.spec_per_pos.append(self._spec_per_pos.labels(
+                self._model_name, str(len(self.spec_per_pos))))
+        for counter, count in zip(self.spec_per_pos, per_pos):
+            counter.inc(count)
 
     def render(self) -> tuple[bytes, str]:
         """The registry in Prometheus text format, and its content type."""

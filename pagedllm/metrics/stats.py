@@ -51,6 +51,12 @@ class IterationStats:
     num_generation_tokens: int = 0
     time_to_first_tokens: list[float] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
+    # Speculative decoding: requests that verified drafts, draft tokens verified, drafts
+    # accepted, and accepted drafts by position (index j: the (j+1)-th draft of a run).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -81,8 +87,8 @@ class StatsCollector:
         finished = _FINISHED
         n = 0
         for req in updated:
-            n += 1
-            if len(req.output_token_ids) == 1:  # first token: the prefill is done
+            n += req.num_new_tokens
+            if len(req.output_token_ids) == req.num_new_tokens:  # first tokens: prefill done
                 it.num_prompt_tokens += len(req.prompt_token_ids)
                 if req.first_token_time is not None:
                     it.time_to_first_tokens.append(req.first_token_time - req.arrival_time)
@@ -90,6 +96,25 @@ class StatsCollector:
                 now = now if now is not None else time.monotonic()
                 self.record_finished(req, now)
         it.num_generation_tokens += n
+
+    def record_spec_decode(self, drafts: dict[str, list[int]],
+                           sampled: dict[str, list[int]]) -> None:
+        """Count a verify step: per request its K drafts and how many were accepted (the
+        tokens it kept, less the one sampled after them)."""
+        it = self._current
+        per_pos = it.spec_accepted_per_pos
+        for rid, draft in drafts.items():
+            tokens = sampled.get(rid)
+            if not tokens:
+                continue
+            accepted = len(tokens) - 1
+            it.spec_num_drafts += 1
+            it.spec_num_draft_tokens += len(draft)
+            it.spec_num_accepted_tokens += accepted
+            if len(per_pos) < len(draft):
+                per_pos.extend([0] * (len(draft) - len(per_pos)))
+            for j in range(accepted):
+                per_pos[j] += 1
 
     def record_finished(self, req: Request, now: float | None = None,
                         reason: str | None = None) -> None:

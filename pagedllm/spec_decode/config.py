@@ -32,6 +32,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
     model: str | None = None
+    # Where the draft runs: the target's device type only (it shares the target's process,
+    # block manager and block ids). Any other device type is refused.
+    device: str | None = None
 
     def __post_init__(self) -> None:
         if self.method in NOT_IMPLEMENTED:
@@ -44,10 +47,12 @@ class SpeculativeConfig:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise ValueError("speculative_config num_speculative_tokens must be an integer "
                              f"from 1 to {MAX_SPECULATIVE_TOKENS} (got {k!r}).")
+        if self.device is not None and not isinstance(self.device, str):
+            raise ValueError(f"speculative_config device must be a string (got {self.device!r}).")
         if self.method == "ngram":
-            if self.model is not None:
-                raise ValueError("speculative_config: method 'ngram' takes no 'model'; drop "
-                                 "it, or use method 'draft_model'.")
+            if self.model is not None or self.device is not None:
+                raise ValueError("speculative_config: method 'ngram' takes no 'model' or "
+                                 "'device'; drop them, or use method 'draft_model'.")
             for name in ("prompt_lookup_max", "prompt_lookup_min"):
                 value = getattr(self, name)
                 if value is not None and (isinstance(value, bool) or not isinstance(value, int)

@@ -25,7 +25,8 @@ def rejection_sample(target_probs: torch.Tensor, target_argmax: torch.Tensor,
     """The output tokens of each request: its accepted proposals and one more token.
 
     target_probs: [sum(K_r + 1), V] sampling distribution at every scored position,
-        request by request (rows of greedy requests are not read).
+        request by request (rows of greedy requests are not read; when every request is
+        greedy, any tensor of that shape, e.g. the logits).
     target_argmax: [sum(K_r + 1)] the target's greedy choice at those positions.
     draft_ids: [sum(K_r)] proposed ids, request by request.
     num_drafts: K_r per request (0: a plain decode, which samples one token).
@@ -73,8 +74,10 @@ def rejection_sample(target_probs: torch.Tensor, target_argmax: torch.Tensor,
         residual = (probs - q * rejected).clamp_min_(0.0)
         # p and q agree to rounding: no residual mass is left, so p itself is used.
         probs = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, probs)
-    final = random_sample(probs, generators)
-    final = torch.where(greedy, target_argmax[final_row], final)
+    if bool(greedy.all()):
+        final = target_argmax[final_row]
+    else:
+        final = torch.where(greedy, target_argmax[final_row], random_sample(probs, generators))
 
     accepted, last, drafts = (t.tolist() for t in (num_accepted.cpu(), final.cpu(),
                                                    draft_ids.cpu()))

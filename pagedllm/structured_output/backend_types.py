@@ -49,15 +49,19 @@ class StructuredOutputGrammar(ABC):
     def fill_bitmasks(self, bitmask: torch.Tensor, row: int,
                       draft_tokens: Sequence[int] = ()) -> int:
         """Fill ``1 + len(draft_tokens)`` rows from ``row``: the mask before each draft token
-        and after the last. Rows after a draft token the grammar rejects allow everything
-        (that token is rejected anyway). The state is left as it was. Returns rows filled."""
+        and after the last. Rows after a draft token the grammar rejects, or after a stop
+        token, allow everything (that token is rejected, or the request ends there). The
+        state is left as it was. Returns rows filled."""
         self.fill_bitmask(bitmask, row)
         accepted = 0
         for i, token in enumerate(draft_tokens, start=1):
-            if self.is_terminated() or not self.accept_tokens([token]):
+            if not self.accept_tokens([token]):
                 bitmask[row + i:row + 1 + len(draft_tokens)] = -1
                 break
             accepted += 1
+            if self.is_terminated():  # a stop token: the request ends there if accepted
+                bitmask[row + i:row + 1 + len(draft_tokens)] = -1
+                break
             self.fill_bitmask(bitmask, row + i)
         if accepted:
             self.rollback(accepted)

@@ -169,21 +169,28 @@ class StructuredOutputManager:
             return len(self._cache)
 
     # ------------------------------------------------------------------ per step
-    def fill_bitmask(self, rows: Sequence[tuple[StructuredOutputRequest, int]]) -> list[int]:
-        """Fill ``self.bitmask.host`` row r for each (request, r); returns the rows filled.
+    def fill_bitmask(self, rows: Sequence[tuple[Any, ...]]) -> list[int]:
+        """Fill ``self.bitmask.host`` row r for each (request, r) or (request, r, drafts);
+        returns the rows filled. With draft tokens (speculative decoding) rows r .. r + K
+        mask each verified position: before each draft token and after the last.
 
         Requests whose grammar is terminated get no row (their logits stay as they are).
-        Each backend fills its requests' rows in one parallel call.
+        Each backend fills its requests' rows without drafts in one parallel call.
         """
         self.bitmask.wait_copied()
         by_backend: dict[int, tuple[StructuredOutputBackend, list]] = {}
-        for request, row in rows:
+        filled: list[int] = []
+        for request, row, *rest in rows:
             grammar = request.grammar
             if grammar.is_terminated():
                 continue
+            drafts = rest[0] if rest else ()
+            if drafts:
+                num = grammar.fill_bitmasks(self.bitmask.host, row, drafts)
+                filled.extend(range(row, row + num))
+                continue
             impl = request.backend
             by_backend.setdefault(id(impl), (impl, []))[1].append((grammar, row))
-        filled: list[int] = []
         for impl, entries in by_backend.values():
             impl.fill_bitmask_batch(entries, self.bitmask.host)
             filled.extend(row for _, row in entries)

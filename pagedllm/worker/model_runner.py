@@ -19,7 +19,9 @@ from pagedllm.distributed.group import SINGLE_PROCESS, TensorParallelGroup
 from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.models.loader.model_loader import load_model
 from pagedllm.quantization.kv_cache import check_kv_cache_scales, kv_cache_torch_dtype
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SamplingParams, SamplingType
+from pagedllm.spec_decode.positions import position_states
+from pagedllm.spec_decode.rejection_sampler import rejection_sample
 from pagedllm.utils import cdiv, parse_bytes
 from pagedllm.worker.batch_state import BatchState, RequestState, seeded
 from pagedllm.worker.cpu_memory import zeros_untouched
@@ -47,6 +49,10 @@ class PendingStep:
     host: torch.Tensor | None  # sampled ids and logprobs (pinned on CUDA), once `done`
     done: torch.cuda.Event | None  # None on CPU, where the step ran synchronously
     logprobs: StepLogprobs = field(default_factory=StepLogprobs)
+    # Speculative decoding: each request's tokens, already on the host (the rejection
+    # sampler's accepted counts decide them), and the draft model's next proposals.
+    tokens: list[list[int]] | None = None
+    proposals: dict[str, list[int]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -80,6 +86,13 @@ class ModelRunner:
         self._last_sampled: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
         self.graphs: Any = None  # DecodeGraphs once captured
+        # Speculative decoding: verification in `execute`; a draft model proposes there.
+        self.speculative = config.speculative
+        self.drafter: Any = None
+        if config.draft_model is not None:
+            from pagedllm.spec_decode.draft_model import DraftModel
+
+            self.drafter = DraftModel(config, self.backend, self.device)
 
     # ------------------------------------------------------------ KV cache
     def kv_heads_per_rank(self) -> int:
@@ -88,6 +101,10 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         per_token = [spec.bytes_per_token(elem) for spec in self.model.kv_cache_specs()]
+        if self.drafter is not None:  # the draft's cache has a slot for every block id too
+            draft_elem = torch.tensor([], dtype=self.drafter.kv_dtype).element_size()
+            per_token += [spec.bytes_per_token(draft_elem)
+                          for spec in self.drafter.model.kv_cache_specs()]
         # FLASH_ATTN without a paged kernel gathers K/V into scratch layers.
         return self.block_size * (sum(per_token)
                                   + self.backend.scratch_layers() * max(per_token))
@@ -159,6 +176,8 @@ class ModelRunner:
                                 device=self.device)
                           for spec in self.model.kv_cache_specs()]
         self.num_blocks = num_blocks
+        if self.drafter is not None:
+            self.drafter.allocate_kv_cache(num_blocks, alloc, self._kv_cache_shape)
 
     # ------------------------------------------------------------ step
     def _metadata(self, qsl: np.ndarray, seq_lens: np.ndarray, table: np.ndarray,
@@ -187,10 +206,15 @@ class ModelRunner:
             self._generators.pop(rid, None)
         self.batch.remove(out.finished_ids)
         self.batch.remove(out.preempted)
+        if self.drafter is not None:
+            self.drafter.forget(out.finished_ids)
+            self.drafter.forget(out.preempted)
         for data in out.new_requests:
             self.batch.add(data)
         requests = self.batch.requests
         for diff in out.cached_requests:
+            if diff.num_kept_blocks >= 0:
+                requests[diff.request_id].num_blocks = diff.num_kept_blocks
             if diff.new_block_ids:
                 requests[diff.request_id].add_blocks(diff.new_block_ids)
 
@@ -214,13 +238,20 @@ class ModelRunner:
         sample_rows: list[int] = []
         pending_dst: list[int] = []
         pending_src: list[int] = []
+        all_drafts = out.scheduled_draft_tokens
         for i, st in enumerate(states):
             toks = st.all_token_ids
             start = int(starts[i])
             n = int(q_lens[i])
             known = len(toks)
+            drafts = all_drafts.get(st.request_id) if all_drafts else None
             if n == 1:  # a decode (the common case)
                 token_ids.append(toks[start] if start < known else 0)
+            elif drafts:  # its last token, then the drafts to verify (one row each)
+                token_ids.append(toks[start])
+                token_ids.extend(drafts)
+                sample_rows.extend(range(int(qsl[i]), int(qsl[i + 1])))
+                continue
             else:
                 ids = toks[start:start + n]
                 token_ids.extend(ids)
@@ -321,6 +352,10 @@ class ModelRunner:
         input_ids, positions, md, sample_rows = self.device_inputs(step)
         self._fill_pending(input_ids, step.pending_dst, step.pending_src)
         hidden = self.run_model(input_ids, positions, md)
+        if self.drafter is not None:  # the draft computes the same tokens into its cache
+            self.drafter.forward(input_ids, positions, self._metadata(
+                step.query_start_loc, step.seq_lens, step.block_table, step.slot_mapping,
+                step.num_tokens))
         lp = StepLogprobs()
         self._prompt_logprobs(out, hidden, md, lp)
         logits = None
@@ -331,6 +366,8 @@ class ModelRunner:
         if logits is None:
             self._last_rows = {}
             return self._start_copy([], None, lp)
+        if self.speculative is not None:
+            return self._verify(out, step, logits, grammar, lp)
         ids = out.sampling_ids
         states: list[RequestState | None] = [self.batch.requests[rid] for rid in ids]
         logits, raw = self._logits_pipeline(logits, states, grammar)
@@ -358,6 +395,69 @@ class ModelRunner:
         self._last_sampled = sampled
         self._last_rows = {rid: i for i, rid in enumerate(ids)}
         return self._start_copy(ids, sampled, lp)
+
+    def _verify(self, out: SchedulerOutput, step: StepInputs, logits: torch.Tensor,
+                grammar: GrammarOutput | None, lp: StepLogprobs) -> PendingStep:
+        """Speculative decoding's sampling: every verified position's logits go through the
+        logits pipeline (each seeing the drafts before it) and the sampler's processing, then
+        the rejection sampler keeps each request's accepted drafts and draws one more token
+        (rows without drafts just sample). Logprobs are gathered for the tokens kept. A draft
+        model then proposes the next drafts."""
+        ids = out.sampling_ids
+        states: list[Any] = [self.batch.requests[rid] for rid in ids]
+        drafts = [out.scheduled_draft_tokens.get(rid, []) for rid in ids]
+        row_states = [s for st, d in zip(states, drafts)
+                      for s in position_states(st, d, needs_processing(st))]
+        logits, raw = self._logits_pipeline(logits, row_states, grammar)
+        params = [st.sampling_params for st in states]
+        batch_rows = (ids, states, drafts)  # the batch's sampled requests, forks aside
+        if out.forks:  # forked samples draw from their parent's (only) row
+            first_row = first_row_of([1 + len(d) for d in drafts])
+            ids, states, params, owner = _expand_forks(ids, states, params, out.forks)
+            drafts = [drafts[o] if st is not None else [] for o, st in zip(owner, states)]
+            index = np.concatenate([np.arange(first_row[o], first_row[o] + 1 + len(d))
+                                    for o, d in zip(owner, drafts)])
+            index_t = torch.from_numpy(index).to(self.device)
+            logits = logits[index_t]
+            raw = raw[index_t] if raw is not None else None
+        num_rows = [1 + len(d) for d in drafts]
+        md_req = self._sampling_metadata(states, params, ids)
+        row_of = np.repeat(np.arange(len(ids)), num_rows)
+        slots = np.fromiter((states[r].slot if states[r] is not None else -1 for r in row_of),
+                            dtype=np.int64, count=len(row_of))
+        md_rows = self.batch.sampling_metadata(slots, [params[r] for r in row_of], {},
+                                               self.device)
+        greedy_ids, processed = self.sampler.process(logits, md_rows)
+        probs = processed if md_rows.all_greedy else processed.softmax(dim=-1)
+        flat_drafts = [t for d in drafts for t in d]
+        draft_ids = torch.tensor(flat_drafts, dtype=torch.long).to(self.device)
+        draft_probs = (self.drafter.draft_probs(ids, drafts, probs.shape[1])
+                       if self.drafter is not None else None)
+        greedy = torch.tensor([p.sampling_type == SamplingType.GREEDY for p in params]
+                              ).to(self.device)
+        tokens = rejection_sample(probs, greedy_ids, draft_ids, [len(d) for d in drafts],
+                                  draft_probs, greedy, md_req.generators)
+        lp_reqs = [i for i, p in enumerate(params) if p.logprobs is not None or p.best_of > p.n]
+        if lp_reqs:
+            starts = first_row_of(num_rows)
+            rows = [int(starts[i]) + j for i in lp_reqs for j in range(len(tokens[i]))]
+            kept = torch.tensor([t for i in lp_reqs for t in tokens[i]], device=self.device)
+            rows_t = torch.tensor(rows, device=self.device)
+            scores = to_scores((raw if raw is not None else processed)[rows_t],
+                               self.config.model.logprobs_mode)
+            vocab = scores.shape[1]
+            lp.add(scores, kept, [(ids[i], len(tokens[i]),
+                                   num_logprobs(params[i].logprobs, vocab), 0)
+                                  for i in lp_reqs], prompt=False)
+        proposals: dict[str, list[int]] = {}
+        if self.drafter is not None:
+            batch_tokens = [t for t, st in zip(tokens, states) if st is not None]
+            proposals = self.drafter.propose(self, out, step, batch_rows, batch_tokens)
+        self._last_rows = {}
+        pending = self._start_copy(ids, None, lp)
+        pending.tokens = tokens
+        pending.proposals = proposals
+        return pending
 
     def _logits_pipeline(self, logits: torch.Tensor, states: list[Any],
                          grammar: GrammarOutput | None) -> tuple[
@@ -402,20 +502,27 @@ class ModelRunner:
     def fetch(self, pending: PendingStep) -> ModelRunnerOutput:
         """Wait for a launched step's results; the sampled tokens join the runner's own copy
         of each request's tokens."""
-        if pending.host is None:
+        if pending.host is None and pending.tokens is None:
             return ModelRunnerOutput({})
         if pending.done is not None:
             pending.done.synchronize()
-        num = len(pending.request_ids)
-        ids, sample_lp, prompt_lp = pending.logprobs.unpack(pending.host.numpy(), num)
+        lists = pending.tokens
+        ids: list[int] = []
+        sample_lp: dict = {}
+        prompt_lp: dict = {}
+        if pending.host is not None:
+            num = len(pending.request_ids) if lists is None else 0
+            ids, sample_lp, prompt_lp = pending.logprobs.unpack(pending.host.numpy(), num)
+        if lists is None:
+            lists = [[token] for token in ids]
         sampled: dict[str, list[int]] = {}
         requests = self.batch.requests
-        for rid, token in zip(pending.request_ids, ids):
-            sampled[rid] = [token]
+        for rid, tokens in zip(pending.request_ids, lists):
+            sampled[rid] = tokens
             state = requests.get(rid)
             if state is not None:
-                state.all_token_ids.append(token)
-        return ModelRunnerOutput(sampled, sample_lp, prompt_lp)
+                state.all_token_ids.extend(tokens)
+        return ModelRunnerOutput(sampled, sample_lp, prompt_lp, pending.proposals)
 
     def _prompt_logprob_rows(self, out: SchedulerOutput, query_start_loc: Any) -> tuple[
             list[int], list[int], list[tuple[str, int, int, int]]]:
@@ -474,6 +581,8 @@ class ModelRunner:
         src = torch.tensor([p[0] for p in pairs], device=self.device)
         dst = torch.tensor([p[1] for p in pairs], device=self.device)
         self.backend.copy_blocks(self.kv_caches, src, dst)
+        if self.drafter is not None:
+            self.backend.copy_blocks(self.drafter.kv_caches, src, dst)
 
     def warm_up(self) -> None:
         """On CUDA: compile the sampling kernel and capture CUDA graphs for decode batches
@@ -497,6 +606,11 @@ class ModelRunner:
         self.graphs.capture()
         logger.info("Captured CUDA graphs for %d decode batch sizes (up to %d) in %.1f s",
                     len(self.graphs.sizes), self.graphs.sizes[-1], time.perf_counter() - start)
+
+
+def first_row_of(num_rows: list[int]) -> np.ndarray:
+    """The first row of each request whose rows lie back to back, `num_rows` each."""
+    return np.cumsum([0] + num_rows[:-1]).astype(np.int64)
 
 
 def _expand_forks(ids: list[str], states: list[Any], params: list[SamplingParams],

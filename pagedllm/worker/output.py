@@ -25,11 +25,16 @@ class LogprobsLists:
     def __len__(self) -> int:
         return len(self.ranks)
 
+    def head(self, num: int) -> LogprobsLists:
+        """The first `num` positions."""
+        return LogprobsLists(self.token_ids[:num], self.logprobs[:num], self.ranks[:num],
+                             self.start)
+
 
 @dataclass
 class ModelRunnerOutput:
-    """Request id -> its sampled tokens (a list: one per step today, more once draft
-    tokens are verified), plus logprobs for the requests that asked for them.
+    """Request id -> its sampled tokens (a list: one, or with speculative decoding the
+    accepted draft tokens and one more), plus logprobs for the requests that asked for them.
 
     `sampled` also holds the first token of each child forked off an n > 1 parent this step.
     """
@@ -37,6 +42,8 @@ class ModelRunnerOutput:
     sampled: dict[str, list[int]]
     logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
     prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+    # A draft model's proposals for each request's next step (speculative decoding).
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass

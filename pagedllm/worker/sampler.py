@@ -106,19 +106,27 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> tuple[
             torch.Tensor, torch.Tensor]:
         """Returns (sampled ids [R], final logprobs [R, V] of the sampling distribution)."""
-        logits = logits.float()
+        greedy, logits = self.process(logits, md)
         if md.all_greedy:
-            return logits.argmax(dim=-1), logits
+            return greedy, logits
+        sampled = random_sample(logits.softmax(dim=-1), md.generators)
+        return torch.where(md.temperature < _EPS, greedy, sampled), logits
+
+    @staticmethod
+    def process(logits: torch.Tensor, md: SamplingMetadata) -> tuple[
+            torch.Tensor, torch.Tensor]:
+        """(greedy ids [R], the logits of the sampling distribution [R, V]): temperature,
+        min-p, top-k / top-p applied (greedy rows scaled by 1, so that their processed
+        logprobs stay meaningful). The rejection sampler draws from the same distribution."""
+        logits = logits.float()
         greedy = logits.argmax(dim=-1)
-        # Greedy rows are scaled by 1, not by ~0: their processed logprobs stay meaningful.
+        if md.all_greedy:
+            return greedy, logits
         temp = torch.where(md.temperature < _EPS, 1.0, md.temperature).unsqueeze(1)
         logits = logits / temp
         if md.min_p is not None:
             logits = apply_min_p(logits, md.min_p)
-        logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
-        probs = logits.softmax(dim=-1)
-        sampled = random_sample(probs, md.generators)
-        return torch.where(md.temperature < _EPS, greedy, sampled), logits
+        return greedy, apply_top_k_top_p(logits, md.top_k, md.top_p)
 
     def sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         """Sampled ids only. Plain greedy / temperature batches on CUDA take one fused
