@@ -1,8 +1,8 @@
 """Quantization kernels against torch references: FP8 GEMM (Fp8Weight through
 torch._scaled_mm) against bf16, the FP8 weight-only skinny GEMM (fp8_gemv) and the W4A16
 skinny GEMM (int4_gemv) against dequantize-then-matmul, the per-token FP8 quantization
-kernel, the W4A16 Triton GEMM against dequantize-then-matmul, and the FP8 KV cache (cache write, prefill and decode
-attention) against attention over the unquantized K/V.
+kernel, the W4A16 Triton GEMM against dequantize-then-matmul, and the FP8 KV cache
+(cache write, prefill and decode attention) against attention over the unquantized K/V.
 
 Runs on a CUDA device with FP8 (compute capability >= 8.9). ``python
 tests/gpu/test_quant_kernels.py`` with ``TRITON_INTERPRET=1`` runs tiny cases on the CPU
