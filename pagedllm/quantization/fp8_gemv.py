@@ -39,7 +39,7 @@ def _fp8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split,
     stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program (n tile, k split): acc[n, m] = sum over its K range of W[n, k] x[m, k]."""
     pid_n = tl.program_id(0)
@@ -65,7 +65,7 @@ def _fp8_gemv_kernel(
                         other=0.0)
             xt = tl.load(x_rows + k[:, None], mask=m_mask[None, :] & k_mask[:, None],
                          other=0.0)
-        acc = tl.dot(w.to(xt.dtype), xt, acc)
+        acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=PRECISION)
     scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
     acc = acc * scale[:, None]
     y = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
@@ -121,5 +121,6 @@ def fp8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
         _fp8_gemv_kernel[grid](
             x, codes, scale.reshape(-1), y, m, n, k, per_split,
             x.stride(0), codes.stride(0), y.stride(0),
-            SPLIT=split, EVEN_K=k % block_k == 0 and per_split % block_k == 0, **cfg)
+            SPLIT=split, EVEN_K=k % block_k == 0 and per_split % block_k == 0,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg)
     return y if split == 1 else y.to(out_dtype)

@@ -50,6 +50,7 @@ def _int4_gemv_kernel(
     stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, NIBBLE_DOTS: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Program (n tile, k split); every K tile lies in one group (BLOCK_K divides GROUP)."""
     pid_n = tl.program_id(0)
@@ -78,14 +79,14 @@ def _int4_gemv_kernel(
                 x = tl.load(x_rows + (k0 + 8 * offs_p + j)[None, :], mask=m_mask[:, None],
                             other=0.0)
                 xsum += tl.sum(x.to(tl.float32), axis=1)
-                part = tl.dot(x, w, part)
+                part = tl.dot(x, w, part, input_precision=PRECISION)
         else:
             shifts = (tl.arange(0, 8) * 4)[None, :, None]
             q = tl.reshape((packed[:, None, :] >> shifts) & 0xF, (BLOCK_K, BLOCK_N))
             x = tl.load(x_rows + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=m_mask[:, None],
                         other=0.0)
             xsum = tl.sum(x.to(tl.float32), axis=1)
-            part = tl.dot(x, _to_float_plus16(q, dtype), part)
+            part = tl.dot(x, _to_float_plus16(q, dtype), part, input_precision=PRECISION)
         acc += (part - xsum[:, None] * (z + 16.0)[None, :]) * s[None, :]
     y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
@@ -138,5 +139,6 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         _int4_gemv_kernel[grid](
             x, qweight, scales, zeros, y, m, n, k, per_split,
             x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
-            GROUP=group_size, SPLIT=split, **cfg)
+            GROUP=group_size, SPLIT=split,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg)
     return y if split == 1 else y.to(x.dtype)
