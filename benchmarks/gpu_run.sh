@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the throughput workloads and the decode microbenchmark.
 # Usage (repo root, on the GPU machine):
-#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|flash|moe|moe-tput|moe-tpot|so]...
+#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|flash|moe|moe-tput|moe-tpot|so|quant|quant-kernels]...
 # so (issue 16): Llama-3-8B shape, 512 requests, none / half held to 8 JSON schemas
 #   (TOKENIZER_DIR=a tokenizer folder, e.g. SmolLM2's saved with save_pretrained).
 # serve: served vs offline (issue 14); flash: FLASH_ATTN against TRITON_ATTN (issue 15).
 # (one part per device call keeps each under the 10-minute limit; moe-tput vs 8b: MoE vs dense)
 # quant (issue 20): quantization GPU tests, then FP8 / FP8 KV / W4A16 against bf16
 #   (benchmarks/quant.py; about 8 minutes in all)
+# quant-kernels (issue 20): each Llama-3-8B linear per path and M (benchmarks/quant_kernels.py),
+#   then benchmarks/quant.py (under 8 minutes in all; no tests)
 # Two GPUs (issue 9): OUT=/some/dir bash benchmarks/gpu_run.sh tp-tests tp tp-small
 set -u
 OUT=${OUT:-/tmp/pagedllm-out}
@@ -64,6 +66,10 @@ PY
     quant) timeout 170 python -m pytest tests/gpu/test_quant_kernels.py \
              tests/gpu/test_gpu_quantization.py -q -p no:cacheprovider 2>&1 \
              | tee "$OUT/quant_tests.log" | tail -15
+           timeout 330 python benchmarks/quant.py --out "$OUT" --timeout 110 2>&1 \
+             | tee "$OUT/quant_bench.log" ;;
+    quant-kernels) timeout 140 python benchmarks/quant_kernels.py --json "$OUT/quant_kernels.json" \
+             2>&1 | tee "$OUT/quant_kernels.log" | grep -E "SMs|ms/token|^best|failed|Error" | tail -60
            timeout 330 python benchmarks/quant.py --out "$OUT" --timeout 110 2>&1 \
              | tee "$OUT/quant_bench.log" ;;
     kernel) timeout 120 python benchmarks/kernel_decode.py 2>&1 | tee "$OUT/kernel.log" | tail -12 ;;

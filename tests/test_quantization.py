@@ -241,3 +241,53 @@ def test_fp8_at_load_tracks_the_dense_model(tiny_llama) -> None:
     llm = LLM(tiny_llama, device="cpu", dtype="bfloat16", quantization="fp8")
     dense = LLM(tiny_llama, device="cpu", dtype="bfloat16")
     compare_first_tokens(dense, llm, make_prompts(_vocab(tiny_llama), seed=5))
+
+
+# ------------------------------------------------------------------ GPU dispatch (CPU)
+def test_fp8_and_int4_paths_by_rows() -> None:
+    """Which product a layer picks for M rows: the skinny weight-only kernels at decode
+    sizes on CUDA, the GEMMs above, torch ops off CUDA (no GPU needed to ask)."""
+    from pagedllm.quantization.int4 import GEMV_MAX_M as INT4_MAX
+    from pagedllm.quantization.int4 import Int4Weight
+
+    fp8 = Fp8Weight(*quantize_rows(torch.randn(64, 32)), torch.bfloat16, "rowwise")
+    codes = torch.randint(0, 16, (64, 256), dtype=torch.uint8)
+    zeros = torch.full((64, 2), 8, dtype=torch.uint8)
+    int4 = Int4Weight(codes, zeros, torch.ones(64, 2).half(), None, torch.bfloat16)
+    for m in (1, 8, 16):
+        assert fp8.path(m, True) == "gemv" and int4.path(m, True) == "gemv"
+    for m in (17, 64, 4096):
+        assert fp8.path(m, True) == "scaled_mm" and int4.path(m, True) == "gemm"
+    assert fp8.path(0, True) == "scaled_mm" and int4.path(0, True) == "gemm"
+    assert fp8.path(1, False) == "scaled_mm" and int4.path(1, False) == "torch"
+    assert INT4_MAX == 16
+
+
+def test_skinny_gemm_configs_fill_the_sms() -> None:
+    """Configurations from shapes only: Llama-3-8B's FP8 linears need no K split (an N
+    tile per SM at least); a narrow layer is split over K, never beyond its K
+    blocks; more rows than the kernels serve is refused."""
+    pytest.importorskip("triton")
+    from pagedllm.quantization.fp8_gemv import fp8_gemv_config
+    from pagedllm.quantization.int4_gemv import int4_gemv_config
+
+    sms = 132
+    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+        cfg = fp8_gemv_config(1, n, k, sms)
+        assert cfg["split"] == 1 and n // cfg["BLOCK_N"] >= sms, (n, k, cfg)
+        assert k % cfg["BLOCK_K"] == 0
+    cfg = fp8_gemv_config(4, 512, 4096, sms)
+    assert 1 < cfg["split"] <= 4096 // cfg["BLOCK_K"]
+    assert (512 // cfg["BLOCK_N"]) * cfg["split"] >= sms
+    assert fp8_gemv_config(1, 16, 64, sms)["split"] <= 1
+    big = int4_gemv_config(1, 28672, 4096, 128, sms)
+    assert big["split"] == 1 and big["NIBBLE_DOTS"] and big["BLOCK_K"] == 128
+    o = int4_gemv_config(1, 4096, 4096, 128, sms)
+    assert o["split"] > 1 and (4096 // o["BLOCK_N"]) * o["split"] >= 3 * sms
+    assert o["split"] <= 4096 // 128
+    g32 = int4_gemv_config(1, 256, 256, 32, sms)
+    assert not g32["NIBBLE_DOTS"] and g32["BLOCK_K"] == 32 and g32["split"] <= 256 // 32
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        fp8_gemv_config(17, 4096, 4096, sms)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        int4_gemv_config(1, 256, 240, 24, sms)

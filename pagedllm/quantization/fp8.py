@@ -1,6 +1,9 @@
 """FP8 (e4m3) linear layers: weights with one scale per output channel, activations
 quantized per token (or with a checkpoint's static per-tensor scale), GEMM through
-``torch._scaled_mm``.
+``torch._scaled_mm``; on CUDA at decode sizes (M <= ``GEMV_MAX_M`` rows) a Triton
+weight-only skinny GEMM instead (`fp8_gemv`: e4m3 codes converted in registers, the
+activations stay in the model dtype, no quantization launch). `Fp8Weight.path` names the
+choice for M rows.
 
 ``_scaled_mm`` with per-row scales (scale_a [M, 1], scale_b [1, N], float32) is the cuBLASLt /
 CUTLASS row-wise FP8 GEMM on Hopper; torch has had it with bf16 output since 2.5 (fp16
@@ -19,6 +22,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 _MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # rows of zeros keep a finite scale
 SCALED_MM_MODES = ("rowwise", "rowwise-bf16", "tensor")
+GEMV_MAX_M = 16  # rows up to which CUDA runs the weight-only skinny GEMM (fp8_gemv)
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +109,8 @@ class Fp8Weight(nn.Module):
         self.out_features, self.in_features = codes.shape
         self.dtype = dtype
         self.mode = mode
+        self.num_sms = (torch.cuda.get_device_properties(codes.device).multi_processor_count
+                        if codes.is_cuda else 0)
         self.register_buffer("codes", codes.contiguous(), persistent=False)
         self.register_buffer("scale", scale.float().reshape(1, -1).contiguous(),
                              persistent=False)
@@ -115,11 +121,24 @@ class Fp8Weight(nn.Module):
     def nbytes(self) -> int:
         return self.codes.numel() + 4 * self.scale.numel()
 
+    def path(self, m: int, is_cuda: bool) -> str:
+        """Which product serves M rows: ``gemv`` (the Triton weight-only skinny GEMM: CUDA,
+        M <= GEMV_MAX_M) or ``scaled_mm`` (per-token quantization + _scaled_mm). A static
+        input scale is not used by ``gemv`` (its activations are not quantized)."""
+        return "gemv" if is_cuda and 0 < m <= GEMV_MAX_M else "scaled_mm"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        xq, sx = quantize_tokens(x2, self.input_scale)
-        y = _mm(self.mode, xq, self.codes, sx, self.scale, self.dtype)
+        if self.path(x2.shape[0], x2.is_cuda) == "gemv":
+            from pagedllm.quantization.fp8_gemv import fp8_gemv, fp8_gemv_config
+
+            cfg = fp8_gemv_config(x2.shape[0], self.out_features, self.in_features,
+                                  self.num_sms)
+            y = fp8_gemv(x2, self.codes, self.scale, self.dtype, cfg)
+        else:
+            xq, sx = quantize_tokens(x2, self.input_scale)
+            y = _mm(self.mode, xq, self.codes, sx, self.scale, self.dtype)
         return y.view(*lead, self.out_features)
 
     def dequantized(self) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+GEMV_MAX_M = 16  # rows up to which CUDA runs the skinny GEMM (int4_gemv)
 _AWQ_SHIFTS = tuple(4 * AWQ_ORDER.index(j) for j in range(8))  # column j -> its nibble
 
 
@@ -81,7 +82,8 @@ def pack_kernel_layout(codes: torch.Tensor) -> torch.Tensor:
 
 class Int4Weight(nn.Module):
     """y = x W^T for a 4-bit grouped W; x in `dtype` (fp16 / bf16). Triton kernels on CUDA
-    (a dequant-GEMM, split over K for few rows); torch elsewhere (tests)."""
+    (`path`: the skinny GEMM of `int4_gemv` for decode-sized M, the dequant-GEMM of
+    `int4_kernels` above); torch elsewhere (tests)."""
 
     def __init__(self, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                  g_idx: torch.Tensor | None, dtype: torch.dtype) -> None:
@@ -94,6 +96,8 @@ class Int4Weight(nn.Module):
         self.out_features, self.in_features = n, k
         self.group_size = k // num_groups
         self.dtype = dtype
+        self.num_sms = (torch.cuda.get_device_properties(codes.device).multi_processor_count
+                        if codes.is_cuda else 0)
         perm = None
         if g_idx is not None:
             g = g_idx.to(device=codes.device, dtype=torch.long)
@@ -121,13 +125,27 @@ class Int4Weight(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        if x2.is_cuda:
+        path = self.path(x2.shape[0], x2.is_cuda)
+        if path == "gemv":
+            from pagedllm.quantization.int4_gemv import int4_gemv, int4_gemv_config
+
+            cfg = int4_gemv_config(x2.shape[0], self.out_features, self.in_features,
+                                   self.group_size, self.num_sms)
+            y = int4_gemv(x2, self.qweight, self.scales, self.zeros, self.group_size, cfg)
+        elif path == "gemm":
             from pagedllm.quantization.int4_kernels import int4_matmul
 
             y = int4_matmul(x2, self.qweight, self.scales, self.zeros, self.group_size)
         else:
             y = (x2.float() @ self.dequantized_sorted().t()).to(x.dtype)
         return y.view(*lead, self.out_features)
+
+    def path(self, m: int, is_cuda: bool) -> str:
+        """Which product serves M rows: ``gemv`` (CUDA, M <= GEMV_MAX_M), ``gemm`` (CUDA,
+        more rows) or ``torch`` (dequantize, then matmul)."""
+        if not is_cuda:
+            return "torch"
+        return "gemv" if 0 < m <= GEMV_MAX_M else "gemm"
 
     def dequantized_sorted(self) -> torch.Tensor:
         """Dense float32 W [N, K] with its inputs in the kernel's (group-sorted) order."""

@@ -1,7 +1,8 @@
 """Quantization kernels against torch references: FP8 GEMM (Fp8Weight through
-torch._scaled_mm) against bf16, the per-token FP8 quantization kernel, the W4A16 Triton
-GEMM against dequantize-then-matmul, and the FP8 KV cache (cache write, prefill and decode
-attention) against attention over the unquantized K/V.
+torch._scaled_mm) against bf16, the FP8 weight-only skinny GEMM (fp8_gemv) and the W4A16
+skinny GEMM (int4_gemv) against dequantize-then-matmul, the per-token FP8 quantization
+kernel, the W4A16 Triton GEMM against dequantize-then-matmul, and the FP8 KV cache
+(cache write, prefill and decode attention) against attention over the unquantized K/V.
 
 Runs on a CUDA device with FP8 (compute capability >= 8.9). ``python
 tests/gpu/test_quant_kernels.py`` with ``TRITON_INTERPRET=1`` runs tiny cases on the CPU
@@ -87,7 +88,112 @@ def test_int4_act_order_layer_matches_dense() -> None:
     assert _rel_err(layer(x.cuda().bfloat16()).float().cpu(), ref) < 5e-3
 
 
+def _int4_gemv_case(m: int, n: int, k: int, group: int, dtype: torch.dtype, device: str,
+                    seed: int, **config: int) -> float:
+    """int4_gemv (the shapes' own configuration, `config` overriding it) against
+    dequantize-then-matmul."""
+    from pagedllm.quantization.int4 import Int4Weight, dequantize
+    from pagedllm.quantization.int4_gemv import int4_gemv, int4_gemv_config
+
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (n, k // group), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).half()
+    layer = Int4Weight(codes.to(device), zeros.to(device), scales.to(device), None, dtype)
+    x = torch.randn(m, k, generator=gen)
+    cfg = {**int4_gemv_config(m, n, k, group, 132), **config}
+    y = int4_gemv(x.to(device, dtype), layer.qweight, layer.scales, layer.zeros, group, cfg)
+    assert y.dtype == dtype and y.shape == (m, n)
+    ref = x.to(dtype).float() @ dequantize(codes, zeros, scales).t()
+    return _rel_err(y.float().cpu(), ref)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_gemv_matches_dequantize_then_matmul(m: int, dtype: torch.dtype) -> None:
+    """The skinny GEMM's bit-trick dequantization (16 + q, zero point outside the loop) is
+    exact in bf16 / fp16: only float32 summation order and the output rounding remain."""
+    for n, k, group in ((6144, 4096, 128), (4096, 14336, 128), (384, 512, 64), (96, 256, 32),
+                        (4096, 4096, 128)):
+        err = _int4_gemv_case(m, n, k, group, dtype, "cuda", seed=m)
+        assert err < 5e-3, (m, n, k, group, err)
+    for config in (dict(split=1), dict(split=7), dict(NIBBLE_DOTS=False)):
+        err = _int4_gemv_case(m, 1024, 2048, 128, dtype, "cuda", m, **config)
+        assert err < 5e-3, (m, config, err)
+
+
+def test_int4_layer_dispatch_by_rows() -> None:
+    """Int4Weight takes the skinny GEMM up to GEMV_MAX_M rows and the GEMM above; both
+    agree with the dense weight."""
+    from pagedllm.quantization.int4 import GEMV_MAX_M, Int4Weight, dequantize
+
+    gen = torch.Generator().manual_seed(3)
+    n, k, group = 768, 1024, 128
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (n, k // group), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).half()
+    layer = Int4Weight(codes, zeros, scales, None, torch.bfloat16).cuda()
+    w = dequantize(codes, zeros, scales)
+    for m, path in ((1, "gemv"), (GEMV_MAX_M, "gemv"), (GEMV_MAX_M + 1, "gemm")):
+        assert layer.path(m, True) == path
+        x = torch.randn(m, k, generator=gen).bfloat16()
+        assert _rel_err(layer(x.cuda()).float().cpu(), x.float() @ w.t()) < 5e-3, m
+
+
 # ----------------------------------------------------------------------------- fp8 GEMM
+def _fp8_gemv_case(m: int, n: int, k: int, dtype: torch.dtype, device: str, seed: int,
+                   **config: int) -> float:
+    """fp8_gemv (the shapes' own configuration, `config` overriding it) against
+    dequantize-then-matmul: the same products in float32, so only summation order and the
+    output rounding differ."""
+    from pagedllm.quantization.fp8 import quantize_rows
+    from pagedllm.quantization.fp8_gemv import fp8_gemv, fp8_gemv_config
+
+    gen = torch.Generator().manual_seed(seed)
+    codes, scale = quantize_rows(torch.randn(n, k, generator=gen))
+    x = torch.randn(m, k, generator=gen)
+    cfg = {**fp8_gemv_config(m, n, k, 132), **config}
+    y = fp8_gemv(x.to(device, dtype), codes.to(device), scale.reshape(1, -1).to(device),
+                 dtype, cfg)
+    assert y.dtype == dtype and y.shape == (m, n)
+    ref = x.to(dtype).float() @ (codes.float() * scale[:, None]).t()
+    return _rel_err(y.float().cpu(), ref)
+
+
+@gpu_fp8
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_gemv_matches_dequantize_then_matmul(m: int, dtype: torch.dtype) -> None:
+    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (200, 136)):
+        err = _fp8_gemv_case(m, n, k, dtype, "cuda", m)
+        assert err < 5e-3, (m, n, k, err)
+    for config in (dict(split=1), dict(split=5), dict(BLOCK_N=64, BLOCK_K=128)):
+        err = _fp8_gemv_case(m, 512, 4096, dtype, "cuda", m, **config)
+        assert err < 5e-3, (m, config, err)
+
+
+@gpu_fp8
+def test_fp8_layer_dispatch_by_rows() -> None:
+    """Fp8Weight: the weight-only skinny GEMM up to GEMV_MAX_M rows, _scaled_mm above; both
+    within the e4m3 bound of the bf16 product, and the skinny one within bf16 rounding of
+    the dequantized weight (its activations are not quantized)."""
+    from pagedllm.quantization.fp8 import GEMV_MAX_M, Fp8Weight, quantize_rows, scaled_mm_mode
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    w = torch.randn(1024, 2048, device="cuda", generator=gen)
+    codes, scale = quantize_rows(w)
+    layer = Fp8Weight(codes, scale, torch.bfloat16,
+                      scaled_mm_mode(torch.device("cuda"), torch.bfloat16))
+    for m, path in ((1, "gemv"), (GEMV_MAX_M, "gemv"), (GEMV_MAX_M + 1, "scaled_mm")):
+        assert layer.path(m, True) == path
+        x = torch.randn(m, 2048, device="cuda", generator=gen).bfloat16()
+        y = layer(x).float()
+        assert _rel_err(y, x.float() @ w.t()) < FP8_GEMM_REL_ERROR, m
+        if path == "gemv":
+            assert _rel_err(y, x.float() @ layer.dequantized().t()) < 5e-3, m
+
+
+@gpu_fp8
 @gpu_fp8
 @pytest.mark.parametrize("m", [1, 7, 256, 2048])
 def test_fp8_gemm_against_bf16(m: int) -> None:
@@ -224,6 +330,22 @@ def run_interpreter_smoke() -> None:
     for m in (1, 20):
         err = _int4_case(m, 64, 256, 32, torch.float16, "cpu", m)
         assert err < 5e-3, ("int4", m, err)
+    # The interpreter's bf16 tl.dot is wrong on the CPU, so fp16 / fp32 here (bf16: GPU).
+    small = dict(BLOCK_N=32, num_stages=1)
+    for m, n, k, group, dtype, config in (
+            (1, 64, 256, 128, torch.float16, dict(split=1)),
+            (5, 96, 512, 128, torch.float32, dict(split=3)),
+            (3, 64, 256, 32, torch.float16, dict(split=2, NIBBLE_DOTS=False)),
+            (16, 40, 256, 64, torch.float16, dict(split=1, NIBBLE_DOTS=False))):
+        err = _int4_gemv_case(m, n, k, group, dtype, "cpu", m, **small, **config)
+        assert err < 5e-3, ("int4 gemv", m, n, k, group, config, err)
+    for m, n, k, dtype, config in (
+            (1, 40, 256, torch.float16, dict(split=1)),
+            (5, 48, 200, torch.float32, dict(split=1)),  # K not a multiple of BLOCK_K
+            (16, 32, 1024, torch.float16, dict(split=3)),
+            (3, 20, 96, torch.float16, dict(split=2))):
+        err = _fp8_gemv_case(m, n, k, dtype, "cpu", m, BLOCK_K=64, num_stages=1, **config)
+        assert err < (1e-5 if dtype == torch.float32 else 1e-3), ("fp8 gemv", m, n, k, err)
     gen = torch.Generator().manual_seed(0)
     x = _exact_fp8((5, 48), gen)
     x[:, 0] = 448.0  # every row's scale is 1: the codes are x itself
