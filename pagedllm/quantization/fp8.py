@@ -98,6 +98,11 @@ class Fp8Weight(nn.Module):
     """y = x W^T for W = codes * scale[:, None] (e4m3 codes [N, K], float32 scales [N]); x
     is quantized to e4m3 per token, or with `input_scale` (a checkpoint's static scale)."""
 
+    # Rows up to which CUDA takes the skinny GEMM. 0 until its GPU tests and
+    # benchmarks/quant_kernels.py have run on a GPU (they set it per instance); the
+    # kernels' own limit is GEMV_MAX_M.
+    gemv_max_m: int = 0
+
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                  mode: str, input_scale: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -125,7 +130,7 @@ class Fp8Weight(nn.Module):
         """Which product serves M rows: ``gemv`` (the Triton weight-only skinny GEMM: CUDA,
         M <= GEMV_MAX_M) or ``scaled_mm`` (per-token quantization + _scaled_mm). A static
         input scale is not used by ``gemv`` (its activations are not quantized)."""
-        return "gemv" if is_cuda and 0 < m <= GEMV_MAX_M else "scaled_mm"
+        return "gemv" if is_cuda and 0 < m <= self.gemv_max_m else "scaled_mm"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -85,6 +85,11 @@ class Int4Weight(nn.Module):
     (`path`: the skinny GEMM of `int4_gemv` for decode-sized M, the dequant-GEMM of
     `int4_kernels` above); torch elsewhere (tests)."""
 
+    # Rows up to which CUDA takes the skinny GEMM. 0 until its GPU tests and
+    # benchmarks/quant_kernels.py have run on a GPU (they set it per instance); the
+    # kernels' own limit is GEMV_MAX_M.
+    gemv_max_m: int = 0
+
     def __init__(self, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                  g_idx: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
@@ -145,7 +150,7 @@ class Int4Weight(nn.Module):
         more rows) or ``torch`` (dequantize, then matmul)."""
         if not is_cuda:
             return "torch"
-        return "gemv" if 0 < m <= GEMV_MAX_M else "gemm"
+        return "gemv" if 0 < m <= self.gemv_max_m else "gemm"
 
     def dequantized_sorted(self) -> torch.Tensor:
         """Dense float32 W [N, K] with its inputs in the kernel's (group-sorted) order."""

@@ -133,6 +133,7 @@ def test_int4_layer_dispatch_by_rows() -> None:
     zeros = torch.randint(0, 16, (n, k // group), generator=gen, dtype=torch.uint8)
     scales = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).half()
     layer = Int4Weight(codes, zeros, scales, None, torch.bfloat16).cuda()
+    layer.gemv_max_m = GEMV_MAX_M
     w = dequantize(codes, zeros, scales)
     for m, path in ((1, "gemv"), (GEMV_MAX_M, "gemv"), (GEMV_MAX_M + 1, "gemm")):
         assert layer.path(m, True) == path
@@ -184,6 +185,7 @@ def test_fp8_layer_dispatch_by_rows() -> None:
     codes, scale = quantize_rows(w)
     layer = Fp8Weight(codes, scale, torch.bfloat16,
                       scaled_mm_mode(torch.device("cuda"), torch.bfloat16))
+    layer.gemv_max_m = GEMV_MAX_M
     for m, path in ((1, "gemv"), (GEMV_MAX_M, "gemv"), (GEMV_MAX_M + 1, "scaled_mm")):
         assert layer.path(m, True) == path
         x = torch.randn(m, 2048, device="cuda", generator=gen).bfloat16()
