@@ -3,8 +3,10 @@ side (idle ones cost nothing) and take turns, one load round each, A B C A B C .
 the ratio of each round's out tok/s to the same turn's peer is printed with its median.
 
 Servers: `pagedllm` (the engine core on a thread, the CPU default), `pagedllm-proc`
-(PAGEDLLM_ENABLE_MULTIPROCESSING=1: the core in its own process) and `llama` (llama.cpp's
-llama-server, built as ../shared/MODELS.md describes; benchmarks only). The workload and
+(PAGEDLLM_ENABLE_MULTIPROCESSING=1: the core in its own process), `pagedllm@TREE` (pagedllm
+imported from the source tree TREE, e.g. an older commit's `git archive`, for before / after
+pairs) and `llama` (llama.cpp's llama-server, built as ../shared/MODELS.md describes;
+benchmarks only). The workload and
 client are benchmarks/cpu_serving.py's (streamed completions, 50-200 words in, 64-128
 tokens out, greedy, ignore_eos).
 
@@ -59,8 +61,9 @@ def main() -> None:
                 env["LD_LIBRARY_PATH"] = str(Path(args.llama_server).parent)
             if name == "pagedllm-proc":
                 env["PAGEDLLM_ENABLE_MULTIPROCESSING"] = "1"
+            tree = name.split("@", 1)[1] if name.startswith("pagedllm@") else None
             port = args.port + i
-            procs[name] = subprocess.Popen(command(name, args, gguf, port), env=env,
+            procs[name] = subprocess.Popen(command(name, args, gguf, port), env=env, cwd=tree,
                                            stdout=subprocess.DEVNULL,
                                            stderr=subprocess.DEVNULL)
             urls[name] = f"http://127.0.0.1:{port}"
