@@ -30,9 +30,10 @@ from cpu_serving import make_prompts, run_load, tree_rss_mb, wait_ready  # noqa:
 
 def command(name: str, args: argparse.Namespace, gguf: str, port: int) -> list[str]:
     if name.startswith("pagedllm"):
+        threads = args.pagedllm_threads or str(args.threads)
         return [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", "--port", str(port),
-                "--disable-uvicorn-access-log", "--disable-log-stats",
-                "--cpu-threads", str(args.threads)]
+                "--disable-uvicorn-access-log", "--disable-log-stats"] + (
+                    [] if threads == "auto" else ["--cpu-threads", threads])
     return [args.llama_server, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
             "-t", str(args.threads), "-np", "32", "-c", "32768", "--no-webui",
             "-a", "SmolLM2-135M-Instruct"]
@@ -46,6 +47,9 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pagedllm-threads", default=None,
+                    help="pagedllm's --cpu-threads (default: --threads); 'auto' leaves it to "
+                         "the engine (tuned between 1 and all cores)")
     ap.add_argument("--port", type=int, default=8390)
     args = ap.parse_args()
     from pagedllm.models.loader.default_model import find_default_model
