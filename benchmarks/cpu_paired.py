@@ -3,8 +3,10 @@ side (idle ones cost nothing) and take turns, one load round each, A B C A B C .
 the ratio of each round's out tok/s to the same turn's peer is printed with its median.
 
 Servers: `pagedllm` (the engine core on a thread, the CPU default), `pagedllm-proc`
-(PAGEDLLM_ENABLE_MULTIPROCESSING=1: the core in its own process) and `llama` (llama.cpp's
-llama-server, built as ../shared/MODELS.md describes; benchmarks only). The workload and
+(PAGEDLLM_ENABLE_MULTIPROCESSING=1: the core in its own process), `pagedllm@TREE` (pagedllm
+imported from the source tree TREE, e.g. an older commit's `git archive`, for before / after
+pairs) and `llama` (llama.cpp's llama-server, built as ../shared/MODELS.md describes;
+benchmarks only). The workload and
 client are benchmarks/cpu_serving.py's (streamed completions, 50-200 words in, 64-128
 tokens out, greedy, ignore_eos).
 
@@ -28,9 +30,10 @@ from cpu_serving import make_prompts, run_load, tree_rss_mb, wait_ready  # noqa:
 
 def command(name: str, args: argparse.Namespace, gguf: str, port: int) -> list[str]:
     if name.startswith("pagedllm"):
+        threads = args.pagedllm_threads or str(args.threads)
         return [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", "--port", str(port),
-                "--disable-uvicorn-access-log", "--disable-log-stats",
-                "--cpu-threads", str(args.threads)]
+                "--disable-uvicorn-access-log", "--disable-log-stats"] + (
+                    [] if threads == "auto" else ["--cpu-threads", threads])
     return [args.llama_server, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
             "-t", str(args.threads), "-np", "32", "-c", "32768", "--no-webui",
             "-a", "SmolLM2-135M-Instruct"]
@@ -44,6 +47,9 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pagedllm-threads", default=None,
+                    help="pagedllm's --cpu-threads (default: --threads); 'auto' leaves it to "
+                         "the engine (tuned between 1 and all cores)")
     ap.add_argument("--port", type=int, default=8390)
     args = ap.parse_args()
     from pagedllm.models.loader.default_model import find_default_model
@@ -59,8 +65,9 @@ def main() -> None:
                 env["LD_LIBRARY_PATH"] = str(Path(args.llama_server).parent)
             if name == "pagedllm-proc":
                 env["PAGEDLLM_ENABLE_MULTIPROCESSING"] = "1"
+            tree = name.split("@", 1)[1] if name.startswith("pagedllm@") else None
             port = args.port + i
-            procs[name] = subprocess.Popen(command(name, args, gguf, port), env=env,
+            procs[name] = subprocess.Popen(command(name, args, gguf, port), env=env, cwd=tree,
                                            stdout=subprocess.DEVNULL,
                                            stderr=subprocess.DEVNULL)
             urls[name] = f"http://127.0.0.1:{port}"

@@ -140,6 +140,9 @@ class DeviceConfig:
     attention_backend: str | None = None
     enforce_eager: bool = False
     cpu_threads: int | None = None  # torch intra-op threads on the CPU (None: leave torch's)
+    # cpu_threads was left to the engine: it runs 1 or cpu_threads threads, whichever its
+    # measured forwards find faster (worker/cpu_threads.ThreadTuner)
+    cpu_threads_adaptive: bool = False
 
     @property
     def torch_device(self) -> torch.device:
@@ -416,6 +419,7 @@ class EngineArgs:
             attention_backend=attention_backend,
             enforce_eager=self.enforce_eager,
             cpu_threads=self._resolve_cpu_threads(device),
+            cpu_threads_adaptive=self._cpu_threads_adaptive(device),
         )
         if (speculative is not None and speculative.method == "draft_model"
                 and cache.kv_cache_dtype != "auto"):
@@ -468,6 +472,14 @@ class EngineArgs:
             raise ValueError("quantization='gguf' needs tensor_parallel_size=1; leave it unset "
                              "to shard the dequantized weights.")
         return q
+
+    def _cpu_threads_adaptive(self, device: str) -> bool:
+        """Whether the CPU engine tunes its thread count: nobody set it, one process, more
+        than one core."""
+        return (device == "cpu" and self.cpu_threads is None
+                and not os.environ.get("PAGEDLLM_CPU_THREADS")
+                and self.tensor_parallel_size == 1
+                and (self._resolve_cpu_threads(device) or 1) > 1)
 
     def _resolve_cpu_threads(self, device: str) -> int | None:
         """Torch threads of the CPU engine: the flag, PAGEDLLM_CPU_THREADS, or the cores

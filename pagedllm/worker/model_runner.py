@@ -25,6 +25,7 @@ from pagedllm.spec_decode.rejection_sampler import rejection_sample
 from pagedllm.utils import cdiv, parse_bytes
 from pagedllm.worker.batch_state import BatchState, RequestState, seeded
 from pagedllm.worker.cpu_memory import zeros_untouched
+from pagedllm.worker.cpu_threads import ThreadTuner
 from pagedllm.worker.logits_processors import apply_logits_processors, needs_processing
 from pagedllm.worker.logprobs import (
     StepLogprobs,
@@ -68,6 +69,9 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         if self.device.type == "cpu" and config.device.cpu_threads:
             torch.set_num_threads(config.device.cpu_threads)
+        self.thread_tuner = (ThreadTuner(config.device.cpu_threads)
+                             if self.device.type == "cpu" and config.device.cpu_threads_adaptive
+                             else None)
         self.backend: type[AttentionBackend] = get_attention_backend(
             config.device.attention_backend, config.device.device)
         logger.info("Attention backend: %s (%s)", self.backend.name,
@@ -289,6 +293,9 @@ class ModelRunner:
         graph = self.graphs.lookup(md) if self.graphs is not None else None
         if graph is not None:
             return self.graphs.replay(graph, input_ids, positions, md)
+        if self.thread_tuner is not None:
+            with self.thread_tuner.step(input_ids.shape[0]):
+                return self.model(input_ids, positions, self.kv_caches, md)
         return self.model(input_ids, positions, self.kv_caches, md)
 
     @torch.inference_mode()

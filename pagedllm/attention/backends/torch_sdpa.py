@@ -1,11 +1,13 @@
 """TORCH_SDPA: the reference attention backend in plain torch; runs on CPU and CUDA.
 
-Decodes of a batch are gathered from their blocks and attended together with plain
-matmuls; prefill chunks (with or without a cached prefix) are attended one request at a
+Decodes of a batch are gathered from their blocks and attended together in one SDPA call;
+prefill chunks (with or without a cached prefix) are attended one request at a
 time with SDPA.
 """
 
 from __future__ import annotations
+
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -124,42 +126,54 @@ class TorchSDPAImpl(AttentionImpl):
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
                 rows: list[int], qsl: list[int], seq_lens: list[int],
                 out: torch.Tensor | None) -> torch.Tensor:
-        """Attend all single-token queries at once over their gathered, padded contexts
-        (rows `rows` of the batch); into `out`, or returned when the batch is all decodes.
+        """Attend all single-token queries at once over their gathered contexts (rows
+        `rows` of the batch); into `out`, or returned when the batch is all decodes.
 
-        Plain matmuls with K gathered as [R, Hkv, D, L] and V as [R, Hkv, L, D] (contiguous):
-        on the CPU several times faster than SDPA's flash kernel for one query per row.
-        The gathers copy into float32 and the matmuls run in float32 (at these tiny shapes
-        4x faster than bf16 matmuls on the CPU); scores, probabilities and the output are
-        rounded to the cache dtype where a matmul in that dtype rounds (as in eager
-        attention), so the results equal the cache-dtype matmuls'. Softmax in float32."""
+        K/V blocks are gathered with one index_select each (a fast whole-block copy on the
+        CPU) and attended with SDPA on strided [R, Hkv, L, D] views, no copies: one row is
+        sliced to its exact context, several rows share an additive padding (and window)
+        mask. On the CPU several times faster than a float32 matmul pair over contiguous
+        copies. Tanh-capped scores (Gemma 2) take the matmul path (`_decode_softcapped`)."""
         key = ("torch_sdpa_decode", self.sliding_window)
         plan = md.backend_cache.get(key)
         if plan is None:  # once per step: every layer shares it
-            plan = _DecodePlan(md, rows, qsl, seq_lens, kv_cache.shape[2], self.sliding_window)
+            plan = _DecodePlan(md, rows, qsl, seq_lens, kv_cache.shape[2], self.sliding_window,
+                               kv_cache.dtype)
             md.backend_cache[key] = plan
-        r, length, hkv = len(rows), plan.length, self.num_kv_heads
-        group = self.num_heads // hkv
-        # index_select copies whole blocks (a fast path on CPU), unlike advanced indexing.
-        k = kv_cache[0].index_select(0, plan.blocks).view(r, length, hkv, -1)
-        v = kv_cache[1].index_select(0, plan.blocks).view(r, length, hkv, -1)
-        dtype = k.dtype
-        k = k.permute(0, 2, 3, 1).to(torch.float32, memory_format=torch.contiguous_format)
-        v = v.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        r, hkv = len(rows), self.num_kv_heads
+        k = kv_cache[0].index_select(0, plan.blocks).view(r, plan.length, hkv, -1)
+        v = kv_cache[1].index_select(0, plan.blocks).view(r, plan.length, hkv, -1)
         q = query if out is None else query.index_select(0, plan.tokens)
-        # [R, Hkv, G, L]
-        scores = _round_to(torch.matmul(q.view(r, hkv, group, -1).float(), k), dtype)
         if self.logits_soft_cap is not None:
-            cap = self.logits_soft_cap
-            scores = torch.tanh(scores.mul_(self.scale / cap)).mul_(cap)
+            o = self._decode_softcapped(q, k, v, plan)
         else:
-            scores.mul_(self.scale)
-        probs = _round_to(torch.softmax(scores.add_(plan.bias), dim=-1), dtype)
-        o = torch.matmul(probs, v).view(r, self.num_heads, -1).to(dtype)  # [R, Hq, D]
+            if plan.span is not None:
+                k, v = k[:, plan.span[0]:plan.span[1]], v[:, plan.span[0]:plan.span[1]]
+            k, v, kwargs = self._grouped(k.transpose(1, 2), v.transpose(1, 2))
+            o = F.scaled_dot_product_attention(
+                q.to(k.dtype).unsqueeze(2), k, v, attn_mask=plan.mask, scale=self.scale,
+                **kwargs).squeeze(2)  # [R, Hq, D]
         if out is None:
             return o
         out[plan.tokens] = o.to(out.dtype)
         return out
+
+    def _decode_softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           plan: _DecodePlan) -> torch.Tensor:
+        """Decode attention with tanh-capped scores: q [R, Hq, D], k / v gathered
+        [R, L, Hkv, D]. float32 matmuls (at these shapes faster than bf16 ones on the CPU)
+        with scores and probabilities rounded where matmuls in the cache dtype round;
+        softmax in float32."""
+        r, hkv = q.shape[0], self.num_kv_heads
+        group = self.num_heads // hkv
+        dtype = k.dtype
+        k = k.permute(0, 2, 3, 1).to(torch.float32, memory_format=torch.contiguous_format)
+        v = v.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        scores = _round_to(torch.matmul(q.view(r, hkv, group, -1).float(), k), dtype)
+        cap = self.logits_soft_cap
+        scores = torch.tanh(scores.mul_(self.scale / cap)).mul_(cap)
+        probs = _round_to(torch.softmax(scores.add_(plan.bias), dim=-1), dtype)
+        return torch.matmul(probs, v).view(r, self.num_heads, -1).to(dtype)
 
 
 def _round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -188,23 +202,44 @@ def _has_padding(md: AttentionMetadata) -> bool:
 
 class _DecodePlan:
     """What the decode path of every layer needs from one step's metadata: the requests'
-    blocks (flattened), their query tokens and the padding (and sliding-window) mask."""
+    blocks (flattened), their query tokens, and which gathered positions each row attends:
+    `span` (start, end) for a single row, else `mask` (additive, in the cache dtype,
+    [R, 1, 1, L]); `bias` is the float32 form of the same mask (the softcapped path)."""
 
     def __init__(self, md: AttentionMetadata, rows: list[int], qsl: list[int],
-                 seq_lens: list[int], block_size: int, sliding_window: int | None) -> None:
+                 seq_lens: list[int], block_size: int, sliding_window: int | None,
+                 dtype: torch.dtype) -> None:
         device = md.block_table.device
-        lens = torch.tensor([seq_lens[i] for i in rows], device=device)
-        num_blocks = -(-max(seq_lens[i] for i in rows) // block_size)
-        row_idx = torch.tensor(rows, device=device)
-        self.blocks = md.block_table[row_idx, :num_blocks].reshape(-1).long()
+        row_lens = [seq_lens[i] for i in rows]
+        num_blocks = -(-max(row_lens) // block_size)
+        if len(rows) == 1:
+            self.blocks = md.block_table[rows[0], :num_blocks].long()
+        else:
+            row_idx = torch.tensor(rows, device=device)
+            self.blocks = md.block_table[row_idx, :num_blocks].reshape(-1).long()
         self.length = num_blocks * block_size
         self.tokens = torch.tensor([qsl[i] for i in rows], device=device)
-        pos = torch.arange(self.length, device=device)
-        valid = pos.unsqueeze(0) < lens.unsqueeze(1)
-        if sliding_window is not None:
-            valid &= pos.unsqueeze(0) > (lens.unsqueeze(1) - 1 - sliding_window)
-        # additive float32 mask [R, 1, 1, L]: 0 where a row attends, -inf elsewhere
-        self.bias = torch.zeros(valid.shape, device=device).masked_fill_(
+        self._lens = row_lens
+        self._sliding_window = sliding_window
+        self.span: tuple[int, int] | None = None
+        self.mask: torch.Tensor | None = None
+        if len(rows) == 1:
+            end = row_lens[0]
+            start = 0 if sliding_window is None else max(0, end - sliding_window)
+            self.span = (start, end)
+        else:
+            self.mask = self.bias.to(dtype)
+
+    @cached_property
+    def bias(self) -> torch.Tensor:
+        """Additive float32 mask [R, 1, 1, L]: 0 where a row attends, -inf elsewhere."""
+        device = self.blocks.device
+        lens = torch.tensor(self._lens, device=device).unsqueeze(1)
+        pos = torch.arange(self.length, device=device).unsqueeze(0)
+        valid = pos < lens
+        if self._sliding_window is not None:
+            valid &= pos > (lens - 1 - self._sliding_window)
+        return torch.zeros(valid.shape, device=device).masked_fill_(
             ~valid, float("-inf"))[:, None, None, :]
 
 
