@@ -100,7 +100,8 @@ def prompt_token_ids(prompt: PromptType, tokenizer: Any, vocab_size: int,
         ids = tokenizer.encode(text.lower() if lower_case else text, add_special_tokens=True)
     if not ids:
         raise ValueError("The prompt is empty; pass at least one token.")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
+    bad = [t for t in ids if not 0 <= t < vocab_size] if (
+        min(ids) < 0 or max(ids) >= vocab_size) else None
     if bad:
         raise ValueError(
             f"Token id {bad[0]} is out of range: the vocabulary has {vocab_size} tokens."

@@ -51,8 +51,12 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Prompts longer than this many characters are tokenized in a worker thread.
+# Chat messages longer than this many characters are rendered in a worker thread.
 THREAD_TOKENIZE_CHARS = 20_000
+# Prompts of this many characters or more are tokenized in a worker thread: the fast
+# tokenizer's Rust encoder releases the GIL, so the event loop goes on streaming other
+# requests' tokens meanwhile (and, on a machine with cores to spare, in parallel).
+POOL_TOKENIZE_CHARS = 512
 
 # vLLM request fields that this server does not implement: refused, never ignored.
 UNSUPPORTED_FIELDS = {
@@ -175,8 +179,10 @@ class OpenAIServing:
                               param: str = "prompt") -> list[int]:
         """Token ids of a prompt, off the event loop when it is long; 413 for a prompt far
         over max_model_len, found without tokenizing all of it."""
-        if len(text) < THREAD_TOKENIZE_CHARS:
+        if len(text) < POOL_TOKENIZE_CHARS:
             ids = self.tokenize(text, add_special_tokens)
+        elif len(text) < THREAD_TOKENIZE_CHARS:
+            ids = await asyncio.to_thread(self.tokenize, text, add_special_tokens)
         else:
             prefix = text_prefix_to_check(text, self.max_model_len)
             if prefix is not None:
@@ -199,8 +205,9 @@ class OpenAIServing:
             text = None
         if not token_ids:
             raise BadRequestError("The prompt is empty; give at least one token.", param=param)
-        for tid in token_ids:
-            self.check_token_id(tid, param)
+        if min(token_ids) < 0 or max(token_ids) >= self.vocab_size:
+            for tid in token_ids:
+                self.check_token_id(tid, param)
         return Prompt(token_ids=token_ids, text=text)
 
     def prompt_text(self, prompt: Prompt) -> str:

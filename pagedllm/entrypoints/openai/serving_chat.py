@@ -32,6 +32,7 @@ from pagedllm.entrypoints.openai.serving_base import (
     Prompt,
 )
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
+from pagedllm.entrypoints.openai.sse_chunks import ChunkEncoder
 from pagedllm.entrypoints.openai.streaming import (
     SSEResponse,
     StreamRegistry,
@@ -249,7 +250,15 @@ class OpenAIServingChat(OpenAIServing):
             return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=total,
                              total_tokens=prompt_tokens + total)
 
+        fast = ChunkEncoder("chat.completion.chunk", request_id, created, model_name,
+                            include_usage)
+
         def chunk(index: int, delta: DeltaMessage, **fields: Any) -> str:
+            if (not continuous and fields.get("logprobs") is None and delta.role is None
+                    and delta.reasoning_content is None and delta.reasoning is None
+                    and delta.tool_calls is None):
+                return fast.content(index, delta.content, fields.get("finish_reason"),
+                                    fields.get("stop_reason"))
             return sse(ChatCompletionStreamResponse(
                 id=request_id, created=created, model=model_name,
                 choices=[ChatCompletionResponseStreamChoice(index=index, delta=delta, **fields)],

@@ -21,6 +21,7 @@ from pagedllm.entrypoints.openai.protocol import (
     UsageInfo,
 )
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing, Prompt
+from pagedllm.entrypoints.openai.sse_chunks import ChunkEncoder
 from pagedllm.entrypoints.openai.streaming import (
     SSEResponse,
     cancel_on_disconnect,
@@ -179,10 +180,16 @@ class OpenAIServingCompletion(OpenAIServing):
             return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=done,
                              total_tokens=prompt_tokens + done)
 
-        def chunk(idx: int, text: str, **fields: Any) -> str:
+        fast = ChunkEncoder("text_completion", request_id, created, model_name, include_usage)
+
+        def chunk(idx: int, text: str, logprobs: CompletionLogProbs | None = None,
+                  **fields: Any) -> str:
+            if logprobs is None and not continuous:
+                return fast.text(idx, text, **fields)
             return sse(CompletionStreamResponse(
                 id=request_id, created=created, model=model_name,
-                choices=[CompletionResponseStreamChoice(index=idx, text=text, **fields)],
+                choices=[CompletionResponseStreamChoice(index=idx, text=text, logprobs=logprobs,
+                                                        **fields)],
                 usage=usage() if continuous else None), include_usage)
 
         merged = self.merge(*(self.generate(p, sp, rid) for p, sp, rid in

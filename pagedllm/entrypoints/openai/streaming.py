@@ -42,23 +42,24 @@ class StreamRegistry:
 
     def __init__(self) -> None:
         self.draining = False
-        self._queues: set[asyncio.Queue[Any]] = set()
+        self._generations: set[Callable[[], None]] = set()
 
-    def register(self, queue: asyncio.Queue[Any]) -> None:
+    def register(self, on_drain: Callable[[], None]) -> None:
+        """Add a generation; `on_drain()` (called on the event loop) must make it stop."""
         if self.draining:
             raise ServerShuttingDown("The server is shutting down.")
-        self._queues.add(queue)
+        self._generations.add(on_drain)
 
-    def unregister(self, queue: asyncio.Queue[Any]) -> None:
-        self._queues.discard(queue)
+    def unregister(self, on_drain: Callable[[], None]) -> None:
+        self._generations.discard(on_drain)
 
     def drain(self) -> None:
         self.draining = True
-        for queue in list(self._queues):
-            queue.put_nowait(_DRAIN)
+        for on_drain in list(self._generations):
+            on_drain()
 
     def __len__(self) -> int:
-        return len(self._queues)
+        return len(self._generations)
 
 
 _DRAIN = object()
@@ -158,14 +159,21 @@ class MergedStreams(AsyncIterator[tuple[int, T]]):
     cancels the tasks, which closes the engine streams and so aborts their requests.
     With a `registry`, the merge is registered at once (before any chunk is sent), and
     `registry.drain()` makes it raise ServerShuttingDown.
+
+    One iterator (the common case: n=1, one prompt) is read directly by the consumer, with
+    no task and no queue between (one task switch per item instead of three); a drain then
+    cancels the consumer's wait for the next item and turns it into ServerShuttingDown.
     """
 
     def __init__(self, *iterators: AsyncIterator[T],
                  registry: StreamRegistry | None = None) -> None:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._registry = registry
+        self._single = len(iterators) == 1
+        self._drained = False
+        self._waiter: asyncio.Task[Any] | None = None  # the consumer, while it awaits one
         if registry is not None:
-            registry.register(self._queue)
+            registry.register(self._on_drain)
         self._iterators = iterators
         self._consumed = [asyncio.Event() for _ in iterators]
         self._tasks: list[asyncio.Future[None]] = []
@@ -195,12 +203,51 @@ class MergedStreams(AsyncIterator[tuple[int, T]]):
                     logger.debug("closing an engine stream failed", exc_info=True)
         queue.put_nowait((index, None, None, True))
 
+    def _on_drain(self) -> None:
+        self._drained = True
+        if self._single:
+            if self._waiter is not None:
+                self._waiter.cancel()
+        else:
+            self._queue.put_nowait(_DRAIN)
+
     def __aiter__(self) -> MergedStreams[T]:
         return self
+
+    async def _next_single(self) -> tuple[int, T]:
+        if self._drained:
+            await self.aclose()
+            raise ServerShuttingDown("The server is shutting down; request aborted.")
+        task = asyncio.current_task()
+        self._waiter = task
+        try:
+            item = await self._iterators[0].__anext__()
+        except StopAsyncIteration:
+            self._waiter = None
+            await self.aclose()
+            raise
+        except asyncio.CancelledError:
+            self._waiter = None
+            if not self._drained:
+                await self.aclose()
+                raise
+            uncancel = getattr(task, "uncancel", None)  # Python >= 3.11
+            if uncancel is not None:
+                uncancel()
+            await self.aclose()
+            raise ServerShuttingDown("The server is shutting down; request aborted.") from None
+        except BaseException:
+            self._waiter = None
+            await self.aclose()
+            raise
+        self._waiter = None
+        return 0, item
 
     async def __anext__(self) -> tuple[int, T]:
         if self._closed:
             raise StopAsyncIteration
+        if self._single:
+            return await self._next_single()
         if not self._tasks:
             self._tasks = [asyncio.ensure_future(self._drain(i, it))
                            for i, it in enumerate(self._iterators)]
@@ -231,7 +278,14 @@ class MergedStreams(AsyncIterator[tuple[int, T]]):
             return
         self._closed = True
         if self._registry is not None:
-            self._registry.unregister(self._queue)
+            self._registry.unregister(self._on_drain)
+        if self._single:
+            aclose = getattr(self._iterators[0], "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except BaseException:
+                    logger.debug("closing an engine stream failed", exc_info=True)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
