@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the throughput workloads and the decode microbenchmark.
 # Usage (repo root, on the GPU machine):
-#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|flash|moe|moe-tput|moe-tpot|so|quant|quant-kernels]...
+#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|serve4|flash|moe|moe-tput|moe-tpot|so|spec|quant|quant-kernels]...
 # so (issue 16): Llama-3-8B shape, 512 requests, none / half held to 8 JSON schemas
 #   (TOKENIZER_DIR=a tokenizer folder, e.g. SmolLM2's saved with save_pretrained).
-# serve: served vs offline (issue 14); flash: FLASH_ATTN against TRITON_ATTN (issue 15).
+# serve: served vs offline (issue 14), serve4: its 0.5B rows with 4 API servers; spec: the
+#   speculative-decoding GPU tests and benchmark (issue 21); flash: FLASH_ATTN against TRITON_ATTN (issue 15).
 # (one part per device call keeps each under the 10-minute limit; moe-tput vs 8b: MoE vs dense)
 # quant (issue 20): quantization GPU tests, then FP8 / FP8 KV / W4A16 against bf16
 #   (benchmarks/quant.py; about 8 minutes in all)
@@ -55,6 +56,20 @@ PY
            --json "$OUT/qwen3_30b_a3b.json" 2>&1 | tee "$OUT/qwen3_30b_a3b.log" | tail -4 ;;
     moe-tpot) timeout 400 python benchmarks/moe_decode.py --preset qwen3-30b-a3b \
            --json "$OUT/qwen3_30b_a3b_tpot.json" 2>&1 | tee "$OUT/qwen3_30b_a3b_tpot.log" | tail -3 ;;
+    serve4) svo="python benchmarks/serve_vs_offline.py --device cuda ${TOKENIZER_DIR:+--tokenizer-dir $TOKENIZER_DIR}"  # issue 14
+        timeout 200 $svo --preset qwen2.5-0.5b --num-prompts 256 --input-len 512 --output-len 512 \
+          --concurrency 256 --clients 2 --api-server-count 4 --json "$OUT/svo_05b_c256_a4.json" \
+          > "$OUT/svo_05b_c256_a4.log" 2>&1
+        timeout 200 $svo --preset qwen2.5-0.5b --num-prompts 2048 --input-len 256 --output-len 256 \
+          --concurrency 1024 --clients 4 --api-server-count 4 --json "$OUT/svo_05b_c1024_a4.json" \
+          > "$OUT/svo_05b_c1024_a4.log" 2>&1
+        for f in "$OUT"/svo_05b_c*_a4.json; do
+          python -c "import json, sys; r = json.load(open(sys.argv[1])); s = r['served']; print(sys.argv[1].rsplit('/', 1)[1], f\"served/offline {r['served_over_offline']:.2f}x, TPOT/step {r['tpot_over_step']:.2f}x, front-end CPU s/1k {s['frontend_cpu_s_per_1k']:.3f}, errors {s['errors']}\")" "$f"
+        done ;;
+    spec) timeout 200 python -m pytest tests/gpu/test_gpu_spec_decode.py -q -p no:cacheprovider 2>&1 \
+            | tee "$OUT/spec_tests.log" | tail -8  # issue 21
+          timeout 380 python benchmarks/spec_decode.py --preset llama-3-8b --device cuda \
+            --batch-sizes 1 8 2>&1 | tee "$OUT/spec_bench.log" | tail -30 ;;
     so) for f in 0 0.5; do
           timeout 280 python benchmarks/throughput.py --preset llama-3-8b --device cuda \
             --num-prompts 512 --input-len 256 256 --output-len 256 256 --skip-hf \
