@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.quantization.int4 import GEMV_MAX_M
-from pagedllm.quantization.int4_kernels import _num_sms
+from pagedllm.quantization.int4_kernels import _num_sms, check_int4_input
 
 SMALL_M_MAX = GEMV_MAX_M  # rows served by this kernel (the dispatcher's threshold)
 
@@ -117,12 +117,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
               zeros: torch.Tensor, group_size: int,
               config: dict[str, int] | None = None) -> torch.Tensor:
     """x [M, K] (fp16 / bf16) @ W^T -> [M, N] in x's dtype (see the module docstring)."""
-    m, k = x.shape
-    n = qweight.shape[1]
-    if qweight.shape[0] * 8 != k:
-        raise ValueError(f"x has {k} features; the 4-bit weight {qweight.shape[0] * 8}.")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x, m, n, k = check_int4_input(x, qweight)
     cfg = dict(config or int4_gemv_config(m, n, k, group_size, _num_sms(x.device)))
     split = cfg.pop("split")
     block_k = cfg["BLOCK_K"]

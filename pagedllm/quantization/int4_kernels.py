@@ -94,16 +94,21 @@ def int4_config(m: int, n: int, k: int, group: int, device: torch.device) -> dic
                 num_stages=3)
 
 
-def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                zeros: torch.Tensor, group_size: int,
-                config: dict[str, int] | None = None) -> torch.Tensor:
-    """x [M, K] (fp16 / bf16) @ W^T -> [M, N] in x's dtype (see the module docstring)."""
+def check_int4_input(x: torch.Tensor, qweight: torch.Tensor
+                     ) -> tuple[torch.Tensor, int, int, int]:
+    """x with unit stride along K, and (M, N, K); ValueError when x's K is not the weight's."""
     m, k = x.shape
     n = qweight.shape[1]
     if qweight.shape[0] * 8 != k:
         raise ValueError(f"x has {k} features; the 4-bit weight {qweight.shape[0] * 8}.")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    return (x if x.stride(-1) == 1 else x.contiguous()), m, n, k
+
+
+def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor, group_size: int,
+                config: dict[str, int] | None = None) -> torch.Tensor:
+    """x [M, K] (fp16 / bf16) @ W^T -> [M, N] in x's dtype (see the module docstring)."""
+    x, m, n, k = check_int4_input(x, qweight)
     cfg = dict(config or int4_config(m, n, k, group_size, x.device))
     split = cfg.pop("split")
     iters = cfg.pop("iters")
