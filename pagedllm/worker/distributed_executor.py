@@ -51,6 +51,7 @@ class WorkerHealth:
         self.closing = False
         self.joined = False  # this process (rank 0) is in the process group: leave it at stop
         self.communicator: Any = None  # rank 0's direct NCCL communicator, aborted on failure
+        self.worker_report: str | None = None  # a worker's own account (its traceback)
 
     def fail(self, error: str) -> bool:
         """Record the first failure; False if one was recorded or shutdown began."""
@@ -59,6 +60,14 @@ class WorkerHealth:
                 return False
             self.error = error
             return True
+
+    def report(self, report: str) -> None:
+        """Keep a worker's own account of its failure: it wins over an exit code the monitor
+        may have recorded first, for every later reader (the pipe gives it once)."""
+        with self._lock:
+            self.worker_report = report
+            if not self.closing:
+                self.error = report
 
 
 class DistributedExecutor(ABC):
@@ -194,7 +203,8 @@ class DistributedExecutor(ABC):
             return error
         if cause is None:
             cause = f"rank 0 (the driver) raised {error!r}"
-        self.health.error = cause  # the fullest account (a worker's traceback) wins
+        cause = self.health.worker_report or cause  # the fullest account wins
+        self.health.error = cause
         self.shutdown()
         return RuntimeError(f"Tensor-parallel {context} failed: {cause}\nEvery rank was "
                             "stopped; create a new engine to continue.")

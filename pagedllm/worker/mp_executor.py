@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 _POLL_S = 0.2  # how often a waiting driver re-checks that the workers are alive
 _EXIT_GRACE_S = 10.0  # how long workers get to exit cleanly at shutdown
+_REPORT_GRACE_S = 1.0  # how long a dead worker's error report may still be on its way
 
 
 @dataclass
@@ -96,32 +97,37 @@ class MultiprocExecutor(DistributedExecutor):
                                         f"{WORKER_CALL_TIMEOUT_S:.0f} s")
             status, value = _receive(conn, rank)
             if status == "error":
-                # The worker's own report wins over the monitor's exit code, which may
-                # have been recorded first (the report is read from the pipe only once).
-                if not self.health.fail(value) and not self.health.closing:
-                    self.health.error = value
+                self.health.report(value)
                 raise WorkerFailure(value)
             results.append(value)
         return results
 
     def _find_failure(self, wait_s: float) -> str | None:
-        """The first failure: a dead worker's own error report, else what the monitor saw,
-        else any dead worker's exit code. Reads the pipes: call from the engine thread."""
+        """The first failure: a worker's own error report (read once from its pipe, then
+        kept in `health`), else what the monitor saw, else a dead worker's exit code. A dead
+        worker's report is waited for up to _REPORT_GRACE_S. Reads the pipes: call from the
+        engine thread."""
         deadline = time.monotonic() + wait_s
+        grace_end: float | None = None
         while True:
+            if self.health.worker_report is not None:
+                return self.health.worker_report
             dead = [(rank, proc, conn) for rank, (proc, conn)
                     in enumerate(zip(self.workers.procs, self.workers.conns), start=1)
                     if not proc.is_alive()]
             for _, _, conn in dead:
                 report = _error_report(conn)
                 if report is not None:
-                    self.health.error = report  # read once: keep the fullest account
+                    self.health.report(report)
                     return report
-            if self.health.error is not None:
-                return self.health.error
+            now = time.monotonic()
             if dead:
-                return _describe_exit(*dead[0][:2])
-            if time.monotonic() >= deadline or not self.workers.procs:
+                grace_end = grace_end if grace_end is not None else now + _REPORT_GRACE_S
+                if now >= min(grace_end, deadline):
+                    return self.health.error or _describe_exit(*dead[0][:2])
+            elif self.health.error is not None:
+                return self.health.error
+            elif now >= deadline or not self.workers.procs:
                 return None
             time.sleep(0.05)
 
