@@ -45,9 +45,9 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
 def _device_index(rows: list[int], device: torch.device) -> torch.Tensor:
     """``rows`` as an int32 tensor on ``device``, copied without waiting for the device.
 
-    A list (or a tensor made from one on the device) is copied synchronously, which waits
-    for the step's forward to finish: the host could then not fill and launch the sampler
-    ahead of the device, and every grammar step would expose its host work."""
+    ``torch.tensor(rows, device=...)`` copies synchronously, which waits for the step's
+    forward to finish (the torch unpack did so; so does xgrammar's native CUDA kernel when
+    given a list): the host could then not launch the sampler ahead of the device."""
     host = torch.tensor(rows, dtype=torch.int32)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
