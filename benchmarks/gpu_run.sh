@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the throughput workloads and the decode microbenchmark.
+# First, on the development machine: bash benchmarks/device_prep.sh (wheels, tokenizer).
 # Usage (repo root, on the GPU machine):
 #   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|serve4|flash|moe|moe-tput|moe-tpot|so|spec|quant|quant-kernels]...
 # so (issue 16): Llama-3-8B shape, 512 requests, none / half held to 8 JSON schemas
