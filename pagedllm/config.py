@@ -379,6 +379,14 @@ class EngineArgs:
         from pagedllm.quantization.kv_cache import resolve_kv_cache_dtype
 
         kv_cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype)
+        speculative = (SpeculativeConfig.parse(self.speculative_config)
+                       if self.speculative_config is not None else None)
+        if (speculative is not None and speculative.method == "draft_model"
+                and kv_cache_dtype != "auto"):
+            raise ValueError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} with a speculative draft model is not "
+                "supported (the draft's cache keeps its weights' dtype); use "
+                "kv_cache_dtype='auto' or the 'ngram' method.")
         block_size = check_attention_config(attention_backend, device, self.block_size, dtype,
                                             model.head_dim, kv_cache_dtype)
         cache = CacheConfig(
@@ -396,8 +404,6 @@ class EngineArgs:
                 f"max_num_batched_tokens ({max_batched}) must be >= max_num_seqs "
                 f"({max_num_seqs}) so every running request can decode each step."
             )
-        speculative = (SpeculativeConfig.parse(self.speculative_config)
-                       if self.speculative_config is not None else None)
         if speculative is not None and self.async_scheduling:
             raise ValueError("async_scheduling=True does not work with speculative_config: "
                              "each verify step's accepted tokens decide the next step's "
@@ -421,12 +427,6 @@ class EngineArgs:
             cpu_threads=self._resolve_cpu_threads(device),
             cpu_threads_adaptive=self._cpu_threads_adaptive(device),
         )
-        if (speculative is not None and speculative.method == "draft_model"
-                and cache.kv_cache_dtype != "auto"):
-            raise ValueError(
-                f"kv_cache_dtype={self.kv_cache_dtype!r} with a speculative draft model is not "
-                "supported (the draft's cache keeps its weights' dtype); use "
-                "kv_cache_dtype='auto' or the 'ngram' method.")
         return EngineConfig(
             model=model,
             cache=cache,

@@ -337,6 +337,12 @@ def test_draft_on_another_device_type_is_refused(tiny_llama):
                                                     "num_speculative_tokens": 2})
 
 
+def test_draft_with_an_fp8_kv_cache_is_refused(tiny_llama):
+    with pytest.raises(ValueError, match="with a speculative draft model is not supported"):
+        LLM(tiny_llama, **BASE, kv_cache_dtype="fp8",
+            speculative_config={"model": tiny_llama, "num_speculative_tokens": 2})
+
+
 def test_async_scheduling_with_speculation_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="async_scheduling=True does not work"):
         LLM(tiny_llama, **BASE, async_scheduling=True, speculative_config=NGRAM)
