@@ -225,33 +225,6 @@ def test_complete_grammar_allows_only_stop(manager, tokenizer):
     assert manager.fill_bitmask([(request, 0)]) == []  # a finished grammar masks nothing
 
 
-def test_batched_accept_matches_one_by_one(manager, tokenizer):
-    """The scheduler's batched accept (one call per backend) says and does what
-    accept_tokens says and does for each request: allowed, refused and finished grammars."""
-    from pagedllm.structured_output.manager import accept_token_batch
-
-    def fresh():
-        done = manager.grammar_init(StructuredOutputsParams(choice=["yes", "no"]))
-        other = manager.grammar_init(StructuredOutputsParams(regex=r"[0-9]+"))
-        for r in (done, other):
-            r.wait(60)
-        assert done.accept_tokens(tokenizer.encode("yes", add_special_tokens=False)
-                                  + [tokenizer.eos_token_id])
-        return [done, other, manager.grammar_init(StructuredOutputsParams(regex=r"[0-9]+"))]
-
-    digit = tokenizer.encode("7", add_special_tokens=False)[0]
-    letter = tokenizer.encode("x", add_special_tokens=False)[0]
-    tokens = [digit, digit, letter]
-    batched, single = fresh(), fresh()
-    for r in batched + single:
-        r.wait(60)
-    assert accept_token_batch(list(zip(batched, tokens))) == [True, True, False]
-    assert [r.accept_tokens([t]) for r, t in zip(single, tokens)] == [True, True, False]
-    for a, b in zip(batched, single):
-        assert a.is_terminated() == b.is_terminated()
-        assert _allowed(manager, a) == _allowed(manager, b)
-
-
 def test_max_tokens_output_is_a_prefix(manager, tokenizer, bias):
     pattern = r"[0-9]{3}-[a-z]{2,5}"
     params = [StructuredOutputsParams(json=JSON_SCHEMAS["nested_address"]),

@@ -362,7 +362,6 @@ class Scheduler:
         returns requests that got new tokens. `proposals`: a draft model's drafts for each
         request's next step."""
         updated = []
-        grammar_ok = self._accept_grammar_tokens(out, sampled)
         for item in out.scheduled:
             req = item.request
             if not item.samples:
@@ -373,7 +372,7 @@ class Scheduler:
                 continue
             num_before = req.num_output_tokens
             for token in tokens:
-                self._append(req, token, grammar_ok.get(req.request_id))
+                self._append(req, token)
                 if req.is_finished:
                     break
             req.num_new_tokens = req.num_output_tokens - num_before
@@ -437,34 +436,12 @@ class Scheduler:
             self.running.append(child)
         return started
 
-    def _accept_grammar_tokens(self, out: SchedulerOutput,
-                               sampled: dict[str, list[int]]) -> dict[str, bool]:
-        """Advance the grammars of the step's constrained requests that got one token each
-        in one batched call per backend; returns whether each token was allowed. (Several
-        tokens, i.e. accepted drafts, go one by one through ``_append``.)"""
-        pairs = []
-        for item in out.scheduled:
-            req = item.request
-            so = req.structured_output_request
-            if so is None or not item.samples or req.is_finished:
-                continue
-            tokens = sampled.get(req.request_id)
-            if tokens is not None and len(tokens) == 1:
-                pairs.append((req.request_id, so, tokens[0]))
-        if not pairs:
-            return {}
-        from pagedllm.structured_output.manager import accept_token_batch
-
-        results = accept_token_batch([(so, token) for _, so, token in pairs])
-        return {rid: ok for (rid, _, _), ok in zip(pairs, results)}
-
-    def _append(self, req: Request, token: int, grammar_ok: bool | None = None) -> None:
-        """One new output token: into the request, its grammar (``grammar_ok``: already
-        advanced by ``_accept_grammar_tokens``), and the stop rules."""
+    def _append(self, req: Request, token: int) -> None:
+        """One new output token: into the request, its grammar, and the stop rules."""
         req.append_output_token(token)
         so = req.structured_output_request
         if so is not None:
-            if not (so.accept_tokens([token]) if grammar_ok is None else grammar_ok):
+            if not so.accept_tokens([token]):
                 # Only a conflicting rule (e.g. min_tokens banning the one stop token the
                 # grammar allows) leaves the mask empty; the output so far is valid.
                 logger.warning("Request %s: the grammar rejected token %d; finishing it.",

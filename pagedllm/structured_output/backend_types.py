@@ -90,9 +90,3 @@ class StructuredOutputBackend(ABC):
         """Fill each grammar's row (backends override this with their parallel fill)."""
         for grammar, row in grammars:
             grammar.fill_bitmask(bitmask, row)
-
-    def accept_token_batch(self, grammars: Sequence[StructuredOutputGrammar],
-                           tokens: Sequence[int]) -> list[bool]:
-        """``grammars[i].accept_tokens([tokens[i]])`` for each i (backends override this
-        with one batched call)."""
-        return [g.accept_tokens([t]) for g, t in zip(grammars, tokens)]

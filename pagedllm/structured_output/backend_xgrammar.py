@@ -210,19 +210,3 @@ class XgrammarBackend(StructuredOutputBackend):
         matchers = [g.matcher for g, _ in grammars]  # type: ignore[attr-defined]
         self.batch_matcher.batch_fill_next_token_bitmask(
             matchers, bitmask, [row for _, row in grammars])
-
-    def accept_token_batch(self, grammars: Sequence[StructuredOutputGrammar],
-                           tokens: Sequence[int]) -> list[bool]:
-        """One threaded xgrammar call for the step's constrained requests (a Python loop of
-        ``accept_token`` costs about ten times as much at batch 128)."""
-        results = [True] * len(grammars)
-        live = [i for i, g in enumerate(grammars) if not g.is_terminated()]
-        if not live:
-            return results
-        matchers = [grammars[i].matcher for i in live]  # type: ignore[attr-defined]
-        accepted = self.batch_matcher.batch_accept_token(
-            matchers, [int(tokens[i]) for i in live])
-        for i, ok, matcher in zip(live, accepted, matchers):
-            results[i] = bool(ok)
-            grammars[i]._terminated = bool(ok) and matcher.is_terminated()  # type: ignore
-        return results

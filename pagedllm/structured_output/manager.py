@@ -202,19 +202,3 @@ class StructuredOutputManager:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def accept_token_batch(pairs: Sequence[tuple[StructuredOutputRequest, int]]) -> list[bool]:
-    """Advance each request's grammar by its one new token, in one call per backend;
-    returns whether each token was allowed (as ``accept_tokens`` would say)."""
-    results = [True] * len(pairs)
-    by_backend: dict[int, tuple[StructuredOutputBackend, list[int]]] = {}
-    for i, (request, _) in enumerate(pairs):
-        impl = request.backend
-        by_backend.setdefault(id(impl), (impl, []))[1].append(i)
-    for impl, index in by_backend.values():
-        accepted = impl.accept_token_batch([pairs[i][0].grammar for i in index],
-                                           [pairs[i][1] for i in index])
-        for i, ok in zip(index, accepted):
-            results[i] = ok
-    return results
