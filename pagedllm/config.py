@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from pagedllm.quantization.kv_cache import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from pagedllm.spec_decode.config import SpeculativeConfig
 from pagedllm.structured_output.config import StructuredOutputsConfig
 from pagedllm.utils import parse_bytes
@@ -29,7 +30,6 @@ LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "gguf")
 RUNNERS = ("auto", "generate", "pooling")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits")
 QUANTIZATIONS = ("gguf", "fp8", "compressed-tensors", "awq", "gptq")
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20  # cap of the CPU KV cache sized to the model
 
 
@@ -376,8 +376,6 @@ class EngineArgs:
             kv_bytes = parse_bytes(kv_bytes)
         attention_backend = self.attention_backend or os.environ.get("PAGEDLLM_ATTENTION_BACKEND")
         attention_backend = attention_backend.upper() if attention_backend else None
-        from pagedllm.quantization.kv_cache import resolve_kv_cache_dtype
-
         kv_cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype)
         speculative = (SpeculativeConfig.parse(self.speculative_config)
                        if self.speculative_config is not None else None)
@@ -444,10 +442,7 @@ class EngineArgs:
     def _resolve_quantization(self, load_format: str, device: str) -> str | None:
         """'gguf' (weights stay packed), None (dense, dequantized where quantized) or, for
         other files, the requested method (checked against the checkpoint later)."""
-        q = self.quantization.lower() if isinstance(self.quantization, str) else self.quantization
-        if q is not None and q not in QUANTIZATIONS:
-            raise ValueError(f"quantization={self.quantization!r} is not supported; "
-                             f"supported: {', '.join(QUANTIZATIONS)} (or leave it unset).")
+        q = self.quantization.lower() if isinstance(self.quantization, str) else None
         if load_format != "gguf":
             if q == "gguf":
                 raise ValueError("quantization='gguf' needs a .gguf model file.")
@@ -521,9 +516,7 @@ class EngineArgs:
         if q is not None and (not isinstance(q, str) or q.lower() not in QUANTIZATIONS):
             raise ValueError(f"quantization={q!r} is not supported; supported: "
                              f"{', '.join(QUANTIZATIONS)} (or leave it unset).")
-        if str(self.kv_cache_dtype).lower() not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; use one "
-                             f"of {', '.join(KV_CACHE_DTYPES)} (auto: the model dtype).")
+        resolve_kv_cache_dtype(self.kv_cache_dtype)
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(
                 f"Unknown load_format {self.load_format!r}; use one of {', '.join(LOAD_FORMATS)}."
