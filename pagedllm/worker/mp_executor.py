@@ -112,6 +112,11 @@ class MultiprocExecutor(DistributedExecutor):
         while True:
             if self.health.worker_report is not None:
                 return self.health.worker_report
+            # Read before looking for the dead: the monitor records a death only after the
+            # process is gone, so a failure seen here has its worker in `dead` below (the
+            # other order could find no one dead, then the monitor's exit code, and return
+            # that without reading the dead worker's pipe).
+            monitor_error = self.health.error
             dead = [(rank, proc, conn) for rank, (proc, conn)
                     in enumerate(zip(self.workers.procs, self.workers.conns), start=1)
                     if not proc.is_alive()]
@@ -125,8 +130,8 @@ class MultiprocExecutor(DistributedExecutor):
                 grace_end = grace_end if grace_end is not None else now + _REPORT_GRACE_S
                 if now >= min(grace_end, deadline):
                     return self.health.error or _describe_exit(*dead[0][:2])
-            elif self.health.error is not None:
-                return self.health.error
+            elif monitor_error is not None:
+                return monitor_error
             elif now >= deadline or not self.workers.procs:
                 return None
             time.sleep(0.05)
