@@ -80,13 +80,13 @@ def model_folder(preset: str, tokenizer_dir: str | None) -> str:
     return folder
 
 
-def served(args: argparse.Namespace, folder: str, workdir: str) -> dict:
+def served(args: argparse.Namespace, folder: str, workdir: str, api_servers: int) -> dict:
     port = get_open_port()
     log_path = os.path.join(workdir, "server.log")
     cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", folder,
            "--load-format", "dummy", "--served-model-name", "m", "--port", str(port),
            "--device", args.device, "--disable-uvicorn-access-log",
-           "--api-server-count", str(args.api_server_count),
+           "--api-server-count", str(api_servers),
            "--max-model-len", str(args.input_len + args.output_len + 16)]
     if args.max_num_seqs:
         cmd += ["--max-num-seqs", str(args.max_num_seqs)]
@@ -108,7 +108,7 @@ def served(args: argparse.Namespace, folder: str, workdir: str) -> dict:
         text = open(log_path).read()
         core_pid = int(re.findall(r"engine core \(process (\d+)\)", text)[0])
         front_pids = [server.pid]
-        if args.api_server_count > 1:  # the supervisor's children but the core
+        if api_servers > 1:  # the supervisor's children but the core
             front_pids = [p for p in children(server.pid) if p != core_pid]
         cpu0 = {pid: cpu_seconds(pid) for pid in [core_pid, *front_pids]}
         per = args.num_prompts // args.clients
@@ -157,7 +157,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, required=True)
     ap.add_argument("--concurrency", type=int, required=True)
     ap.add_argument("--max-num-seqs", type=int, default=None)
-    ap.add_argument("--api-server-count", type=int, default=1)
+    ap.add_argument("--api-server-count", type=int, nargs="+", default=[1],
+                    help="served once per count given, against the one offline run")
     ap.add_argument("--clients", type=int, default=1, help="client processes")
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--tokenizer-dir", default=None,
@@ -166,14 +167,19 @@ def main() -> None:
     args = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="pagedllm-svo-")
     off = None if args.skip_offline else offline(args, os.path.join(workdir, "offline.json"))
-    srv = served(args, model_folder(args.preset, args.tokenizer_dir), workdir)
-    report = dict(args=vars(args), offline=off, served=srv)
+    folder = model_folder(args.preset, args.tokenizer_dir)
+    runs = {n: served(args, folder, workdir, n) for n in args.api_server_count}
+    srv = runs[args.api_server_count[0]]
+    report = dict(args=vars(args), offline=off, served=srv, served_by_api_server_count=runs)
     if off is not None:
         step_ms = off["seconds"] / args.output_len * 1000 if args.max_num_seqs != 1 else \
             off["seconds"] / (args.output_len * (args.offline_prompts or args.num_prompts)) * 1000
         report["offline_step_ms"] = step_ms
         report["served_over_offline"] = srv["output_tok_s"] / off["output_tok_s"]
         report["tpot_over_step"] = srv["median_tpot_ms"] / step_ms
+        for run in runs.values():
+            run["served_over_offline"] = run["output_tok_s"] / off["output_tok_s"]
+            run["tpot_over_step"] = run["median_tpot_ms"] / step_ms
     print(json.dumps(report, indent=1))
     if args.json:
         with open(args.json, "w") as f:
