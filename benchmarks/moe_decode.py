@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--json", help="write the results to this file")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then profile N decode steps: the kernels' GPU time per step")
     args = ap.parse_args()
     llm = LLM(preset_folder(args.preset), device="cuda", dtype="bfloat16", load_format="dummy",
               skip_tokenizer_init=True, max_num_seqs=8, max_model_len=4096,
@@ -92,9 +94,36 @@ def main() -> None:
     print(f"{args.preset} batch 1, {args.input_len} in / {args.output_len} out: TPOT "
           f"{tpot_ms:.2f} ms; floor {floor_ms:.2f} ms ({weights / 1e9:.2f} GB active weights "
           f"+ {kv / 1e9:.3f} GB KV at {copy_gbs:.0f} GB/s); {tpot_ms / floor_ms:.2f}x")
+    if args.profile:
+        result["profile"] = profile_decode(llm, prompt, args.profile, tpot_ms)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def profile_decode(llm: LLM, prompt: list[int], steps: int, tpot_ms: float) -> dict:
+    """GPU time per decode step by kernel (torch.profiler over one request of 1 + steps
+    tokens; the prefill's kernels are a small share). Prints the top kernels and how much of
+    TPOT the kernels fill: the rest is gaps between them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        timed_generate(llm, prompt, 1 + steps, reps=1)
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0)
+        if us > 0:
+            rows.append((us / steps, e.count / steps, e.key))
+    rows.sort(reverse=True)
+    busy_ms = sum(us for us, _, _ in rows) / 1e3
+    print(f"kernels: {busy_ms:.2f} ms of GPU time per step against TPOT {tpot_ms:.2f} ms "
+          f"({len(rows)} kernel names; {sum(c for _, c, _ in rows):.0f} launches per step)")
+    for us, count, name in rows[:25]:
+        print(f"  {us:8.1f} us/step  {count:6.1f}x  {name[:90]}")
+    return dict(kernel_ms_per_step=busy_ms, launches_per_step=sum(c for _, c, _ in rows),
+                top=[dict(us_per_step=us, count_per_step=c, name=n) for us, c, n in rows[:40]])
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ def served(args: argparse.Namespace, folder: str, workdir: str, api_servers: int
         for _, proc in clients:
             proc.wait(timeout=1800)
         cpu1 = {pid: cpu_seconds(pid) for pid in cpu0}
+        server_side = server_means(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
         results = [json.load(open(res)) for res, _ in clients]
     finally:
         server.send_signal(signal.SIGTERM)
@@ -142,8 +143,23 @@ def served(args: argparse.Namespace, folder: str, workdir: str, api_servers: int
         median_tpot_ms=sorted(r["median_tpot_ms"] for r in results)[len(results) // 2],
         mean_tpot_ms=sum(r["mean_tpot_ms"] for r in results) / len(results),
         median_ttft_ms=sorted(r["median_ttft_ms"] for r in results)[len(results) // 2],
+        mean_ttft_ms=sum(r["mean_ttft_ms"] for r in results) / len(results),
         core_cpu_s_per_1k=(cpu1[core_pid] - cpu0[core_pid]) / tokens * 1000,
-        frontend_cpu_s_per_1k=sum(cpu1[p] - cpu0[p] for p in front_pids) / tokens * 1000)
+        frontend_cpu_s_per_1k=sum(cpu1[p] - cpu0[p] for p in front_pids) / tokens * 1000,
+        **server_side)
+
+
+def server_means(metrics: str) -> dict[str, float]:
+    """The server's own mean TTFT, queue and prefill times (ms) from /metrics: against the
+    client's TTFT they tell the server's delay from the client's."""
+    means = {}
+    for name in ("time_to_first_token", "request_queue_time", "request_prefill_time"):
+        sums = re.findall(rf"^pagedllm:{name}_seconds_sum{{[^}}]*}} (\S+)$", metrics, re.M)
+        counts = re.findall(rf"^pagedllm:{name}_seconds_count{{[^}}]*}} (\S+)$", metrics, re.M)
+        total = sum(float(c) for c in counts)
+        means[f"server_mean_{name}_ms"] = (sum(float(x) for x in sums) / total * 1000
+                                           if total else float("nan"))
+    return means
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
-"""The fused MoE Triton kernel against the torch reference: random routing, 8-128 experts,
-top-k 1-8, bf16, 1 to 8192 tokens, ||out - ref|| / ||ref|| < 1e-2; CUDA-graph capture; the
-MoE layer dispatching to it.
+"""The fused MoE Triton kernels against the torch reference: random routing, 8-128 experts,
+top-k 1-8, bf16, 1 to 8192 tokens, ||out - ref|| / ||ref|| < 1e-2, for the grouped GEMM and
+the decode-sized GEMV path; the one-kernel top-k routing against torch's; CUDA-graph capture;
+the MoE layer dispatching to them.
 
 Runs on a CUDA device (self-contained: ``python -m pytest tests/gpu/test_fused_moe.py``).
 ``python tests/gpu/test_fused_moe.py`` with ``TRITON_INTERPRET=1`` runs small cases on the
@@ -17,10 +18,16 @@ import torch
 pytest.importorskip("triton")
 
 from pagedllm.models.layers.fused_moe import select_experts, torch_experts  # noqa: E402
+from pagedllm.models.layers.fused_moe.routing import torch_select_experts  # noqa: E402
+from pagedllm.models.layers.fused_moe.triton_decode import (  # noqa: E402
+    DECODE_MAX_PAIRS,
+    decode_experts,
+)
 from pagedllm.models.layers.fused_moe.triton_moe import (  # noqa: E402
     align_tokens,
     triton_experts,
 )
+from pagedllm.models.layers.fused_moe.triton_routing import triton_select_experts  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,7 +42,7 @@ def _case(device: str, dtype: torch.dtype, tokens: int, experts: int, top_k: int
     w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(device, dtype)
     w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(device, dtype)
     logits = torch.randn(tokens, experts, generator=gen).to(device, torch.float32)
-    weights, ids = select_experts(logits, top_k, renormalize=True)
+    weights, ids = torch_select_experts(logits, top_k, renormalize=True)
     return x, w13, w2, weights, ids
 
 
@@ -44,9 +51,9 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_experts(device: str, dtype: torch.dtype, tokens: int, experts: int, top_k: int,
-                  hidden: int = 256, inter: int = 128) -> None:
+                  hidden: int = 256, inter: int = 128, kernel=triton_experts) -> None:
     x, w13, w2, weights, ids = _case(device, dtype, tokens, experts, top_k, hidden, inter)
-    out = triton_experts(x, w13, w2, weights, ids)
+    out = kernel(x, w13, w2, weights, ids)
     ref = torch_experts(x, w13, w2, weights, ids)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert torch.isfinite(out).all()
@@ -81,6 +88,51 @@ def test_fused_moe_qwen3_30b_shape(tokens):
     check_experts("cuda", torch.bfloat16, tokens, 128, 8, hidden=2048, inter=768)
 
 
+@pytest.mark.parametrize("experts,top_k", [(8, 1), (8, 2), (16, 4), (64, 6), (128, 8), (8, 8)])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_experts_match_reference(experts, top_k, tokens, dtype):
+    """The GEMV path, also past the size fused_experts sends it (it is exact at any size)."""
+    check_experts("cuda", dtype, tokens, experts, top_k, hidden=200, inter=96,
+                  kernel=decode_experts)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 20])
+def test_decode_experts_qwen3_30b_shape(tokens):
+    check_experts("cuda", torch.bfloat16, tokens, 128, 8, hidden=2048, inter=768,
+                  kernel=decode_experts)
+
+
+def check_routing(device: str, tokens: int, experts: int, top_k: int, renormalize: bool,
+                  dtype: torch.dtype = torch.float32) -> None:
+    """Same experts (as sets: the order of near-equal probabilities may differ) and weights."""
+    gen = torch.Generator().manual_seed(tokens * 31 + experts + top_k)
+    logits = (3 * torch.randn(tokens, experts, generator=gen)).to(device, dtype)
+    weights, ids = triton_select_experts(logits, top_k, renormalize)
+    ref_w, ref_i = torch_select_experts(logits, top_k, renormalize)
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int64
+    assert weights.shape == ids.shape == (tokens, top_k)
+    assert (weights[:, :-1] >= weights[:, 1:]).all()  # descending, as torch.topk
+    assert (ids.sort(dim=1).values == ref_i.sort(dim=1).values).all()
+    torch.testing.assert_close(weights, ref_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("experts,top_k", [(8, 1), (8, 2), (60, 4), (64, 6), (128, 8),
+                                           (8, 8), (256, 8)])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("tokens", [1, 7, 3000])
+def test_routing_kernel_matches_torch(experts, top_k, renormalize, tokens):
+    check_routing("cuda", tokens, experts, top_k, renormalize)
+
+
+def test_routing_kernel_bf16_logits_and_ties():
+    check_routing("cuda", 50, 128, 8, True, dtype=torch.bfloat16)
+    logits = torch.zeros(4, 16, device="cuda")  # all tied: lowest indices first
+    weights, ids = triton_select_experts(logits, 3, renormalize=True)
+    assert (ids == torch.arange(3, device="cuda")).all()
+    torch.testing.assert_close(weights, torch.full_like(weights, 1 / 3))
+
+
 @pytest.mark.parametrize("tokens", [5, 700])
 def test_fused_moe_float32(tokens):
     check_experts("cuda", torch.float32, tokens, 16, 2)
@@ -93,41 +145,45 @@ def test_alignment(tokens, experts, top_k, block_m):
     check_alignment("cuda", tokens, experts, top_k, block_m)
 
 
-def test_fused_moe_in_cuda_graph():
-    """Routing, sorting and both GEMMs replay from a captured graph with new inputs."""
-    x, w13, w2, weights, ids = _case("cuda", torch.bfloat16, 8, 64, 8, 256, 128)
-    logits = torch.randn(8, 64, device="cuda")
+@pytest.mark.parametrize("tokens,kernel", [(8, triton_experts), (4, decode_experts)])
+def test_fused_moe_in_cuda_graph(tokens, kernel):
+    """Routing, sorting and both GEMMs (or both GEMVs) replay from a captured graph with new
+    inputs."""
+    x, w13, w2, weights, ids = _case("cuda", torch.bfloat16, tokens, 64, 8, 256, 128)
+    logits = torch.randn(tokens, 64, device="cuda")
 
     def step():
         w, i = select_experts(logits, 8, renormalize=True)
-        return triton_experts(x, w13, w2, w, i)
+        return kernel(x, w13, w2, w, i)
 
     step()  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step()
-    logits.copy_(torch.randn(8, 64, device="cuda"))
+    logits.copy_(torch.randn(tokens, 64, device="cuda"))
     x.copy_(torch.randn_like(x))
     graph.replay()
     w, i = select_experts(logits, 8, renormalize=True)
     assert _rel_err(out, torch_experts(x, w13, w2, w, i)) < 1e-2
 
 
-def test_moe_layer_dispatches_to_triton_on_cuda(monkeypatch):
+@pytest.mark.parametrize("tokens", [3, 100])  # the GEMV path, the grouped GEMM
+def test_moe_layer_dispatches_to_triton_on_cuda(monkeypatch, tokens):
     from pagedllm.models.layers.fused_moe import FusedMoE, experts
 
+    assert (tokens * 2 <= DECODE_MAX_PAIRS) == (tokens == 3)
     layer = FusedMoE(16, 2, 128, 64, renormalize=False).to("cuda", torch.bfloat16)
     layer.w13_weight.data.normal_(0, 0.05)
     layer.w2_weight.data.normal_(0, 0.05)
-    x = torch.randn(10, 128, device="cuda", dtype=torch.bfloat16)
-    logits = torch.randn(10, 16, device="cuda")
+    x = torch.randn(tokens, 128, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(tokens, 16, device="cuda")
     calls = []
     real = experts.torch_experts
     monkeypatch.setattr(experts, "torch_experts", lambda *a: calls.append(1) or real(*a))
     out = layer(x, logits)
     assert not calls  # the Triton path ran
-    w, i = select_experts(logits, 2, renormalize=False)
+    w, i = torch_select_experts(logits, 2, renormalize=False)
     assert _rel_err(out, real(x, layer.w13_weight, layer.w2_weight, w, i)) < 1e-2
 
 
@@ -143,6 +199,11 @@ def run_interpreter_smoke() -> int:
         check_experts("cpu", dtype, 1, 8, 2, hidden=32, inter=16)
         check_experts("cpu", dtype, 20, 8, 8, hidden=48, inter=32)
         check_experts("cpu", dtype, 70, 16, 1, hidden=32, inter=16)
+        check_experts("cpu", dtype, 3, 8, 2, hidden=40, inter=24, kernel=decode_experts)
+        check_experts("cpu", dtype, 2, 16, 8, hidden=600, inter=300, kernel=decode_experts)
+    check_experts("cpu", torch.bfloat16, 2, 16, 4, hidden=64, inter=48, kernel=decode_experts)
+    for experts, top_k, renormalize in [(8, 2, True), (60, 4, False), (128, 8, True)]:
+        check_routing("cpu", 5, experts, top_k, renormalize)
     print("MOE_INTERPRETER_OK")
     return 0
 
