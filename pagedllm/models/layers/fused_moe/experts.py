@@ -22,16 +22,8 @@ def triton_usable(x: torch.Tensor) -> bool:
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """The routed experts' output [T, H] (this rank's partial sum under tensor parallelism):
-    on CUDA two GEMV kernels for decode-sized batches, else the grouped-GEMM kernel."""
+    """The routed experts' output [T, H] (this rank's partial sum under tensor parallelism)."""
     if triton_usable(x):
-        from pagedllm.models.layers.fused_moe.triton_decode import (
-            DECODE_MAX_PAIRS,
-            decode_experts,
-        )
-
-        if topk_ids.numel() <= DECODE_MAX_PAIRS:
-            return decode_experts(x, w13, w2, topk_weights, topk_ids)
         from pagedllm.models.layers.fused_moe.triton_moe import triton_experts
 
         return triton_experts(x, w13, w2, topk_weights, topk_ids)
