@@ -42,6 +42,7 @@ class DraftModel:
         self.max_model_len = config.model.max_model_len
         self.device = device
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs: Any = None  # DecodeGraphs (decode and verify shapes) once captured
         # request id -> q [k, V] of its last sampled proposal (greedy ones: a point mass,
         # not stored).
         self._q: dict[str, torch.Tensor] = {}
@@ -62,7 +63,14 @@ class DraftModel:
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: Any) -> None:
         """Compute the step's tokens into the draft's cache (same slots as the target)."""
-        self.model(input_ids, positions, self.kv_caches, md)
+        self._run(input_ids, positions, md)
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, md: Any) -> torch.Tensor:
+        """Hidden states: from a captured CUDA graph when the step's shape has one."""
+        key = self.graphs.lookup(md) if self.graphs is not None else None
+        if key is not None:
+            return self.graphs.replay(key, input_ids, positions, md)
+        return self.model(input_ids, positions, self.kv_caches, md)
 
     def draft_probs(self, ids: list[str], drafts: list[list[int]],
                     vocab: int) -> torch.Tensor | None:
@@ -125,8 +133,7 @@ class DraftModel:
             pos = pos0 + np.minimum(j, ks - 1)
             slots = (table[np.arange(num), pos // bs].astype(np.int64) * bs + pos % bs)
             attn = runner._metadata(qsl, (pos + 1).astype(np.int32), table, slots, num)
-            hidden = self.model(current, torch.from_numpy(pos).to(self.device),
-                                self.kv_caches, attn)
+            hidden = self._run(current, torch.from_numpy(pos).to(self.device), attn)
             logits = self.model.compute_logits(hidden)
             if processing:
                 if j:

@@ -1,4 +1,6 @@
-"""CUDA graphs for decode-only steps: captured once per batch size, padded at run time."""
+"""CUDA graphs for steps whose requests all have the same query length: decode steps (one
+token each) and, when speculating, verify steps (1 + K tokens each). Captured once per
+(batch size, query length), padded to the next captured batch size at run time."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import torch
 from torch import nn
 
 from pagedllm.attention.backends.abstract import AttentionMetadata
+
+MAX_VERIFY_BATCH = 64  # verify graphs are captured for batches up to this many requests
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
@@ -20,69 +24,104 @@ def capture_sizes(max_batch_size: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Holds static input buffers and one captured graph per decode batch size."""
+    """Static input buffers and one captured graph per (batch size, query length).
+
+    Query length 1 is captured for batch sizes up to `max_batch_size`; each of
+    `verify_query_lens` (speculation's 1 + K for K = 1..num_speculative_tokens) for batch
+    sizes up to `max_verify_batch`. A step runs from a graph when every request has the
+    same query length and that length was captured: requests past the batch's own are
+    padding (no KV written; decode padding attends nothing, verify padding its own slots)."""
 
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], device: torch.device,
-                 max_batch_size: int, max_blocks_per_seq: int) -> None:
+                 max_batch_size: int, max_blocks_per_seq: int,
+                 verify_query_lens: tuple[int, ...] = (),
+                 max_verify_batch: int = MAX_VERIFY_BATCH) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.device = device
         self.sizes = capture_sizes(max_batch_size)
+        self.verify_sizes = capture_sizes(min(max_verify_batch, max_batch_size))
+        self.verify_query_lens = tuple(q for q in verify_query_lens if q > 1)
         n = self.sizes[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        tokens = max([n, *(self.verify_sizes[-1] * q for q in self.verify_query_lens)])
+        self.input_ids = torch.zeros(tokens, dtype=torch.long, device=device)
+        self.positions = torch.zeros(tokens, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((tokens,), -1, dtype=torch.long, device=device)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_table = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        # query_start_loc of each query length: 0, q, 2q, ...
+        self.query_start_loc = {q: torch.arange(n + 1, dtype=torch.int32, device=device) * q
+                                for q in (1, *self.verify_query_lens)}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.verify_replays = 0  # replays with query length > 1 (tests read it)
 
-    def _metadata(self, bs: int) -> AttentionMetadata:
+    def _metadata(self, bs: int, q: int) -> AttentionMetadata:
         return AttentionMetadata(
-            num_actual_tokens=bs, num_reqs=bs, max_query_len=1,
+            num_actual_tokens=bs * q, num_reqs=bs, max_query_len=q,
             max_seq_len=self.block_table.shape[1],
-            query_start_loc=self.query_start_loc[: bs + 1], seq_lens=self.seq_lens[:bs],
-            block_table=self.block_table[:bs], slot_mapping=self.slot_mapping[:bs],
-            query_start_loc_cpu=torch.arange(bs + 1, dtype=torch.int32),
-            seq_lens_cpu=torch.ones(bs, dtype=torch.int32), is_decode_only=True)
+            query_start_loc=self.query_start_loc[q][: bs + 1], seq_lens=self.seq_lens[:bs],
+            block_table=self.block_table[:bs], slot_mapping=self.slot_mapping[: bs * q],
+            query_start_loc_cpu=torch.arange(bs + 1, dtype=torch.int32) * q,
+            seq_lens_cpu=torch.full((bs,), q, dtype=torch.int32), is_decode_only=q == 1)
+
+    @property
+    def keys(self) -> list[tuple[int, int]]:
+        """Every captured (batch size, query length)."""
+        return sorted(self.graphs)
 
     @torch.inference_mode()
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
-        self.seq_lens.fill_(1)
-        for bs in reversed(self.sizes):  # largest first, so smaller ones reuse its memory
-            md = self._metadata(bs)
+        shapes = [(bs, 1) for bs in self.sizes]
+        shapes += [(bs, q) for q in self.verify_query_lens for bs in self.verify_sizes]
+        # Most tokens first, so that smaller graphs reuse the memory of larger ones.
+        for bs, q in sorted(shapes, key=lambda s: -s[0] * s[1]):
+            self.seq_lens.fill_(q)
+            md = self._metadata(bs, q)
+            n = bs * q
             for _ in range(2):  # warm-up: Triton compiles and autotunes outside the graph
-                self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, md)
+                self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, md)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, md)
-            self.graphs[bs] = graph
-            self.outputs[bs] = out
+                out = self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, md)
+            self.graphs[bs, q] = graph
+            self.outputs[bs, q] = out
         self.seq_lens.zero_()
         torch.cuda.synchronize(self.device)
 
-    def lookup(self, md: AttentionMetadata) -> int | None:
-        """The captured size to run this batch with, or None to run eagerly."""
-        if not md.is_decode_only or md.num_reqs > self.sizes[-1]:
-            return None
+    def lookup(self, md: AttentionMetadata) -> tuple[int, int] | None:
+        """The captured (batch size, query length) to run this step with, or None to run
+        it eagerly."""
         if md.block_table.shape[1] > self.block_table.shape[1]:
             return None
-        return self.sizes[bisect.bisect_left(self.sizes, md.num_reqs)]
+        if md.is_decode_only:
+            if md.num_reqs > self.sizes[-1]:
+                return None
+            return self.sizes[bisect.bisect_left(self.sizes, md.num_reqs)], 1
+        q = md.max_query_len
+        if (q not in self.verify_query_lens or md.num_reqs > self.verify_sizes[-1]
+                or md.num_actual_tokens != md.num_reqs * q):  # not every request has q
+            return None
+        return self.verify_sizes[bisect.bisect_left(self.verify_sizes, md.num_reqs)], q
 
-    def replay(self, bs: int, input_ids: torch.Tensor, positions: torch.Tensor,
+    def replay(self, key: tuple[int, int], input_ids: torch.Tensor, positions: torch.Tensor,
                md: AttentionMetadata) -> torch.Tensor:
+        bs, q = key
         n = md.num_reqs
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(md.slot_mapping, non_blocking=True)
+        tokens = n * q
+        self.input_ids[:tokens].copy_(input_ids[:tokens], non_blocking=True)
+        self.positions[:tokens].copy_(positions[:tokens], non_blocking=True)
+        self.slot_mapping[:tokens].copy_(md.slot_mapping[:tokens], non_blocking=True)
         self.seq_lens[:n].copy_(md.seq_lens, non_blocking=True)
         cols = md.block_table.shape[1]
         self.block_table[:n, :cols].copy_(md.block_table, non_blocking=True)
         if bs > n:
-            self.slot_mapping[n:bs].fill_(-1)
-            self.seq_lens[n:bs].zero_()
-        self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+            self.slot_mapping[tokens:bs * q].fill_(-1)
+            # Decode padding attends nothing; verify padding its own q positions of
+            # whatever blocks its table row holds (finite values, never written).
+            self.seq_lens[n:bs].fill_(0 if q == 1 else q)
+        self.graphs[key].replay()
+        self.verify_replays += q > 1
+        return self.outputs[key][:tokens]

@@ -593,7 +593,8 @@ class ModelRunner:
 
     def warm_up(self) -> None:
         """On CUDA: compile the sampling kernel and capture CUDA graphs for decode batches
-        (unless enforce_eager), so that no compilation happens while serving."""
+        and, when speculating, verify batches (unless enforce_eager), for the target and the
+        draft model, so that no compilation happens while serving."""
         if self.device.type != "cuda":
             return
         if self.tp.rank == 0:  # only rank 0 samples
@@ -604,15 +605,29 @@ class ModelRunner:
             return  # torch.distributed's collectives are not captured (no libnccl: warned)
         from pagedllm.worker.cuda_graphs import DecodeGraphs
 
-        start = time.perf_counter()
         sched = self.config.scheduler
-        self.graphs = DecodeGraphs(
-            self.model, self.kv_caches, self.device,
-            max_batch_size=min(sched.max_num_seqs, 512),
-            max_blocks_per_seq=cdiv(sched.max_model_len, self.block_size))
-        self.graphs.capture()
-        logger.info("Captured CUDA graphs for %d decode batch sizes (up to %d) in %.1f s",
-                    len(self.graphs.sizes), self.graphs.sizes[-1], time.perf_counter() - start)
+        verify: tuple[int, ...] = ()
+        if self.speculative is not None and self.backend.supports_verify_cuda_graphs():
+            verify = tuple(range(2, self.speculative.num_speculative_tokens + 2))
+        graph_sets = [("", self.model, self.kv_caches)]
+        if self.drafter is not None:
+            graph_sets.append((" (draft model)", self.drafter.model, self.drafter.kv_caches))
+        for what, model, kv_caches in graph_sets:
+            start = time.perf_counter()
+            graphs = DecodeGraphs(
+                model, kv_caches, self.device, max_batch_size=min(sched.max_num_seqs, 512),
+                max_blocks_per_seq=cdiv(sched.max_model_len, self.block_size),
+                verify_query_lens=verify)
+            graphs.capture()
+            if model is self.model:
+                self.graphs = graphs
+            else:
+                self.drafter.graphs = graphs
+            logger.info("Captured %d CUDA graphs%s: decode batches up to %d%s in %.1f s",
+                        len(graphs.keys), what, graphs.sizes[-1],
+                        f", verify batches up to {graphs.verify_sizes[-1]} of 1 + 1..."
+                        f"{verify[-1] - 1} tokens" if verify else "",
+                        time.perf_counter() - start)
 
 
 def first_row_of(num_rows: list[int]) -> np.ndarray:

@@ -78,6 +78,14 @@ def test_greedy_equals_non_speculative(folders, dtype, backend):
             if config.get("model") == target and dtype == "float32":
                 assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens
             assert_pool_whole(llm)
+            graphs = llm.engine.executor.runner.graphs
+            if backend == "TRITON_ATTN":  # verify steps replay CUDA graphs
+                k = config["num_speculative_tokens"]
+                assert graphs.verify_query_lens == tuple(range(2, k + 2))
+                if "model" in config:  # a draft model proposes K for (nearly) every request
+                    assert graphs.verify_replays > 0
+            else:
+                assert graphs is None  # TORCH_SDPA: no graphs
             llm.engine.shutdown()
 
 

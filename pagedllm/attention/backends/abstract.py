@@ -100,6 +100,13 @@ class AttentionBackend(ABC):
         return False
 
     @staticmethod
+    def supports_verify_cuda_graphs() -> bool:
+        """Whether steps whose requests all have the same query length > 1 (speculation's
+        verify steps) replay from CUDA graphs: the mixed-batch path reads every per-request
+        length from device tensors, its launch depends on the token and request counts."""
+        return False
+
+    @staticmethod
     def implementation() -> str:
         """The kernels this backend runs, as the start-up log names them."""
         return "our kernels"

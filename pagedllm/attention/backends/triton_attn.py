@@ -101,6 +101,10 @@ class TritonAttentionBackend(AttentionBackend):
         return True
 
     @staticmethod
+    def supports_verify_cuda_graphs() -> bool:
+        return True
+
+    @staticmethod
     def implementation() -> str:
         return "pagedllm's Triton kernels"
 
