@@ -1,6 +1,10 @@
 """CUDA graphs for steps whose requests all have the same query length: decode steps (one
-token each) and, when speculating, verify steps (1 + K tokens each). Captured once per
-(batch size, query length), padded to the next captured batch size at run time."""
+token each) and, when speculating, verify steps (1 + k tokens each). Captured once per
+(batch size, query length); decode batches are padded to the next captured size at run
+time, verify batches are captured at every size up to MAX_VERIFY_BATCH and never padded:
+a verify step then runs the very kernels on the very shapes an eager one would, so that
+speculation's greedy output does not depend on whether its verify step replayed a graph
+(padding changes the GEMMs' row count, which can change their rounding in bf16)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from torch import nn
 
 from pagedllm.attention.backends.abstract import AttentionMetadata
 
-MAX_VERIFY_BATCH = 64  # verify graphs are captured for batches up to this many requests
+MAX_VERIFY_BATCH = 16  # verify graphs are captured for each batch size up to this
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
@@ -26,11 +30,11 @@ def capture_sizes(max_batch_size: int) -> list[int]:
 class DecodeGraphs:
     """Static input buffers and one captured graph per (batch size, query length).
 
-    Query length 1 is captured for batch sizes up to `max_batch_size`; each of
-    `verify_query_lens` (speculation's 1 + K for K = 1..num_speculative_tokens) for batch
-    sizes up to `max_verify_batch`. A step runs from a graph when every request has the
-    same query length and that length was captured: requests past the batch's own are
-    padding (no KV written; decode padding attends nothing, verify padding its own slots)."""
+    Query length 1 is captured for the batch sizes of `capture_sizes(max_batch_size)`;
+    each of `verify_query_lens` (speculation's 1 + k for k = 1..num_speculative_tokens) for
+    every batch size up to `max_verify_batch`. A step runs from a graph when every request
+    has the same query length and that length was captured; a decode batch's requests past
+    its own are padding (no KV written, nothing attended)."""
 
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], device: torch.device,
                  max_batch_size: int, max_blocks_per_seq: int,
@@ -40,7 +44,7 @@ class DecodeGraphs:
         self.kv_caches = kv_caches
         self.device = device
         self.sizes = capture_sizes(max_batch_size)
-        self.verify_sizes = capture_sizes(min(max_verify_batch, max_batch_size))
+        self.verify_sizes = list(range(1, min(max_verify_batch, max_batch_size) + 1))
         self.verify_query_lens = tuple(q for q in verify_query_lens if q > 1)
         n = self.sizes[-1]
         tokens = max([n, *(self.verify_sizes[-1] * q for q in self.verify_query_lens)])
@@ -104,7 +108,7 @@ class DecodeGraphs:
         if (q not in self.verify_query_lens or md.num_reqs > self.verify_sizes[-1]
                 or md.num_actual_tokens != md.num_reqs * q):  # not every request has q
             return None
-        return self.verify_sizes[bisect.bisect_left(self.verify_sizes, md.num_reqs)], q
+        return md.num_reqs, q  # exact: verify graphs are never padded
 
     def replay(self, key: tuple[int, int], input_ids: torch.Tensor, positions: torch.Tensor,
                md: AttentionMetadata) -> torch.Tensor:
@@ -117,11 +121,9 @@ class DecodeGraphs:
         self.seq_lens[:n].copy_(md.seq_lens, non_blocking=True)
         cols = md.block_table.shape[1]
         self.block_table[:n, :cols].copy_(md.block_table, non_blocking=True)
-        if bs > n:
-            self.slot_mapping[tokens:bs * q].fill_(-1)
-            # Decode padding attends nothing; verify padding its own q positions of
-            # whatever blocks its table row holds (finite values, never written).
-            self.seq_lens[n:bs].fill_(0 if q == 1 else q)
+        if bs > n:  # decode padding (verify batches are exact)
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].zero_()
         self.graphs[key].replay()
         self.verify_replays += q > 1
         return self.outputs[key][:tokens]
