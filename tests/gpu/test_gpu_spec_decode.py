@@ -1,7 +1,8 @@
 """Speculative decoding on CUDA: greedy output equals non-speculative output (which runs
-with async scheduling and decode CUDA graphs) for n-gram and draft models, in fp32 and
-bf16, through the Triton and torch backends, with preemption and chunked prefill; sampled
-requests with seeds repeat; every KV block comes back."""
+with async scheduling and decode CUDA graphs) for n-gram and draft models, in fp32 (token
+for token) and bf16 (up to near ties), through the Triton (verify steps in CUDA graphs) and
+torch backends, with preemption and chunked prefill; sampled requests with seeds repeat;
+every KV block comes back."""
 
 from __future__ import annotations
 
@@ -43,13 +44,32 @@ def _prompts(folder) -> list[list[int]]:
     return out
 
 
-def _greedy(llm, prompts, n=48):
+def _greedy(llm, prompts, n=48, logprobs=None):
     from pagedllm import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    return [o.outputs[0].token_ids
-            for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                  use_tqdm=False)]
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=logprobs)
+    outs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                               params, use_tqdm=False)]
+    return outs if logprobs else [o.token_ids for o in outs]
+
+
+def _assert_same_up_to_near_ties(got, reference, context):
+    """bf16: a verify step's GEMMs have other shapes than a one-token decode's, so they may
+    round differently, and greedy paths may part where the reference's two best tokens are
+    nearly tied, and only there: at the first difference the speculative token is in the
+    reference's top 5 within 0.25 nats of its best; at least half the prompts are equal."""
+    same = 0
+    for ref, tokens in zip(reference, got):
+        diff = next((i for i, (a, b) in enumerate(zip(ref.token_ids, tokens)) if a != b), None)
+        if diff is None:
+            assert len(tokens) == len(ref.token_ids), context
+            same += 1
+            continue
+        top = ref.logprobs[diff]
+        assert tokens[diff] in top, (context, diff, tokens[diff], top)
+        best = top[ref.token_ids[diff]].logprob
+        assert best - top[tokens[diff]].logprob < 0.25, (context, diff, best, top)
+    assert same >= len(reference) // 2, (context, same, len(reference))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -64,7 +84,8 @@ def test_greedy_equals_non_speculative(folders, dtype, backend):
                   gpu_memory_utilization=0.3)
     prompts = _prompts(target)
     plain = LLM(target, **common)
-    expected = _greedy(plain, prompts)
+    reference = _greedy(plain, prompts, logprobs=5)
+    expected = [o.token_ids for o in reference]
     plain.engine.shutdown()  # its memory back before the next engine profiles what is free
     for config in ({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3},
                    {"model": draft, "num_speculative_tokens": 3},
@@ -72,7 +93,11 @@ def test_greedy_equals_non_speculative(folders, dtype, backend):
         for extra in ({}, {"num_gpu_blocks_override": 40, "max_model_len": 512},
                       {"max_num_batched_tokens": 64, "max_num_seqs": 4}):
             llm = LLM(target, **common, **extra, speculative_config=config)
-            assert _greedy(llm, prompts) == expected, (config, extra)
+            got = _greedy(llm, prompts)
+            if dtype == "float32":
+                assert got == expected, (config, extra)
+            else:
+                _assert_same_up_to_near_ties(got, reference, (config, extra))
             stats = llm.engine.core.stats._current
             assert stats.spec_num_drafts > 0
             if config.get("model") == target and dtype == "float32":
