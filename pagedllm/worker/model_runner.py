@@ -384,17 +384,12 @@ class ModelRunner:
             logits = logits[index]
             raw = raw[index] if raw is not None else None
         md_s = self._sampling_metadata(states, params, ids)
-        lp_rows = [i for i, (st, p) in enumerate(zip(states, params))
-                   if p.logprobs is not None or p.best_of > p.n]
+        lp_rows = [i for i, p in enumerate(params) if _wants_logprobs(p)]
         if lp_rows:
             sampled, processed = self.sampler(logits, md_s)
             index = torch.tensor(lp_rows, device=logits.device)
-            mode = self.config.model.logprobs_mode
-            scores = to_scores((raw if raw is not None else processed)[index], mode)
-            vocab = scores.shape[1]
-            lp.add(scores, sampled[index],
-                   [(ids[i], 1, num_logprobs(params[i].logprobs, vocab), 0) for i in lp_rows],
-                   prompt=False)
+            self._sample_logprobs(lp, raw, processed, index, sampled[index],
+                                  [(ids[i], 1, params[i]) for i in lp_rows])
         else:
             sampled = self.sampler.sample(logits, md_s)
         if step.shares_sampled:
@@ -444,18 +439,13 @@ class ModelRunner:
                               ).to(self.device)
         tokens = rejection_sample(probs, greedy_ids, draft_ids, [len(d) for d in drafts],
                                   draft_probs, greedy, md_req.generators)
-        lp_reqs = [i for i, p in enumerate(params) if p.logprobs is not None or p.best_of > p.n]
+        lp_reqs = [i for i, p in enumerate(params) if _wants_logprobs(p)]
         if lp_reqs:
             starts = first_row_of(num_rows)
             rows = [int(starts[i]) + j for i in lp_reqs for j in range(len(tokens[i]))]
             kept = torch.tensor([t for i in lp_reqs for t in tokens[i]], device=self.device)
-            rows_t = torch.tensor(rows, device=self.device)
-            scores = to_scores((raw if raw is not None else processed)[rows_t],
-                               self.config.model.logprobs_mode)
-            vocab = scores.shape[1]
-            lp.add(scores, kept, [(ids[i], len(tokens[i]),
-                                   num_logprobs(params[i].logprobs, vocab), 0)
-                                  for i in lp_reqs], prompt=False)
+            self._sample_logprobs(lp, raw, processed, torch.tensor(rows, device=self.device),
+                                  kept, [(ids[i], len(tokens[i]), params[i]) for i in lp_reqs])
         proposals: dict[str, list[int]] = {}
         if self.drafter is not None:
             batch_tokens = [t for t, st in zip(tokens, states) if st is not None]
@@ -465,6 +455,18 @@ class ModelRunner:
         pending.tokens = tokens
         pending.proposals = proposals
         return pending
+
+    def _sample_logprobs(self, lp: StepLogprobs, raw: torch.Tensor | None,
+                         processed: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor,
+                         requests: list[tuple[str, int, SamplingParams]]) -> None:
+        """Logprobs of the sampled `tokens`, one per logits row of `rows`, from the raw or
+        the processed scores as logprobs_mode asks; `requests` (id, tokens, params) own the
+        rows back to back."""
+        scores = to_scores((raw if raw is not None else processed)[rows],
+                           self.config.model.logprobs_mode)
+        vocab = scores.shape[1]
+        lp.add(scores, tokens, [(rid, n, num_logprobs(p.logprobs, vocab), 0)
+                                for rid, n, p in requests], prompt=False)
 
     def _logits_pipeline(self, logits: torch.Tensor, states: list[Any],
                          grammar: GrammarOutput | None) -> tuple[
@@ -628,6 +630,11 @@ class ModelRunner:
                         f", verify batches up to {graphs.verify_sizes[-1]} of 1 + 1..."
                         f"{verify[-1] - 1} tokens" if verify else "",
                         time.perf_counter() - start)
+
+
+def _wants_logprobs(params: SamplingParams) -> bool:
+    """Sample logprobs asked for, or needed to rank best_of > n samples."""
+    return params.logprobs is not None or params.best_of > params.n
 
 
 def first_row_of(num_rows: list[int]) -> np.ndarray:
