@@ -2,10 +2,12 @@
 # One device call: GPU tests, then the throughput workloads and the decode microbenchmark.
 # First, on the development machine: bash benchmarks/device_prep.sh (wheels, tokenizer).
 # Usage (repo root, on the GPU machine):
-#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|serve4|flash|moe|moe-tput|moe-tpot|so|spec|quant|quant-kernels]...
+#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|serve8b|flash|moe|moe-tput|moe-tpot|moe-kernels|so|spec|quant|quant-kernels]...
 # so (issue 16): Llama-3-8B shape, 512 requests, none / half held to 8 JSON schemas
 #   (TOKENIZER_DIR=a tokenizer folder, e.g. SmolLM2's saved with save_pretrained).
-# serve: served vs offline (issue 14), serve4: its 0.5B rows with 4 API servers; spec: the
+# serve: served vs offline (issue 14), 0.5B at concurrency 256 and 1024 with 1 and 4 API
+#   servers; serve8b: concurrency 1 (0.5B) and the 8B shape at 256; moe-kernels (issue 19):
+#   routing and grouped-GEMM tiles, then batch-1 TPOT with a kernel profile; spec: the
 #   speculative-decoding GPU tests and benchmark (issue 21); flash: FLASH_ATTN against TRITON_ATTN (issue 15).
 # (one part per device call keeps each under the 10-minute limit; moe-tput vs 8b: MoE vs dense)
 # quant (issue 20): quantization GPU tests, then FP8 / FP8 KV / W4A16 against bf16
@@ -15,6 +17,21 @@
 # Two GPUs (issue 9): OUT=/some/dir bash benchmarks/gpu_run.sh tp-tests tp tp-small
 set -u
 OUT=${OUT:-/tmp/pagedllm-out}
+svo_summary() {  # one line per served run of every svo_*.json under $1
+  python - "$1" <<'PY' 2>&1 | tee "$1/svo_summary.txt"
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/svo_*.json")):
+    r = json.load(open(f))
+    for n, s in r["served_by_api_server_count"].items():
+        print(f"{f.rsplit('/', 1)[1]} ({n} API servers): offline {r['offline']['output_tok_s']:.0f}"
+              f" served {s['output_tok_s']:.0f} out tok/s ({s['served_over_offline']:.2f}x); TPOT "
+              f"p50 {s['median_tpot_ms']:.2f} ms vs step {r['offline_step_ms']:.2f} ms "
+              f"({s['tpot_over_step']:.2f}x); TTFT mean {s['mean_ttft_ms']:.0f} ms (server "
+              f"{s['server_mean_time_to_first_token_ms']:.0f}); CPU s/1k tok: front "
+              f"{s['frontend_cpu_s_per_1k']:.3f} core {s['core_cpu_s_per_1k']:.3f}; errors "
+              f"{s['errors']}")
+PY
+}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 parts=${*:-tests w1 8b kernel}
@@ -31,25 +48,20 @@ for part in $parts; do
           --num-prompts 1000 --input-len 256 256 --output-len 256 256 \
           --hf-num-prompts 64 --json "$OUT/llama8b.json" 2>&1 | tee "$OUT/llama8b.log" | tail -8 ;;
     serve) svo="python benchmarks/serve_vs_offline.py --device cuda ${TOKENIZER_DIR:+--tokenizer-dir $TOKENIZER_DIR}"  # issue 14
-        timeout 200 $svo --preset qwen2.5-0.5b --num-prompts 256 --input-len 512 --output-len 512 \
-          --concurrency 256 --clients 2 --json "$OUT/svo_05b_c256.json" > "$OUT/svo_05b_c256.log" 2>&1
-        timeout 200 $svo --preset qwen2.5-0.5b --num-prompts 2048 --input-len 256 --output-len 256 \
-          --concurrency 1024 --clients 4 --json "$OUT/svo_05b_c1024.json" > "$OUT/svo_05b_c1024.log" 2>&1
+        timeout 250 $svo --preset qwen2.5-0.5b --num-prompts 256 --input-len 512 --output-len 512 \
+          --concurrency 256 --clients 8 --api-server-count 1 4 --json "$OUT/svo_05b_c256.json" \
+          > "$OUT/svo_05b_c256.log" 2>&1
+        timeout 300 $svo --preset qwen2.5-0.5b --num-prompts 2048 --input-len 256 --output-len 256 \
+          --concurrency 1024 --clients 8 --api-server-count 1 4 --json "$OUT/svo_05b_c1024.json" \
+          > "$OUT/svo_05b_c1024.log" 2>&1
+        svo_summary "$OUT" ;;
+    serve8b) svo="python benchmarks/serve_vs_offline.py --device cuda ${TOKENIZER_DIR:+--tokenizer-dir $TOKENIZER_DIR}"
         timeout 150 $svo --preset qwen2.5-0.5b --num-prompts 8 --input-len 256 --output-len 256 \
           --concurrency 1 --max-num-seqs 1 --json "$OUT/svo_05b_c1.json" > "$OUT/svo_05b_c1.log" 2>&1
-        timeout 240 $svo --preset llama-3-8b --num-prompts 512 --input-len 256 --output-len 256 \
-          --concurrency 256 --clients 2 --json "$OUT/svo_8b_c256.json" > "$OUT/svo_8b_c256.log" 2>&1
-        python - "$OUT" <<'PY' 2>&1 | tee "$OUT/svo_summary.txt"
-import glob, json, sys
-for f in sorted(glob.glob(sys.argv[1] + "/svo_*.json")):
-    r = json.load(open(f)); s = r["served"]
-    print(f"{f.rsplit('/', 1)[1]}: offline {r['offline']['output_tok_s']:.0f} served "
-          f"{s['output_tok_s']:.0f} out tok/s ({r['served_over_offline']:.2f}x); TPOT p50 "
-          f"{s['median_tpot_ms']:.2f} ms vs step {r['offline_step_ms']:.2f} ms "
-          f"({r['tpot_over_step']:.2f}x); CPU s/1k tok: front {s['frontend_cpu_s_per_1k']:.3f} "
-          f"core {s['core_cpu_s_per_1k']:.3f}; errors {s['errors']}")
-PY
-        ;;
+        timeout 300 $svo --preset llama-3-8b --num-prompts 512 --input-len 256 --output-len 256 \
+          --concurrency 256 --clients 8 --api-server-count 1 4 --json "$OUT/svo_8b_c256.json" \
+          > "$OUT/svo_8b_c256.log" 2>&1
+        svo_summary "$OUT" ;;
     moe) timeout 500 python -m pytest tests/gpu/test_fused_moe.py tests/gpu/test_gpu_model_families.py \
            -q -p no:cacheprovider 2>&1 | tee "$OUT/moe_tests.log" | tail -5 ;;
     moe-tput) timeout 500 python benchmarks/throughput.py --preset qwen3-30b-a3b --device cuda \
@@ -57,20 +69,14 @@ PY
            --json "$OUT/qwen3_30b_a3b.json" 2>&1 | tee "$OUT/qwen3_30b_a3b.log" | tail -4 ;;
     moe-tpot) timeout 400 python benchmarks/moe_decode.py --preset qwen3-30b-a3b \
            --json "$OUT/qwen3_30b_a3b_tpot.json" 2>&1 | tee "$OUT/qwen3_30b_a3b_tpot.log" | tail -3 ;;
-    serve4) svo="python benchmarks/serve_vs_offline.py --device cuda ${TOKENIZER_DIR:+--tokenizer-dir $TOKENIZER_DIR}"  # issue 14
-        timeout 200 $svo --preset qwen2.5-0.5b --num-prompts 256 --input-len 512 --output-len 512 \
-          --concurrency 256 --clients 2 --api-server-count 4 --json "$OUT/svo_05b_c256_a4.json" \
-          > "$OUT/svo_05b_c256_a4.log" 2>&1
-        timeout 200 $svo --preset qwen2.5-0.5b --num-prompts 2048 --input-len 256 --output-len 256 \
-          --concurrency 1024 --clients 4 --api-server-count 4 --json "$OUT/svo_05b_c1024_a4.json" \
-          > "$OUT/svo_05b_c1024_a4.log" 2>&1
-        for f in "$OUT"/svo_05b_c*_a4.json; do
-          python -c "import json, sys; r = json.load(open(sys.argv[1])); s = r['served']; print(sys.argv[1].rsplit('/', 1)[1], f\"served/offline {r['served_over_offline']:.2f}x, TPOT/step {r['tpot_over_step']:.2f}x, front-end CPU s/1k {s['frontend_cpu_s_per_1k']:.3f}, errors {s['errors']}\")" "$f"
-        done ;;
-    spec) timeout 200 python -m pytest tests/gpu/test_gpu_spec_decode.py -q -p no:cacheprovider 2>&1 \
-            | tee "$OUT/spec_tests.log" | tail -8  # issue 21
-          timeout 380 python benchmarks/spec_decode.py --preset llama-3-8b --device cuda \
+    spec) timeout 240 python -m pytest tests/gpu/test_gpu_spec_decode.py -q -p no:cacheprovider \
+            --tb=short 2>&1 | tee "$OUT/spec_tests.log" | tail -20  # issue 21 (~40 s per case)
+          timeout 300 python benchmarks/spec_decode.py --preset llama-3-8b --device cuda \
             --batch-sizes 1 8 2>&1 | tee "$OUT/spec_bench.log" | tail -30 ;;
+    moe-kernels) timeout 300 python benchmarks/moe_kernels.py --tokens 1 8 --gemm-tokens 1 8 256 \
+            2>&1 | tee "$OUT/moe_kernels.log" | tail -30  # issue 19
+          timeout 150 python benchmarks/moe_decode.py --preset qwen3-30b-a3b --profile 32 \
+            --json "$OUT/qwen3_30b_a3b_tpot.json" 2>&1 | tee "$OUT/moe_tpot.log" | tail -30 ;;
     so) for f in 0 0.5; do
           timeout 280 python benchmarks/throughput.py --preset llama-3-8b --device cuda \
             --num-prompts 512 --input-len 256 256 --output-len 256 256 --skip-hf \
