@@ -10,7 +10,7 @@ from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.worker.output import ModelRunnerOutput
 
 if TYPE_CHECKING:
-    from pagedllm.worker.model_runner import PendingStep
+    from pagedllm.worker.model_runner import ModelRunner, PendingStep
     from pagedllm.worker.output import GrammarOutput
 
 BeforeSample = Callable[[], "GrammarOutput | None"]
@@ -32,7 +32,14 @@ class UniProcExecutor:
     def __init__(self, config: EngineConfig) -> None:
         from pagedllm.worker.model_runner import ModelRunner
 
-        self.runner = ModelRunner(config)
+        self._runner: ModelRunner | None = ModelRunner(config)
+
+    @property
+    def runner(self) -> ModelRunner:
+        if self._runner is None:
+            raise RuntimeError("The engine was shut down; create a new LLM to run more "
+                               "requests.")
+        return self._runner
 
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()
@@ -55,7 +62,7 @@ class UniProcExecutor:
         """Drop the model runner (weights, KV cache, CUDA graphs) so that its GPU memory goes
         back at once, even while the engine object lives on (a second engine in the process
         profiles the memory that is free)."""
-        runner, self.runner = self.runner, None
+        runner, self._runner = self._runner, None
         if runner is not None and runner.device.type == "cuda":
             import gc
 
