@@ -99,13 +99,13 @@ class AsyncLLM:
         """
         self.client.ensure_running()
         self.client.check_alive()
+        arrival = time.monotonic()  # before tokenizing: TTFT and queue time include it
         text, ids = await self._process_inputs(prompt, sampling_params)
         if request_id in self.collectors:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         params = sampling_params
         collector = RequestOutputCollector(params.output_kind)
         self.collectors[request_id] = collector
-        arrival = time.monotonic()
         self.output_processor.add_request(request_id, text, ids, params,
                                           child_request_ids(request_id, params.best_of),
                                           arrival)

@@ -70,9 +70,9 @@ class LLMEngine:
         """Queue a request (n > 1 becomes n child sequences sharing the prompt's blocks)."""
         if request_id in self.output_processor.parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        prompt_text, prompt_token_ids = self.frontend.process_inputs(
-            prompt, params, prompt_token_ids, prompt_text)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
+        prompt_text, prompt_token_ids = self.frontend.process_inputs(
+            prompt, params, prompt_token_ids, prompt_text)  # TTFT includes tokenizing
         child_ids = child_request_ids(request_id, params.best_of or params.n)
         self.output_processor.add_request(request_id, prompt_text, prompt_token_ids, params,
                                           child_ids, arrival)
