@@ -177,3 +177,29 @@ def test_pack_cache_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert second.get("layers.0.mlp.down_proj", "int8", weight) is None  # other kind
     assert PackCache(source, torch.float32).get("layers.0.mlp.down_proj", "int4",
                                                 weight) is None  # other dtype
+
+
+def test_int8_lm_head_many_rows_run_dense_and_agree() -> None:
+    """From DENSE_HEAD_MIN_ROWS rows on, a packed int8 bf16 LM head runs a dense bf16 matmul
+    on its dequantized weight: the same logits up to bf16 rounding, and fewer rows keep the
+    packed kernel."""
+    from pagedllm.models.layers.quantized import attach_packed
+    from pagedllm.models.layers.vocab_embedding import DENSE_HEAD_MIN_ROWS, ParallelLMHead
+
+    rng = np.random.default_rng(0)
+    vocab, hidden = 320, 64
+    codes = rng.integers(-127, 128, (vocab, hidden), dtype=np.int8)
+    scale = (rng.random(vocab, dtype=np.float32) + 0.5) * 0.01
+    head = ParallelLMHead(vocab, hidden)
+    attach_packed(head, PackedWeight.int8(codes, scale, torch.bfloat16))
+    exact = torch.from_numpy(codes.astype(np.float32) * scale[:, None])
+    few = torch.randn(DENSE_HEAD_MIN_ROWS - 1, hidden, dtype=torch.bfloat16)
+    assert head.compute_logits(few).shape == (DENSE_HEAD_MIN_ROWS - 1, vocab)
+    assert head._dense is None  # the packed kernel served them
+    many = torch.randn(3 * DENSE_HEAD_MIN_ROWS, hidden, dtype=torch.bfloat16)
+    dense = head.compute_logits(many).float()
+    assert head._dense is not None
+    ref = many.float() @ exact.T
+    assert ((dense - ref).norm() / ref.norm()).item() < 1e-2
+    packed = head.packed(many).float()
+    assert ((dense - packed).norm() / packed.norm()).item() < 1e-2
