@@ -64,9 +64,14 @@ for part in $parts; do
         svo_summary "$OUT" ;;
     moe) timeout 500 python -m pytest tests/gpu/test_fused_moe.py tests/gpu/test_gpu_model_families.py \
            -q -p no:cacheprovider 2>&1 | tee "$OUT/moe_tests.log" | tail -5 ;;
-    moe-tput) timeout 500 python benchmarks/throughput.py --preset qwen3-30b-a3b --device cuda \
-           --num-prompts 1000 --input-len 256 256 --output-len 256 256 --skip-hf \
-           --json "$OUT/qwen3_30b_a3b.json" 2>&1 | tee "$OUT/qwen3_30b_a3b.log" | tail -4 ;;
+    moe-tput) for seqs in 256 1024; do  # MoE against dense at the same max_num_seqs
+           for preset in qwen3-30b-a3b llama-3-8b; do
+             timeout 140 python benchmarks/throughput.py --preset $preset --device cuda \
+               --num-prompts 1000 --input-len 256 256 --output-len 256 256 --skip-hf \
+               --max-num-seqs $seqs --phase-times --json "$OUT/${preset}_seqs$seqs.json" 2>&1 \
+               | tee "$OUT/${preset}_seqs$seqs.log" | tail -3
+           done
+         done ;;
     moe-tpot) timeout 400 python benchmarks/moe_decode.py --preset qwen3-30b-a3b \
            --json "$OUT/qwen3_30b_a3b_tpot.json" 2>&1 | tee "$OUT/qwen3_30b_a3b_tpot.log" | tail -3 ;;
     spec) timeout 240 python -m pytest tests/gpu/test_gpu_spec_decode.py -q -p no:cacheprovider \
