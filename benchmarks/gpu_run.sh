@@ -69,7 +69,7 @@ for part in $parts; do
              timeout 140 python benchmarks/throughput.py --preset $preset --device cuda \
                --num-prompts 1000 --input-len 256 256 --output-len 256 256 --skip-hf \
                --max-num-seqs $seqs --phase-times --json "$OUT/${preset}_seqs$seqs.json" 2>&1 \
-               | tee "$OUT/${preset}_seqs$seqs.log" | tail -3
+               | tee -a "$OUT/moe_tput.log" | tail -3
            done
          done ;;
     moe-tpot) timeout 400 python benchmarks/moe_decode.py --preset qwen3-30b-a3b \
