@@ -67,9 +67,8 @@ class DraftModel:
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, md: Any) -> torch.Tensor:
         """Hidden states: from a captured CUDA graph when the step's shape has one."""
-        key = self.graphs.lookup(md) if self.graphs is not None else None
-        if key is not None:
-            return self.graphs.replay(key, input_ids, positions, md)
+        if self.graphs is not None:
+            return self.graphs.run(input_ids, positions, md)
         return self.model(input_ids, positions, self.kv_caches, md)
 
     def draft_probs(self, ids: list[str], drafts: list[list[int]],

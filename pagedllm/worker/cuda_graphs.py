@@ -69,11 +69,6 @@ class DecodeGraphs:
             query_start_loc_cpu=torch.arange(bs + 1, dtype=torch.int32) * q,
             seq_lens_cpu=torch.full((bs,), q, dtype=torch.int32), is_decode_only=q == 1)
 
-    @property
-    def keys(self) -> list[tuple[int, int]]:
-        """Every captured (batch size, query length)."""
-        return sorted(self.graphs)
-
     @torch.inference_mode()
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
@@ -109,6 +104,15 @@ class DecodeGraphs:
                 or md.num_actual_tokens != md.num_reqs * q):  # not every request has q
             return None
         return md.num_reqs, q  # exact: verify graphs are never padded
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+            md: AttentionMetadata) -> torch.Tensor:
+        """The model's hidden states for this step: from a captured graph when its shape
+        has one, else an eager forward."""
+        key = self.lookup(md)
+        if key is None:
+            return self.model(input_ids, positions, self.kv_caches, md)
+        return self.replay(key, input_ids, positions, md)
 
     def replay(self, key: tuple[int, int], input_ids: torch.Tensor, positions: torch.Tensor,
                md: AttentionMetadata) -> torch.Tensor:

@@ -289,10 +289,10 @@ class ModelRunner:
 
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor,
                   md: AttentionMetadata) -> torch.Tensor:
-        """Hidden states of every token: a captured CUDA graph for decode batches, else eager."""
-        graph = self.graphs.lookup(md) if self.graphs is not None else None
-        if graph is not None:
-            return self.graphs.replay(graph, input_ids, positions, md)
+        """Hidden states of every token: a captured CUDA graph for decode (and verify)
+        batches, else eager."""
+        if self.graphs is not None:
+            return self.graphs.run(input_ids, positions, md)
         if self.thread_tuner is not None:
             with self.thread_tuner.step(input_ids.shape[0]):
                 return self.model(input_ids, positions, self.kv_caches, md)
@@ -605,31 +605,31 @@ class ModelRunner:
             return
         if self.tp.world_size > 1 and self.tp.communicator is None:
             return  # torch.distributed's collectives are not captured (no libnccl: warned)
-        from pagedllm.worker.cuda_graphs import DecodeGraphs
-
-        sched = self.config.scheduler
         verify: tuple[int, ...] = ()
         if self.speculative is not None and self.backend.supports_verify_cuda_graphs():
             verify = tuple(range(2, self.speculative.num_speculative_tokens + 2))
-        graph_sets = [("", self.model, self.kv_caches)]
+        self.graphs = self._capture_graphs(self.model, self.kv_caches, verify, "")
         if self.drafter is not None:
-            graph_sets.append((" (draft model)", self.drafter.model, self.drafter.kv_caches))
-        for what, model, kv_caches in graph_sets:
-            start = time.perf_counter()
-            graphs = DecodeGraphs(
-                model, kv_caches, self.device, max_batch_size=min(sched.max_num_seqs, 512),
-                max_blocks_per_seq=cdiv(sched.max_model_len, self.block_size),
-                verify_query_lens=verify)
-            graphs.capture()
-            if model is self.model:
-                self.graphs = graphs
-            else:
-                self.drafter.graphs = graphs
-            logger.info("Captured %d CUDA graphs%s: decode batches up to %d%s in %.1f s",
-                        len(graphs.keys), what, graphs.sizes[-1],
-                        f", verify batches up to {graphs.verify_sizes[-1]} of 1 + 1..."
-                        f"{verify[-1] - 1} tokens" if verify else "",
-                        time.perf_counter() - start)
+            self.drafter.graphs = self._capture_graphs(
+                self.drafter.model, self.drafter.kv_caches, verify, " (draft model)")
+
+    def _capture_graphs(self, model: Any, kv_caches: list[torch.Tensor],
+                        verify: tuple[int, ...], what: str) -> Any:
+        from pagedllm.worker.cuda_graphs import DecodeGraphs
+
+        start = time.perf_counter()
+        sched = self.config.scheduler
+        graphs = DecodeGraphs(
+            model, kv_caches, self.device, max_batch_size=min(sched.max_num_seqs, 512),
+            max_blocks_per_seq=cdiv(sched.max_model_len, self.block_size),
+            verify_query_lens=verify)
+        graphs.capture()
+        logger.info("Captured %d CUDA graphs%s: decode batches up to %d%s in %.1f s",
+                    len(graphs.graphs), what, graphs.sizes[-1],
+                    f", verify batches up to {graphs.verify_sizes[-1]} of 1 + 1..."
+                    f"{verify[-1] - 1} tokens" if verify else "",
+                    time.perf_counter() - start)
+        return graphs
 
 
 def _wants_logprobs(params: SamplingParams) -> bool:
