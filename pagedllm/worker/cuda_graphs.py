@@ -60,6 +60,14 @@ class DecodeGraphs:
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.verify_replays = 0  # replays with query length > 1 (tests read it)
 
+    def release(self) -> None:
+        """Drop the graphs, their memory pool and the references to the model and its KV
+        cache, so that the memory goes back even while this object is still referenced."""
+        self.graphs.clear()
+        self.outputs.clear()
+        self.model = None  # type: ignore[assignment]
+        self.kv_caches = []
+
     def _metadata(self, bs: int, q: int) -> AttentionMetadata:
         return AttentionMetadata(
             num_actual_tokens=bs * q, num_reqs=bs, max_query_len=q,

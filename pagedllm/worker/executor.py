@@ -68,6 +68,7 @@ class UniProcExecutor:
 
             import torch
 
+            runner.release_graphs()  # a caller may still hold the graphs object
             del runner
             gc.collect()
             torch.cuda.empty_cache()

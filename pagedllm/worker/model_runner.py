@@ -613,6 +613,15 @@ class ModelRunner:
             self.drafter.graphs = self._capture_graphs(
                 self.drafter.model, self.drafter.kv_caches, verify, " (draft model)")
 
+    def release_graphs(self) -> None:
+        """Free the captured CUDA graphs (the target's and the draft's) at shutdown."""
+        for graphs in (self.graphs, getattr(self.drafter, "graphs", None)):
+            if graphs is not None:
+                graphs.release()
+        self.graphs = None
+        if self.drafter is not None:
+            self.drafter.graphs = None
+
     def _capture_graphs(self, model: Any, kv_caches: list[torch.Tensor],
                         verify: tuple[int, ...], what: str) -> Any:
         from pagedllm.worker.cuda_graphs import DecodeGraphs
