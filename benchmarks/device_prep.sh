@@ -18,14 +18,16 @@ for p in manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_24_x86_64 \
   platforms+=(--platform "$p")
 done
 # The GPU image (python 3.12) has torch, triton, transformers, numpy, httpx, anyio, h11,
-# prometheus_client, msgpack, uvloop; these are what pagedllm and its tests need beside.
+# prometheus_client, msgpack, uvloop; these are what pagedllm and its tests need beside
+# (aiohttp and its dependencies: `pagedllm bench serve`).
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp "${platforms[@]}" -d .whl \
   fastapi starlette uvicorn httptools "pydantic==$(python3 -c 'import pydantic; print(pydantic.VERSION)')" \
   "pydantic_core==$(python3 -c 'import pydantic_core; print(pydantic_core.__version__)')" \
   annotated-types typing-inspection sniffio pyzmq msgspec gguf opentelemetry-api \
   importlib-metadata==8.7.0 llguidance "xgrammar>=0.2,<0.3" apache-tvm-ffi \
-  jsonschema jsonschema-specifications referencing rpds-py
+  jsonschema jsonschema-specifications referencing rpds-py \
+  aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl idna
 python3 - <<'PY'
 from pagedllm.models.loader.default_model import find_default_model
 from pagedllm.models.loader.gguf_tokenizer import load_gguf_tokenizer

@@ -248,6 +248,27 @@ def test_bench_serve_errors_are_clear(server, model_path, tmp_path):
 
 
 # ------------------------------------------------------------------------------- units
+def test_bench_client_reads_sse_lines_of_any_length():
+    """The client's line splitter rebuilds lines cut across reads, of any length."""
+    import asyncio
+
+    from pagedllm.benchmarks.serve import _sse_lines
+
+    long = b"data: " + b"x" * 300_000
+    body = b"data: 1\n\n" + long + b"\n\ndata: [DONE]\n\n"
+
+    class Content:
+        async def iter_any(self):
+            for i in range(0, len(body), 7_001):
+                yield body[i:i + 7_001]
+
+    async def collect():
+        return [line async for line in _sse_lines(Content())]
+
+    lines = asyncio.run(collect())
+    assert [line for line in lines if line] == [b"data: 1", long, b"data: [DONE]"]
+
+
 def test_collector_and_prometheus_count_preemptions(tiny_llama):
     """Engine-level: with too few KV blocks requests get preempted; the counters equal the
     scheduler's, and token counts equal what the requests produced."""

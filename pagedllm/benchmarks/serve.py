@@ -18,7 +18,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -188,25 +188,38 @@ def _chunk_text(chunk: dict[str, Any], kind: str) -> str:
     return choices[0].get("text") or ""
 
 
-async def send_request(client: Any, url: str, body: dict[str, Any], headers: dict[str, str],
+async def _sse_lines(content: Any) -> AsyncIterator[bytes]:
+    """The lines of a streamed body, whatever their length (aiohttp's own line iterator
+    refuses lines past its buffer, and a chunk with many logprobs can be long)."""
+    pending = b""
+    async for data in content.iter_any():
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line
+    if pending:
+        yield pending
+
+
+async def send_request(session: Any, url: str, body: dict[str, Any], headers: dict[str, str],
                        kind: str, prompt_len: int) -> RequestResult:
     """Stream one request; never raises (failures are in the result)."""
-    import httpx
+    import aiohttp
 
     result = RequestResult(prompt_len=prompt_len)
     parts: list[str] = []
     start = last = time.perf_counter()
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode("utf-8", "replace")
-                result.error = f"HTTP {resp.status_code}: {text[:300]}"
+        async with session.post(url, json=body, headers=headers) as resp:
+            if resp.status != 200:
+                text = (await resp.read()).decode("utf-8", "replace")
+                result.error = f"HTTP {resp.status}: {text[:300]}"
                 return result
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
+            async for raw in _sse_lines(resp.content):
+                if not raw.startswith(b"data:"):
                     continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+                data = raw[5:].strip()
+                if data == b"[DONE]":
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
@@ -227,7 +240,7 @@ async def send_request(client: Any, url: str, body: dict[str, Any], headers: dic
         result.latency = time.perf_counter() - start
         result.text = "".join(parts)
         result.success = True
-    except (httpx.HTTPError, json.JSONDecodeError, OSError) as e:
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, OSError) as e:
         result.error = f"{type(e).__name__}: {e}"[:300]
     return result
 
@@ -243,18 +256,23 @@ async def _arrivals(n: int, rate: float, rng: random.Random):
 async def run_requests(args: argparse.Namespace, model: str, requests: list[SampleRequest]
                        ) -> tuple[list[RequestResult], float]:
     """Send the warm-ups, then every request at the rate / concurrency asked for; returns
-    the results (in request order) and the measured run's duration."""
-    import httpx
+    the results (in request order) and the measured run's duration.
+
+    The client is aiohttp: per streamed chunk it costs about a quarter of httpx's CPU, and
+    a saturated client would measure itself rather than the server (benchmarks/RESULTS.md,
+    issue 14)."""
+    import aiohttp
 
     kind = _endpoint_kind(args.endpoint)
     url = api_root(args.base_url) + ENDPOINTS[kind]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx.Timeout(args.request_timeout, connect=30.0)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    timeout = aiohttp.ClientTimeout(total=args.request_timeout, sock_connect=30.0)
+    connector = aiohttp.TCPConnector(limit=0)  # as many connections as requests in flight
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                     read_bufsize=1 << 16) as session:
         for i in range(args.num_warmups):
             req = requests[i % len(requests)]
-            warm = await send_request(client, url, build_payload(args, model, req, 8),
+            warm = await send_request(session, url, build_payload(args, model, req, 8),
                                       headers, kind, req.prompt_len)
             if not warm.success:
                 raise ValueError(f"warm-up request failed: {warm.error}")
@@ -263,9 +281,9 @@ async def run_requests(args: argparse.Namespace, model: str, requests: list[Samp
         async def one(req: SampleRequest) -> RequestResult:
             body = build_payload(args, model, req)
             if semaphore is None:
-                return await send_request(client, url, body, headers, kind, req.prompt_len)
+                return await send_request(session, url, body, headers, kind, req.prompt_len)
             async with semaphore:
-                return await send_request(client, url, body, headers, kind, req.prompt_len)
+                return await send_request(session, url, body, headers, kind, req.prompt_len)
 
         rng = random.Random(args.seed)
         start = time.perf_counter()
@@ -352,21 +370,27 @@ def format_report(m: dict[str, Any], label: str) -> str:
 # ------------------------------------------------------------------------------- main
 def _discover_model(args: argparse.Namespace) -> str:
     """--model, else the first model the server lists; ValueError if it cannot be reached."""
-    import httpx
+    import urllib.error
+    import urllib.request
 
     url = api_root(args.base_url) + "/v1/models"
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
-        resp = httpx.get(url, headers=headers, timeout=30)
-    except httpx.HTTPError as e:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=30) as resp:
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read()
+    except (urllib.error.URLError, OSError) as e:
         raise ValueError(f"cannot reach the server at {args.base_url} ({e}); is it "
                          "running?") from e
     if args.model:
         return args.model
-    if resp.status_code != 200:
-        raise ValueError(f"GET {url} answered {resp.status_code}: {resp.text[:200]}; pass "
+    text = body.decode("utf-8", "replace")
+    if status != 200:
+        raise ValueError(f"GET {url} answered {status}: {text[:200]}; pass "
                          "--model (and --api-key if the server needs one).")
-    data = resp.json().get("data") or []
+    data = json.loads(text).get("data") or []
     if not data:
         raise ValueError(f"GET {url} lists no model; pass --model.")
     return str(data[0]["id"])
