@@ -2,11 +2,11 @@
 # One device call: GPU tests, then the throughput workloads and the decode microbenchmark.
 # First, on the development machine: bash benchmarks/device_prep.sh (wheels, tokenizer).
 # Usage (repo root, on the GPU machine):
-#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|serve8b|flash|moe|moe-tput|moe-tpot|moe-kernels|so|spec|quant|quant-kernels]...
+#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|serve-c1|flash|moe|moe-tput|moe-tpot|moe-kernels|so|spec|quant|quant-kernels]...
 # so (issue 16): Llama-3-8B shape, 512 requests, none / half held to 8 JSON schemas
 #   (TOKENIZER_DIR=a tokenizer folder, e.g. SmolLM2's saved with save_pretrained).
-# serve: served vs offline (issue 14), 0.5B at concurrency 256 and 1024 with 1 and 4 API
-#   servers; serve8b: concurrency 1 (0.5B) and the 8B shape at 256; moe-kernels (issue 19):
+# serve: served vs offline (issue 14), 0.5B at concurrency 256 and 1024 and the 8B shape at
+#   256, each with 1 and 4 API servers; serve-c1: concurrency 1 (0.5B); moe-kernels (issue 19):
 #   routing and grouped-GEMM tiles, then batch-1 TPOT with a kernel profile; spec: the
 #   speculative-decoding GPU tests and benchmark (issue 21); flash: FLASH_ATTN against TRITON_ATTN (issue 15).
 # (one part per device call keeps each under the 10-minute limit; moe-tput vs 8b: MoE vs dense)
@@ -48,19 +48,19 @@ for part in $parts; do
           --num-prompts 1000 --input-len 256 256 --output-len 256 256 \
           --hf-num-prompts 64 --json "$OUT/llama8b.json" 2>&1 | tee "$OUT/llama8b.log" | tail -8 ;;
     serve) svo="python benchmarks/serve_vs_offline.py --device cuda ${TOKENIZER_DIR:+--tokenizer-dir $TOKENIZER_DIR}"  # issue 14
-        timeout 250 $svo --preset qwen2.5-0.5b --num-prompts 256 --input-len 512 --output-len 512 \
+        timeout 170 $svo --preset qwen2.5-0.5b --num-prompts 256 --input-len 512 --output-len 512 \
           --concurrency 256 --clients 8 --api-server-count 1 4 --json "$OUT/svo_05b_c256.json" \
           > "$OUT/svo_05b_c256.log" 2>&1
-        timeout 300 $svo --preset qwen2.5-0.5b --num-prompts 2048 --input-len 256 --output-len 256 \
+        timeout 190 $svo --preset qwen2.5-0.5b --num-prompts 2048 --input-len 256 --output-len 256 \
           --concurrency 1024 --clients 8 --api-server-count 1 4 --json "$OUT/svo_05b_c1024.json" \
           > "$OUT/svo_05b_c1024.log" 2>&1
-        svo_summary "$OUT" ;;
-    serve8b) svo="python benchmarks/serve_vs_offline.py --device cuda ${TOKENIZER_DIR:+--tokenizer-dir $TOKENIZER_DIR}"
-        timeout 150 $svo --preset qwen2.5-0.5b --num-prompts 8 --input-len 256 --output-len 256 \
-          --concurrency 1 --max-num-seqs 1 --json "$OUT/svo_05b_c1.json" > "$OUT/svo_05b_c1.log" 2>&1
-        timeout 300 $svo --preset llama-3-8b --num-prompts 512 --input-len 256 --output-len 256 \
+        timeout 210 $svo --preset llama-3-8b --num-prompts 512 --input-len 256 --output-len 256 \
           --concurrency 256 --clients 8 --api-server-count 1 4 --json "$OUT/svo_8b_c256.json" \
           > "$OUT/svo_8b_c256.log" 2>&1
+        svo_summary "$OUT" ;;
+    serve-c1) svo="python benchmarks/serve_vs_offline.py --device cuda ${TOKENIZER_DIR:+--tokenizer-dir $TOKENIZER_DIR}"
+        timeout 150 $svo --preset qwen2.5-0.5b --num-prompts 8 --input-len 256 --output-len 256 \
+          --concurrency 1 --max-num-seqs 1 --json "$OUT/svo_05b_c1.json" > "$OUT/svo_05b_c1.log" 2>&1
         svo_summary "$OUT" ;;
     moe) timeout 500 python -m pytest tests/gpu/test_fused_moe.py tests/gpu/test_gpu_model_families.py \
            -q -p no:cacheprovider 2>&1 | tee "$OUT/moe_tests.log" | tail -5 ;;

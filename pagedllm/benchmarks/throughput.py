@@ -83,7 +83,7 @@ def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> di
     if not constrained and out_tokens != sum(o for _, o in requests):
         raise RuntimeError("a request stopped before its output length despite ignore_eos")
     in_tokens = sum(len(p) for p, _ in requests)
-    num_blocks = llm.engine.scheduler.kv.pool.num_blocks
+    num_blocks = llm.engine.num_blocks  # the core in this process or its own
     if phase_totals is not None:
         print(phase_report(phase_totals))
     matched = _matched_unconstrained(llm, prompts, outs, args) if constrained else {}
