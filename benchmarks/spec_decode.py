@@ -118,16 +118,16 @@ class FixedProposer:
         self.k = k
         self.right = right
 
-    def propose(self, token_ids: list[np.ndarray], limits: list[int]) -> list[list[int]]:
-        out = []
-        for tokens, limit in zip(token_ids, limits):
-            k = min(self.k, limit)
-            want = self.expected[tuple(tokens[:self.prompt_len].tolist())]
-            done = len(tokens) - self.prompt_len
-            good = want[done:done + min(self.right, k)]
-            bad = [(t + 1) % 1000 + 1 for t in want[done + len(good):done + k]]
-            out.append(good + bad[:k - len(good)])
-        return out
+    def propose(self, request_id: str, tokens: list[int], limit: int) -> list[int]:
+        k = min(self.k, limit)
+        want = self.expected[tuple(tokens[:self.prompt_len])]
+        done = len(tokens) - self.prompt_len
+        good = want[done:done + min(self.right, k)]
+        bad = [(t + 1) % 1000 + 1 for t in want[done + len(good):done + k]]
+        return good + bad[:k - len(good)]
+
+    def forget(self, request_id: str) -> None:
+        pass
 
 
 def timed_generate(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[float, list]:

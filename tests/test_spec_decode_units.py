@@ -70,9 +70,42 @@ def test_ngram_edge_cases():
     assert propose_ngram(np.array([1, 2, 1, 2]), 5, 2, 2).tolist() == [1, 2]
     assert propose_ngram(np.array([3, 3, 3]), 4, 1, 2).tolist() == [3]
     proposer = NgramProposer(4, 1, 3)
-    batch = [np.array([1, 2, 3, 1, 2]), np.array([9, 8]), np.array([5, 5, 5, 5])]
-    assert proposer.propose(batch, limits=[4, 4, 1]) == [[3, 1, 2], [], [5]]
-    assert proposer.propose(batch, limits=[0, 4, 4]) == [[], [], [5]]  # [5, 5, 5] at 0
+    batch = {"a": [1, 2, 3, 1, 2], "b": [9, 8], "c": [5, 5, 5, 5]}
+    assert [proposer.propose(r, t, k) for (r, t), k in zip(batch.items(), [4, 4, 1])] == [
+        [3, 1, 2], [], [5]]
+    assert [proposer.propose(r, t, k) for (r, t), k in zip(batch.items(), [0, 4, 4])] == [
+        [], [], [5]]  # [5, 5, 5] at 0
+
+
+def test_ngram_matches_the_window_search_it_replaced():
+    """Against a direct search over every window, on random and repetitive sequences."""
+    def reference(tokens, k, min_n, max_n):
+        for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+            suffix = tokens[len(tokens) - n:]
+            starts = [s for s in range(len(tokens) - n) if tokens[s:s + n] == suffix]
+            if starts:
+                return tokens[starts[-1] + n:starts[-1] + n + k]
+        return []
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        vocab = int(rng.integers(2, 12))
+        tokens = rng.integers(0, vocab, int(rng.integers(1, 60))).tolist()
+        k, lo = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        hi = lo + int(rng.integers(0, 4))
+        got = propose_ngram(np.array(tokens), k, lo, hi).tolist()
+        assert got == reference(tokens, k, lo, hi), (tokens, k, lo, hi)
+
+
+def test_ngram_proposer_follows_growing_and_changed_token_lists():
+    proposer = NgramProposer(3, 1, 2)
+    tokens = [4, 5, 6, 4]
+    assert proposer.propose("r", tokens, 3) == [5, 6, 4]
+    tokens += [5, 9, 4, 5]  # grows: only the new tokens are copied
+    assert proposer.propose("r", tokens, 3) == [9, 4, 5]  # [4, 5] last seen at 3
+    assert proposer.propose("r", [1, 2, 1], 3) == [2, 1]  # another list: rebuilt
+    proposer.forget("r")
+    assert proposer.propose("r", [7, 7], 3) == [7]
 
 
 # ---------------------------------------------------------------- rejection sampler

@@ -15,8 +15,6 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from pagedllm.config import CacheConfig, SchedulerConfig
 from pagedllm.engine.kv_cache_manager import KVCacheManager
 from pagedllm.engine.request import Request, RequestStatus
@@ -268,7 +266,7 @@ class Scheduler:
         if k <= 0:
             return []
         if self.ngram is not None:
-            drafts = self.ngram.propose([np.asarray(req.all_token_ids)], [k])[0]
+            drafts = self.ngram.propose(req.request_id, req.all_token_ids, k)
         else:
             drafts = req.spec_token_ids[:k]
         if not drafts:
@@ -490,6 +488,8 @@ class Scheduler:
         elif req in self.waiting:  # preempted while its last token was still pending
             self.waiting.remove(req)
         self.kv.free(req)
+        if self.ngram is not None:
+            self.ngram.forget(req.request_id)
         self.requests.pop(req.request_id, None)
         self._finished_ids.append(req.request_id)
 
