@@ -325,7 +325,7 @@ class Scheduler:
             if req.structured_output_request is not None:
                 out.grammar_rows[rid] = row
                 out.needs_host_tokens = True
-            elif needs_processing(req):
+            elif not out.needs_host_tokens and needs_processing(req):
                 out.needs_host_tokens = True
             if req.pending_forks:
                 out.forks[rid] = [(c.request_id, c.sampling_params) for c in req.pending_forks]

@@ -377,7 +377,7 @@ class ModelRunner:
             return self._verify(out, step, logits, grammar, lp)
         ids = out.sampling_ids
         states: list[RequestState | None] = [self.batch.requests[rid] for rid in ids]
-        logits, raw = self._logits_pipeline(logits, states, grammar)
+        logits, raw = self._logits_pipeline(logits, states, grammar, out.needs_host_tokens)
         params = [st.sampling_params for st in states]  # type: ignore[union-attr]
         if out.forks:
             ids, states, params, index = _expand_forks(ids, states, params, out.forks)
@@ -410,7 +410,7 @@ class ModelRunner:
         drafts = [out.scheduled_draft_tokens.get(rid, []) for rid in ids]
         row_states = [s for st, d in zip(states, drafts)
                       for s in position_states(st, d, needs_processing(st))]
-        logits, raw = self._logits_pipeline(logits, row_states, grammar)
+        logits, raw = self._logits_pipeline(logits, row_states, grammar, out.needs_host_tokens)
         params = [st.sampling_params for st in states]
         batch_rows = (ids, states, drafts)  # the batch's sampled requests, forks aside
         if out.forks:  # forked samples draw from their parent's (only) row
@@ -469,17 +469,19 @@ class ModelRunner:
                                 for rid, n, p in requests], prompt=False)
 
     def _logits_pipeline(self, logits: torch.Tensor, states: list[Any],
-                         grammar: GrammarOutput | None) -> tuple[
+                         grammar: GrammarOutput | None, maybe_processing: bool) -> tuple[
             torch.Tensor, torch.Tensor | None]:
         """Per-request adjustments of the sampled rows' logits, before temperature: the
         logits processors (penalties, logit bias, allowed ids, bad words, min_tokens), then
-        the grammar bitmask. Returns the logits and, for raw logprobs, a copy taken first."""
+        the grammar bitmask. Returns the logits and, for raw logprobs, a copy taken first.
+        `maybe_processing` False (the scheduler found no request needing processors: its
+        `needs_host_tokens`) skips the per-request check."""
         raw = None
         wants_lp = any(st.wants_logprobs for st in states)
         if wants_lp and self.config.model.logprobs_mode.startswith("raw"):
             logits = logits.float()
             raw = logits.clone()
-        processing = any(needs_processing(st) for st in states)
+        processing = maybe_processing and any(needs_processing(st) for st in states)
         if processing or wants_lp or (grammar is not None and grammar.rows):
             logits = logits.float()
         if processing:
