@@ -17,10 +17,6 @@ class RequestStatus(enum.IntEnum):
     FINISHED_LENGTH = 4
     FINISHED_ABORTED = 5
 
-    @property
-    def finished(self) -> bool:
-        return self >= RequestStatus.FINISHED_STOPPED
-
 
 # finish_reason by status value: a tuple index, since an IntEnum hashes in Python (a dict
 # keyed by status cost ~3 us per lookup, read for every request every step).
