@@ -4,9 +4,9 @@ Offline: `benchmarks/throughput.py` (LLM.generate, random token prompts, dummy w
 Served: `pagedllm serve` on the same shape (dummy weights; SmolLM2's tokenizer beside the
 config so that the server detokenizes like a real one; ids past its vocabulary decode to
 nothing) and `pagedllm bench serve` (streamed /v1/completions, random prompts,
---ignore-eos) from `--clients` client processes. Prints served/offline output tok/s, the
-served TPOT against the offline time per step, and the CPU seconds per 1000 output tokens
-of the API server process(es) and of the engine core process.
+--ignore-eos, temperature 1 as offline) from `--clients` client processes. Prints
+served/offline output tok/s, the served TPOT against the offline time per step, and the CPU
+seconds per 1000 output tokens of the API server process(es) and of the engine core process.
 
   python benchmarks/serve_vs_offline.py --preset qwen2.5-0.5b --num-prompts 256 \\
       --input-len 512 --output-len 512 --concurrency 256 --json out.json
@@ -121,7 +121,9 @@ def served(args: argparse.Namespace, folder: str, workdir: str, api_servers: int
                  folder, "--dataset-name", "random", "--random-input-len",
                  str(args.input_len), "--random-output-len", str(args.output_len),
                  "--num-prompts", str(per), "--max-concurrency",
-                 str(max(args.concurrency // args.clients, 1)), "--ignore-eos", "--seed",
+                 str(max(args.concurrency // args.clients, 1)), "--ignore-eos",
+                 "--temperature", "1.0",  # throughput.py samples at temperature 1 too
+                 "--seed",
                  str(i), "--save-result", "--result-file", res], cwd=REPO,
                 stdout=subprocess.DEVNULL)))
         for _, proc in clients:
