@@ -26,7 +26,7 @@ from pagedllm.worker.logits_processors import needs_processing
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     """The scheduler's own record of one request's share of a step: compute tokens
     [start, start + num_tokens). ``samples`` is fixed when scheduled: the chunk reaches the
@@ -37,7 +37,7 @@ class ScheduledRequest:
     start: int  # = num_computed_tokens before the step
     num_tokens: int  # the draft tokens included
     samples: bool = False
-    draft_token_ids: list[int] = field(default_factory=list)  # verified this step
+    draft_token_ids: list[int] | tuple[()] = ()  # verified this step
 
 
 @dataclass
@@ -53,7 +53,7 @@ class NewRequestData:
     block_ids: list[int]
 
 
-@dataclass
+@dataclass(slots=True)
 class CachedRequestData:
     """A request the runner already holds: only what changed (KV blocks added, or cut after
     a rollback). Its new tokens are the ones the runner sampled itself."""
@@ -169,6 +169,7 @@ class Scheduler:
         self._finished_ids = []
         self._block_copies = []
         budget = self.config.max_num_batched_tokens
+        speculating = self.speculative is not None
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -182,10 +183,15 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            drafts = self._drafts(req, budget) if num_new == 1 else []
-            req.spec_token_ids = []
-            end = req.num_computed_tokens + num_new
-            lookahead = self._lookahead(end + len(drafts)) if end == req.num_tokens else 0
+            drafts: list[int] = []
+            lookahead = 0
+            if speculating:
+                if num_new == 1:
+                    drafts = self._drafts(req, budget)
+                req.spec_token_ids = []
+                end = req.num_computed_tokens + num_new
+                if end == req.num_tokens:
+                    lookahead = self._lookahead(end + len(drafts))
             while True:
                 if self.kv.allocate_slots(req, num_new + len(drafts),
                                           num_lookahead_tokens=lookahead) is not None:

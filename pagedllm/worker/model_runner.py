@@ -323,7 +323,7 @@ class ModelRunner:
                             dtype=np.int64, count=len(rows))
         generators = {}
         for row, (p, rid) in enumerate(zip(params, ids)):
-            if seeded(p):
+            if p.seed is not None and seeded(p):  # most requests are unseeded
                 gen = self._generators.get(rid)
                 if gen is None:
                     gen = torch.Generator(device=self.device).manual_seed(p.seed)
