@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import socket
@@ -21,6 +22,18 @@ def parse_bytes(text: str | int) -> int:
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"Cannot read {text!r} as a size; write e.g. 4GiB, 512MiB or 1000000.")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def freeze_startup_heap() -> int:
+    """Collect, then take every object alive now out of the garbage collector's view
+    (`gc.freeze`), for a server process once it has started: its start-up heap (model,
+    tokenizer, app: ~350k objects) is never scanned again, so a full collection while
+    serving no longer stalls every stream for a pass over that heap (0.35 s each on the
+    2-core CPU). Not for the offline `LLM`, whose caller's objects would be frozen too.
+    Returns the number of objects frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def random_uuid() -> str:

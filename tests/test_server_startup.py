@@ -70,3 +70,28 @@ def test_startup_clock_sums_its_phases():
     clock.notes["b"] = "why"
     text = clock.summary()
     assert text.startswith("Ready in 1.50 s: a 1.00 s, b 0.50 s (why); heavy modules"), text
+
+
+def test_freeze_startup_heap_takes_what_is_alive_now_out_of_gc_scans():
+    """A server process freezes its start-up heap once started; objects made later stay
+    under the collector (and a cycle of them is still collected)."""
+    import gc
+
+    from pagedllm.utils import freeze_startup_heap
+
+    class Node:
+        pass
+
+    before = Node()
+    try:
+        frozen = freeze_startup_heap()
+        assert frozen == gc.get_freeze_count() > 0
+        assert not any(o is before for o in gc.get_objects())  # frozen: out of view
+        later = Node()
+        later.me = later  # a cycle made after the freeze
+        assert any(o is later for o in gc.get_objects())
+        del later
+        assert gc.collect() >= 1
+    finally:
+        gc.unfreeze()
+    assert gc.get_freeze_count() == 0

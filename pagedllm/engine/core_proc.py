@@ -39,6 +39,7 @@ from pagedllm.engine.messages import (
     UtilityCall,
     UtilityResult,
 )
+from pagedllm.utils import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -268,6 +269,7 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, parent_pid: 
     proc = CoreProc(addresses, parent_pid)
     try:
         proc.start_core(config)
+        freeze_startup_heap()  # the model, caches and graphs stay for the process's life
         proc.run()
     except SystemExit:
         pass

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import hmac
 import logging
 import os
@@ -66,6 +67,7 @@ from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
 from pagedllm.entrypoints.openai.startup import PHASES, StartupClock
 from pagedllm.entrypoints.openai.streaming import StreamRegistry
+from pagedllm.utils import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -486,6 +488,8 @@ def _serve(engine: Any, args: argparse.Namespace,
            sockets: list[socket.socket] | None = None, clock: StartupClock | None = None) -> int:
     """Run uvicorn on `engine` until SIGINT/SIGTERM; 0 when it stopped normally."""
     app = build_app(engine, args)
+    logger.debug("Froze %d start-up objects out of the garbage collector's scans",
+                 freeze_startup_heap())
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -500,7 +504,10 @@ def _serve(engine: Any, args: argparse.Namespace,
                 ", ".join(app.state.models.served_model_names))
     logger.info("OpenAI-compatible API at http://%s:%d/v1 (health: /health, metrics: "
                 "/metrics, dashboard: /dashboard)", host, args.port)
-    server.run(sockets=sockets)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        gc.unfreeze()  # collectable again once stopped (matters where the process goes on)
     if not server.started:
         logger.error("The server could not start (is port %d free?).", args.port)
         return 1
