@@ -139,6 +139,9 @@ class DeviceConfig:
     device: str = "cpu"
     attention_backend: str | None = None
     enforce_eager: bool = False
+    # Decode CUDA graphs are captured for batches up to this many requests (and
+    # max_num_seqs); larger decode batches run eagerly.
+    max_cudagraph_capture_size: int = 512
     cpu_threads: int | None = None  # torch intra-op threads on the CPU (None: leave torch's)
     # cpu_threads was left to the engine: it runs 1 or cpu_threads threads, whichever its
     # measured forwards find faster (worker/cpu_threads.ThreadTuner)
@@ -190,6 +193,7 @@ class EngineArgs:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     enforce_eager: bool = False
+    max_cudagraph_capture_size: int | None = None
     async_scheduling: bool | None = None
     attention_backend: str | None = None
     tensor_parallel_size: int = 1
@@ -258,6 +262,11 @@ class EngineArgs:
         g.add_argument("--max-num-seqs", type=int, help="Most requests in one step.")
         g.add_argument("--max-num-batched-tokens", type=int, help="Most tokens in one step.")
         g.add_argument("--enforce-eager", action="store_true", help="Disable CUDA graphs.")
+        g.add_argument("--max-cudagraph-capture-size", type=int, default=None,
+                       help="Capture decode CUDA graphs for batches up to this many requests "
+                            "(default 512, and never past --max-num-seqs); larger decode "
+                            "batches run eagerly. More graphs take longer to capture and "
+                            "hold more memory.")
         g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                        default=None,
                        help="Schedule and prepare step N+1 while the GPU runs step N "
@@ -418,10 +427,16 @@ class EngineArgs:
             distributed_executor_backend=resolve_tensor_parallel(
                 model, self.tensor_parallel_size, self.distributed_executor_backend, device),
         )
+        capture = self.max_cudagraph_capture_size
+        if capture is not None and (isinstance(capture, bool) or not isinstance(capture, int)
+                                    or capture < 1):
+            raise ValueError(f"max_cudagraph_capture_size must be an integer >= 1 (got "
+                             f"{capture!r}); use enforce_eager=True to capture no graphs.")
         device_config = DeviceConfig(
             device=device,
             attention_backend=attention_backend,
             enforce_eager=self.enforce_eager,
+            max_cudagraph_capture_size=capture if capture is not None else 512,
             cpu_threads=self._resolve_cpu_threads(device),
             cpu_threads_adaptive=self._cpu_threads_adaptive(device),
         )

@@ -127,8 +127,27 @@ def test_missing_folder():
     ({"attention_backend": "MAGIC"}, "Available here: TORCH_SDPA"),
     ({"num_gpu_blocks_override": 2}, "fewer than one request of max_model_len"),
     ({"not_an_arg": 1}, "Unknown LLM argument"),
+    ({"max_cudagraph_capture_size": 0}, "max_cudagraph_capture_size must be an integer >= 1"),
+    ({"max_cudagraph_capture_size": 8.5}, "max_cudagraph_capture_size must be an integer"),
 ])
 def test_engine_args_rejected(tiny_llama, kwargs, needle):
     with pytest.raises(ValueError) as e:
         LLM(tiny_llama, device=kwargs.pop("device", "cpu"), **kwargs)
     assert needle in str(e.value)
+
+
+def test_max_cudagraph_capture_size_reaches_the_device_config(tiny_llama):
+    """The flag (vLLM's name) and the LLM argument set the decode graphs' largest batch;
+    512 by default."""
+    import argparse
+
+    from pagedllm.config import EngineArgs
+
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--max-cudagraph-capture-size", "1024"])
+    assert args.max_cudagraph_capture_size == 1024
+    config = EngineArgs(model=tiny_llama, device="cpu",
+                        max_cudagraph_capture_size=1024).create_engine_config()
+    assert config.device.max_cudagraph_capture_size == 1024
+    default = EngineArgs(model=tiny_llama, device="cpu").create_engine_config()
+    assert default.device.max_cudagraph_capture_size == 512

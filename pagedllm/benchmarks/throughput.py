@@ -51,6 +51,8 @@ def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> di
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.attention_backend:
         kwargs["attention_backend"] = args.attention_backend
+    if args.max_cudagraph_capture_size:
+        kwargs["max_cudagraph_capture_size"] = args.max_cudagraph_capture_size
     if args.quantization:
         kwargs["quantization"] = args.quantization
     if args.kv_cache_dtype != "auto":
@@ -213,6 +215,7 @@ def add_throughput_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--max-cudagraph-capture-size", type=int, default=None)
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                     help="shard pagedllm's model over N GPUs (or CPU processes)")
     ap.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray"])

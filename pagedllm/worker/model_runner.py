@@ -631,7 +631,8 @@ class ModelRunner:
         start = time.perf_counter()
         sched = self.config.scheduler
         graphs = DecodeGraphs(
-            model, kv_caches, self.device, max_batch_size=min(sched.max_num_seqs, 512),
+            model, kv_caches, self.device,
+            max_batch_size=min(sched.max_num_seqs, self.config.device.max_cudagraph_capture_size),
             max_blocks_per_seq=cdiv(sched.max_model_len, self.block_size),
             verify_query_lens=verify)
         graphs.capture()
