@@ -246,18 +246,8 @@ static inline void weighted_sum_bf16(const float *restrict p, const uint16_t *re
 #endif
 }
 
-/* One KV head of one row: its `group` query heads q (bf16, contiguous) attend over the
- * tokens at element offsets off[0..n) of k_cache / v_cache (already offset to the head). */
-static void decode_head(const uint16_t *restrict q, int64_t group, int64_t d,
-                        const uint16_t *restrict k_cache, const uint16_t *restrict v_cache,
-                        const int64_t *restrict off, int64_t n, float scale,
-                        float *restrict scores, uint16_t *restrict out) {
-    float qf[PL_MAX_GROUP * 512];
-    for (int64_t i = 0; i < group * d; i++) qf[i] = bf2f(q[i]) * scale;
-    for (int64_t t = 0; t < n; t++) {
-        const uint16_t *restrict kp = k_cache + off[t];
-        for (int64_t j = 0; j < group; j++) scores[j * n + t] = dot_bf16_f32(kp, qf + j * d, d);
-    }
+/* Softmax numerators of scores[j * n + t] in place; inv[j] = 1 / their sum. */
+static void softmax_rows(float *restrict scores, int64_t group, int64_t n, float *inv) {
     for (int64_t j = 0; j < group; j++) {
         float *restrict sj = scores + j * n;
         float m = -INFINITY;
@@ -270,9 +260,94 @@ static void decode_head(const uint16_t *restrict q, int64_t group, int64_t d,
             sj[t] = e;
             sum += e;
         }
-        float inv = n ? 1.0f / sum : 0.0f;
-        weighted_sum_bf16(sj, v_cache, off, n, d, inv, out + j * d);
+        inv[j] = n ? 1.0f / sum : 0.0f;
     }
+}
+
+/* One KV head of one row: its `group` query heads q (bf16, contiguous) attend over the
+ * tokens at element offsets off[0..n) of k_cache / v_cache (already offset to the head). */
+static void decode_head_any(const uint16_t *restrict q, int64_t group, int64_t d,
+                            const uint16_t *restrict k_cache,
+                            const uint16_t *restrict v_cache, const int64_t *restrict off,
+                            int64_t n, float scale, float *restrict scores,
+                            uint16_t *restrict out) {
+    float qf[PL_MAX_GROUP * 512], inv[PL_MAX_GROUP];
+    for (int64_t i = 0; i < group * d; i++) qf[i] = bf2f(q[i]) * scale;
+    for (int64_t t = 0; t < n; t++) {
+        const uint16_t *restrict kp = k_cache + off[t];
+        for (int64_t j = 0; j < group; j++) scores[j * n + t] = dot_bf16_f32(kp, qf + j * d, d);
+    }
+    softmax_rows(scores, group, n, inv);
+    for (int64_t j = 0; j < group; j++)
+        weighted_sum_bf16(scores + j * n, v_cache, off, n, d, inv[j], out + j * d);
+}
+
+#ifdef __AVX512F__
+/* decode_head_any for a group of G query heads known at compile time: each K row and V
+ * chunk is loaded once for the whole group, the group's accumulators stay in registers. */
+#define PL_DECODE_HEAD(G)                                                                    \
+    static void decode_head_##G(const uint16_t *restrict q, int64_t d,                      \
+                                const uint16_t *restrict k_cache,                           \
+                                const uint16_t *restrict v_cache,                           \
+                                const int64_t *restrict off, int64_t n, float scale,        \
+                                float *restrict scores, uint16_t *restrict out) {           \
+        float qf[G * 512], inv[G];                                                          \
+        for (int64_t i = 0; i < G * d; i++) qf[i] = bf2f(q[i]) * scale;                     \
+        for (int64_t t = 0; t < n; t++) {                                                   \
+            const uint16_t *restrict kp = k_cache + off[t];                                 \
+            __m512 acc[G];                                                                  \
+            for (int j = 0; j < G; j++) acc[j] = _mm512_setzero_ps();                       \
+            for (int64_t i = 0; i < d; i += 16) {                                           \
+                __m512 kv = load_bf16x16(kp + i);                                           \
+                for (int j = 0; j < G; j++)                                                 \
+                    acc[j] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(qf + j * d + i), acc[j]);  \
+            }                                                                               \
+            for (int j = 0; j < G; j++) scores[j * n + t] = _mm512_reduce_add_ps(acc[j]);   \
+        }                                                                                   \
+        softmax_rows(scores, G, n, inv);                                                    \
+        for (int64_t i = 0; i < d; i += 16) {                                               \
+            __m512 acc[G];                                                                  \
+            for (int j = 0; j < G; j++) acc[j] = _mm512_setzero_ps();                       \
+            for (int64_t t = 0; t < n; t++) {                                               \
+                __m512 vv = load_bf16x16(v_cache + off[t] + i);                             \
+                for (int j = 0; j < G; j++)                                                 \
+                    acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(scores[j * n + t]), vv, acc[j]);\
+            }                                                                               \
+            for (int j = 0; j < G; j++) {                                                   \
+                float a[16];                                                                \
+                _mm512_storeu_ps(a, _mm512_mul_ps(acc[j], _mm512_set1_ps(inv[j])));         \
+                for (int l = 0; l < 16; l++) out[j * d + i + l] = f2bf(a[l]);               \
+            }                                                                               \
+        }                                                                                   \
+    }
+PL_DECODE_HEAD(1)
+PL_DECODE_HEAD(2)
+PL_DECODE_HEAD(3)
+PL_DECODE_HEAD(4)
+PL_DECODE_HEAD(5)
+PL_DECODE_HEAD(6)
+PL_DECODE_HEAD(7)
+PL_DECODE_HEAD(8)
+#endif
+
+static void decode_head(const uint16_t *restrict q, int64_t group, int64_t d,
+                        const uint16_t *restrict k_cache, const uint16_t *restrict v_cache,
+                        const int64_t *restrict off, int64_t n, float scale,
+                        float *restrict scores, uint16_t *restrict out) {
+#ifdef __AVX512F__
+    switch (group) {
+    case 1: decode_head_1(q, d, k_cache, v_cache, off, n, scale, scores, out); return;
+    case 2: decode_head_2(q, d, k_cache, v_cache, off, n, scale, scores, out); return;
+    case 3: decode_head_3(q, d, k_cache, v_cache, off, n, scale, scores, out); return;
+    case 4: decode_head_4(q, d, k_cache, v_cache, off, n, scale, scores, out); return;
+    case 5: decode_head_5(q, d, k_cache, v_cache, off, n, scale, scores, out); return;
+    case 6: decode_head_6(q, d, k_cache, v_cache, off, n, scale, scores, out); return;
+    case 7: decode_head_7(q, d, k_cache, v_cache, off, n, scale, scores, out); return;
+    case 8: decode_head_8(q, d, k_cache, v_cache, off, n, scale, scores, out); return;
+    default: break;
+    }
+#endif
+    decode_head_any(q, group, d, k_cache, v_cache, off, n, scale, scores, out);
 }
 
 void pl_paged_decode(const uint16_t *q, int64_t q_stride, const uint16_t *k_new,

@@ -101,7 +101,7 @@ class TorchSDPAImpl(AttentionImpl):
         return out
 
     @cached_property
-    def _fused_decode_heads(self) -> bool:
+    def fused_decode_supported(self) -> bool:
         """Whether this layer's heads suit the fused CPU decode kernel."""
         return (self.logits_soft_cap is None
                 and cpu_ops.decode_supported(self.num_heads, self.num_kv_heads, self.head_size))
@@ -111,7 +111,7 @@ class TorchSDPAImpl(AttentionImpl):
         """The fused CPU kernels and this step's checked inputs to them, where a decode-only
         step of this layer can take them: bf16 query and cache on the CPU, no softcap."""
         if (query.dtype is not torch.bfloat16 or kv_cache.dtype is not torch.bfloat16
-                or kv_cache.device.type != "cpu" or not self._fused_decode_heads):
+                or kv_cache.device.type != "cpu" or not self.fused_decode_supported):
             return None
         kernels = cpu_ops.get()
         if kernels is None:
