@@ -183,6 +183,17 @@ def test_decode_step_refuses_out_of_range_inputs() -> None:
     with pytest.raises(ValueError, match="int32"):
         cpu_ops.DecodeStep.of(md.block_table.long(), md.seq_lens, md.slot_mapping, 1,
                               cache.shape[1], cache.shape[2])
+    negative = md.block_table.clone()
+    negative[0, 0] = -1
+    with pytest.raises(ValueError, match="outside"):
+        cpu_ops.DecodeStep.of(negative, md.seq_lens, md.slot_mapping, 1, cache.shape[1],
+                              cache.shape[2])
+    step = cpu_ops.DecodeStep.of(md.block_table, md.seq_lens, md.slot_mapping, 1,
+                                 cache.shape[1], cache.shape[2])
+    with pytest.raises(ValueError, match="unexpected"):  # a smaller cache than checked
+        kernels.paged_decode(q, k, v, cache[:, :10].contiguous(), step, 0.125, None)
+    with pytest.raises(ValueError, match="width"):
+        kernels.add_rms_norm(torch.zeros(1, 64, dtype=BF16), torch.ones(32, dtype=BF16), 1e-5)
     long_seq = torch.tensor([md.block_table.shape[1] * cache.shape[2] + 1], dtype=torch.int32)
     with pytest.raises(ValueError, match="outside"):
         cpu_ops.DecodeStep.of(md.block_table, long_seq, md.slot_mapping, 1, cache.shape[1],

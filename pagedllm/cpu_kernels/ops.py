@@ -73,8 +73,10 @@ class CpuKernels:
         """RMSNorm of 2-D x (with a residual: of x + residual, returned second), rounded
         as torch's bf16 ops round."""
         rows, h = x.shape
-        if weight.dtype is not torch.bfloat16 or not weight.is_contiguous():
-            raise ValueError("add_rms_norm needs a contiguous bf16 weight.")
+        if (weight.dtype is not torch.bfloat16 or not weight.is_contiguous()
+                or weight.numel() != h or x.stride(1) != 1):
+            raise ValueError("add_rms_norm needs rows of contiguous values and a contiguous "
+                             "bf16 weight of their width.")
         out = torch.empty((rows, h), dtype=torch.bfloat16)
         if residual is None:
             self._norm(x.data_ptr(), x.stride(0), None, 0, weight.data_ptr(), out.data_ptr(),
@@ -93,8 +95,8 @@ class CpuKernels:
         """Rotate-half rotary of every head of 2-D x [n, heads * head_dim] in place; cos and
         signed sin [n, head_dim] (any leading shape of n * head_dim values), contiguous."""
         rows, width = x.shape
-        if width % head_dim or head_dim % 2:
-            raise ValueError("rope_inplace needs whole heads of an even head_dim.")
+        if width % head_dim or head_dim % 2 or x.stride(1) != 1 or x.dtype is not torch.bfloat16:
+            raise ValueError("rope_inplace needs bf16 rows of whole heads of an even head_dim.")
         if not (cos.is_contiguous() and sin.is_contiguous()
                 and cos.numel() == sin.numel() == rows * head_dim
                 and cos.dtype is sin.dtype is torch.bfloat16):
@@ -105,6 +107,8 @@ class CpuKernels:
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x[:, :d]) * x[:, d:] of 2-D x."""
         rows, width = x.shape
+        if width % 2 or x.stride(1) != 1:
+            raise ValueError("silu_and_mul needs rows of an even number of contiguous values.")
         d = width // 2
         out = torch.empty((rows, d), dtype=torch.bfloat16)
         self._silu(x.data_ptr(), x.stride(0), out.data_ptr(), rows, d)
@@ -119,7 +123,8 @@ class CpuKernels:
         D values with D a multiple of 16 (`decode_supported`)."""
         rows, hq, d = query.shape
         _, _, block_size, hkv, dk = kv_cache.shape
-        if (rows != step.rows or dk != d or key.shape[1:] != (hkv, d)
+        if (rows != step.rows or dk != d or kv_cache.shape[1] < step.num_blocks
+                or block_size != step.block_size or key.shape[1:] != (hkv, d)
                 or value.shape[1:] != (hkv, d) or key.shape[0] < rows or value.shape[0] < rows
                 or query.stride(1) != d or key.stride(1) != d or value.stride(1) != d
                 or query.stride(2) != 1 or key.stride(2) != 1 or value.stride(2) != 1
@@ -149,6 +154,8 @@ class DecodeStep:
     slots of the new tokens (int64 [R]); the tensors are kept alive with it."""
 
     rows: int
+    num_blocks: int  # the cache size the block ids and slots were checked against
+    block_size: int
     block_table: int
     block_table_stride: int
     seq_lens: int
@@ -168,13 +175,17 @@ class DecodeStep:
                 or seq_lens.shape[0] < rows or slot_mapping.shape[0] < rows):
             raise ValueError("DecodeStep needs an int32 block table and sequence lengths and "
                              "int64 slots for every row.")
-        if rows and (int(seq_lens[:rows].max()) > block_table.shape[1] * block_size
-                     or int(block_table[:rows].max()) >= num_blocks
-                     or int(slot_mapping[:rows].max()) >= num_blocks * block_size):
+        if rows:
+            low, high = torch.aminmax(block_table[:rows])
+            bad = (int(seq_lens[:rows].max()) > block_table.shape[1] * block_size
+                   or int(low) < 0 or int(high) >= num_blocks
+                   or int(slot_mapping[:rows].max()) >= num_blocks * block_size)
+        if rows and bad:
             raise ValueError("DecodeStep: a sequence length, block id or slot lies outside "
                              "the block table or the cache.")
-        return cls(rows, block_table.data_ptr(), block_table.stride(0), seq_lens.data_ptr(),
-                   slot_mapping.data_ptr(), (block_table, seq_lens, slot_mapping))
+        return cls(rows, num_blocks, block_size, block_table.data_ptr(), block_table.stride(0),
+                   seq_lens.data_ptr(), slot_mapping.data_ptr(),
+                   (block_table, seq_lens, slot_mapping))
 
 
 @cache
