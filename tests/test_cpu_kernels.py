@@ -217,3 +217,26 @@ def test_build_into_a_fresh_cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> 
     assert lib is not None
     assert len(list((tmp_path / "cpu-kernels").glob("kernels-*.so"))) == 1
     assert not list((tmp_path / "cpu-kernels").glob("tmp*"))  # no half-written leftovers
+
+
+@needs_kernels
+def test_build_falls_back_to_serial_without_openmp(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path) -> None:
+    """A compiler that refuses -fopenmp still builds the kernels (their OpenMP loop runs
+    serially)."""
+    real = build.find_compiler()
+    fake = tmp_path / "cc-no-openmp"
+    fake.write_text(f"#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -fopenmp ] && exit 1; done\n"
+                    f"exec {real} \"$@\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("PAGEDLLM_CACHE_DIR", str(tmp_path / "cache"))
+    lib = build.load_library()
+    assert lib is not None
+    serial = cpu_ops.CpuKernels(lib)
+    cache, q, k, v, md = _decode_case([300, 200, 250, 90], 9, 3, None, seed=8)
+    step = cpu_ops.DecodeStep.of(md.block_table, md.seq_lens, md.slot_mapping, 4,
+                                 cache.shape[1], cache.shape[2])
+    other = cache.clone()
+    out = serial.paged_decode(q, k, v, cache, step, 0.125, None)
+    assert torch.equal(out, kernels.paged_decode(q, k, v, other, step, 0.125, None))

@@ -1,7 +1,7 @@
 /* pagedllm's fused CPU kernels for the decode step (bf16 activations).
  *
- * Built at first use with the system C compiler (-O3 -march=native -fopenmp-simd) and
- * loaded with ctypes; see build.py. Each kernel replaces several small torch ops whose
+ * Built at first use with the system C compiler (-O3 -march=native -fopenmp, else
+ * -fopenmp-simd) and loaded with ctypes; see build.py. Each kernel replaces several small torch ops whose
  * dispatch cost, not their arithmetic, dominated a batch-1 decode step:
  *
  *   pl_add_rms_norm      residual add + RMSNorm, rounded where torch's ops round
@@ -212,6 +212,8 @@ static inline float dot_bf16_f32(const uint16_t *restrict a, const float *restri
  * [rows, hq, d] in bf16. Query head j reads KV head j / (hq / hkv). d must be a multiple of
  * 16 and at most 512 (the caller checks). */
 #define PL_MAX_GROUP 16
+/* (tokens x KV heads) of a step from which the decode attention runs on all threads */
+#define PL_PARALLEL_TOKENS 1024
 
 /* out[i] = bf16(inv * sum_t p[t] * bf16 v[off[t] + i]) for i < d, d a multiple of 16. */
 static inline void weighted_sum_bf16(const float *restrict p, const uint16_t *restrict v,
@@ -363,25 +365,39 @@ void pl_paged_decode(const uint16_t *q, int64_t q_stride, const uint16_t *k_new,
         memcpy(v_cache + slots[r] * tok, v_new + r * v_stride, sizeof(uint16_t) * (size_t)tok);
     }
     int64_t group = hq / hkv;
-    int64_t max_len = 1;
-    for (int64_t r = 0; r < rows; r++) max_len = seq_lens[r] > max_len ? seq_lens[r] : max_len;
-    float *scores = (float *)malloc(sizeof(float) * (size_t)(group * max_len));
-    int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)max_len);
+    int64_t max_len = 1, total = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        max_len = seq_lens[r] > max_len ? seq_lens[r] : max_len;
+        total += seq_lens[r];
+    }
+    /* every row's token offsets first, then (row, KV head) pairs in parallel where the
+     * work pays for waking the other threads (OpenMP: torch's own runtime and threads) */
+    int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(rows * max_len));
     for (int64_t r = 0; r < rows; r++) {
         int64_t len = seq_lens[r];
         int64_t start = (window > 0 && len > window) ? len - window : 0;
         const int32_t *bt = block_table + r * bt_stride;
+        int64_t *offr = off + r * max_len;
         for (int64_t t = start, b = start / block_size, o = start % block_size; t < len; t++) {
-            off[t - start] = ((int64_t)bt[b] * block_size + o) * tok;
+            offr[t - start] = ((int64_t)bt[b] * block_size + o) * tok;
             if (++o == block_size) o = 0, b++;
         }
-        for (int64_t h = 0; h < hkv; h++)
+    }
+#pragma omp parallel if (rows > 1 && total * hkv >= PL_PARALLEL_TOKENS)
+    {
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(group * max_len));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < rows * hkv; item++) {
+            int64_t r = item / hkv, h = item % hkv;
+            int64_t len = seq_lens[r];
+            int64_t start = (window > 0 && len > window) ? len - window : 0;
             decode_head(q + r * q_stride + h * group * d, group, d, k_cache + h * d,
-                        v_cache + h * d, off, len - start, scale, scores,
+                        v_cache + h * d, off + r * max_len, len - start, scale, scores,
                         out + (r * hq + h * group) * d);
+        }
+        free(scores);
     }
     free(off);
-    free(scores);
 }
 
 /* torch_order_sum, exported for the tests. */
