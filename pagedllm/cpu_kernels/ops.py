@@ -45,6 +45,13 @@ class CpuKernels:
                                  _I, _I, _I, _I, _I, _F, _I]
         for fn in (self._norm, self._rope, self._silu, self._decode):
             fn.restype = None
+        # The C functions themselves, arguments as kernels.c documents them, for a caller
+        # that guarantees the layouts by construction (models/cpu_decode) and skips the
+        # checks of the methods below.
+        self.raw_norm = self._norm
+        self.raw_rope = self._rope
+        self.raw_silu = self._silu
+        self.raw_decode = self._decode
         self._sum = lib.pl_torch_order_sum
         self._sum.argtypes = [_P, _I, _I]
         self._sum.restype = _F

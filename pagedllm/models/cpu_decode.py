@@ -54,18 +54,19 @@ def matmul_of(linear: nn.Module) -> Matmul | None:
 
 @dataclass(frozen=True)
 class _Layer:
-    """What one decoder layer's decode step needs."""
+    """What one decoder layer's decode step needs (norm weights as addresses: the model
+    keeps them alive)."""
 
-    norm1: torch.Tensor
+    norm1: int
     eps1: float
     qkv: Matmul
     o: Matmul
-    norm2: torch.Tensor
+    norm2: int
     eps2: float
     gate_up: Matmul
     down: Matmul
     scale: float
-    sliding_window: int | None
+    window: int  # 0: none
 
 
 def _norm_ok(norm: Any, kernels: cpu_ops.CpuKernels) -> bool:
@@ -80,8 +81,10 @@ class CpuDecodePath:
                  kernels: cpu_ops.CpuKernels) -> None:
         attn = model.layers[0].self_attn
         self._embed = model.embed
-        self._final_norm = model.norm.weight
+        self._hidden = model.norm.weight.shape[0]
+        self._final_norm = model.norm.weight.data_ptr()
         self._final_eps = model.norm.eps
+        self._cache_ptrs: list[int] = []  # the addresses of the caches last checked
         self._layers = layers
         self._rotary = rotary
         self._kernels = kernels
@@ -121,9 +124,10 @@ class CpuDecodePath:
             if any(m is None for m in mms):
                 return None
             layers.append(_Layer(
-                layer.input_layernorm.weight, layer.input_layernorm.eps, mms[0], mms[1],
-                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps,
-                mms[2], mms[3], impl.scale, impl.sliding_window))
+                layer.input_layernorm.weight.data_ptr(), layer.input_layernorm.eps, mms[0],
+                mms[1], layer.post_attention_layernorm.weight.data_ptr(),
+                layer.post_attention_layernorm.eps, mms[2], mms[3], impl.scale,
+                impl.sliding_window or 0))
         if rotary is None:
             return None
         return cls(model, layers, rotary, kernels)
@@ -137,16 +141,38 @@ class CpuDecodePath:
                 and bool(kv_caches) and kv_caches[0].dtype is torch.bfloat16
                 and kv_caches[0].device.type == "cpu")
 
+    def _check_caches(self, kv_caches: list[torch.Tensor], ptrs: list[int]) -> None:
+        """The layout the kernels assume, checked once per set of cache tensors."""
+        d, hkv = self._head_dim, self._num_kv_heads
+        if len(kv_caches) != len(self._layers) or any(
+                c.dtype is not torch.bfloat16 or not c.is_contiguous() or c.dim() != 5
+                or c.shape[0] != 2 or c.shape[3:] != (hkv, d)
+                or c.shape[1:3] != kv_caches[0].shape[1:3] for c in kv_caches):
+            raise ValueError("CpuDecodePath needs one contiguous bf16 cache per layer, "
+                             "[2, blocks, block_size, kv_heads, head_dim], all alike.")
+        self._cache_ptrs = ptrs
+
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  kv_caches: list[torch.Tensor], md: AttentionMetadata) -> torch.Tensor:
-        """Final hidden states [R, hidden] of a decode-only step (see `applies`)."""
+        """Final hidden states [R, hidden] of a decode-only step (see `applies`).
+
+        Every tensor the C calls read or write is made here by torch ops of known layouts
+        (contiguous bf16 rows) or checked: the embeddings and the step's inputs per step,
+        the caches whenever their addresses change."""
         k = self._kernels
+        norm, rope, silu, decode = k.raw_norm, k.raw_rope, k.raw_silu, k.raw_decode
+        lanes, empty, bf16 = k.sum_lanes, torch.empty, torch.bfloat16
         hidden = self._embed(input_ids)
-        if hidden.dtype is not torch.bfloat16:
-            raise ValueError("CpuDecodePath runs bf16 activations only.")
-        n, hq, hkv, d = hidden.shape[0], self._num_heads, self._num_kv_heads, self._head_dim
+        n, h = hidden.shape
+        if hidden.dtype is not bf16 or not hidden.is_contiguous() or h != self._hidden:
+            raise ValueError("CpuDecodePath runs contiguous bf16 activations only.")
+        hq, hkv, d = self._num_heads, self._num_kv_heads, self._head_dim
         qs, kvs = self._q_size, self._kv_size
-        cos, sin = self._rotary._full_cos_sin(positions, torch.bfloat16)
+        width = qs + 2 * kvs
+        cos, sin = self._rotary._full_cos_sin(positions, bf16)
+        ptrs = [c.data_ptr() for c in kv_caches]
+        if ptrs != self._cache_ptrs:
+            self._check_caches(kv_caches, ptrs)
         cache = kv_caches[0]
         key = ("cpu_kernels_decode", cache.shape[1], cache.shape[2])
         step = md.backend_cache.get(key)
@@ -154,21 +180,41 @@ class CpuDecodePath:
             step = cpu_ops.DecodeStep.of(md.block_table, md.seq_lens, md.slot_mapping,
                                          md.num_reqs, cache.shape[1], cache.shape[2])
             md.backend_cache[key] = step
-        residual = None
-        for layer, kv in zip(self._layers, kv_caches):
-            if residual is None:
-                residual = hidden
-                x = k.add_rms_norm(hidden, layer.norm1, layer.eps1)
-            else:
-                x, residual = k.add_rms_norm(hidden, layer.norm1, layer.eps1, residual)
+        if step.rows != n or positions.shape[0] != n:
+            raise ValueError("CpuDecodePath: the step's rows do not match its tokens.")
+        block_size, plane = cache.shape[2], cache.stride(0) * cache.element_size()
+        bt, bt_stride, lens, slots = (step.block_table, step.block_table_stride, step.seq_lens,
+                                      step.slots)
+        cos_p, sin_p = cos.data_ptr(), sin.data_ptr()
+        residual = hidden
+        x = empty((n, h), dtype=bf16)
+        norm(hidden.data_ptr(), h, None, 0, self._layers[0].norm1, x.data_ptr(), None, n, h,
+             self._layers[0].eps1, lanes)
+        for i, (layer, kv) in enumerate(zip(self._layers, kv_caches)):
+            if i:
+                x, res = empty((n, h), dtype=bf16), empty((n, h), dtype=bf16)
+                norm(hidden.data_ptr(), h, residual.data_ptr(), h, layer.norm1, x.data_ptr(),
+                     res.data_ptr(), n, h, layer.eps1, lanes)
+                residual = res
             qkv = layer.qkv(x)
-            k.rope_inplace(qkv[:, :qs + kvs], cos, sin, d)
-            attn = k.paged_decode(qkv[:, :qs].view(n, hq, d),
-                                  qkv[:, qs:qs + kvs].view(n, hkv, d),
-                                  qkv[:, qs + kvs:].view(n, hkv, d), kv, step, layer.scale,
-                                  layer.sliding_window)
-            x, residual = k.add_rms_norm(layer.o(attn.view(n, qs)), layer.norm2, layer.eps2,
-                                         residual)
-            hidden = layer.down(k.silu_and_mul(layer.gate_up(x)))
-        out, _ = k.add_rms_norm(hidden, self._final_norm, self._final_eps, residual)
+            q = qkv.data_ptr()
+            rope(q, width, cos_p, sin_p, n, hq + hkv, d)
+            attn = empty((n, qs), dtype=bf16)
+            base = kv.data_ptr()
+            decode(q, width, q + 2 * qs, width, q + 2 * (qs + kvs), width, base, base + plane,
+                   bt, bt_stride, lens, slots, attn.data_ptr(), n, hq, hkv, d, block_size,
+                   layer.scale, layer.window)
+            o = layer.o(attn)
+            x, res = empty((n, h), dtype=bf16), empty((n, h), dtype=bf16)
+            norm(o.data_ptr(), h, residual.data_ptr(), h, layer.norm2, x.data_ptr(),
+                 res.data_ptr(), n, h, layer.eps2, lanes)
+            residual = res
+            gate_up = layer.gate_up(x)
+            inter = gate_up.shape[1] // 2
+            act = empty((n, inter), dtype=bf16)
+            silu(gate_up.data_ptr(), 2 * inter, act.data_ptr(), n, inter)
+            hidden = layer.down(act)
+        out, res = empty((n, h), dtype=bf16), empty((n, h), dtype=bf16)
+        norm(hidden.data_ptr(), h, residual.data_ptr(), h, self._final_norm, out.data_ptr(),
+             res.data_ptr(), n, h, self._final_eps, lanes)
         return out
