@@ -219,6 +219,19 @@ def test_build_into_a_fresh_cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> 
     assert not list((tmp_path / "cpu-kernels").glob("tmp*"))  # no half-written leftovers
 
 
+def test_prune_keeps_the_newest_builds(tmp_path) -> None:
+    import os
+
+    for i in range(6):
+        path = tmp_path / f"kernels-{i}.so"
+        path.write_bytes(b"")
+        os.utime(path, (1000 + i, 1000 + i))
+    (tmp_path / "other.txt").write_text("kept")
+    build.prune(tmp_path, keep=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "kernels-2.so", "kernels-3.so", "kernels-4.so", "kernels-5.so", "other.txt"]
+
+
 @needs_kernels
 def test_build_falls_back_to_serial_without_openmp(monkeypatch: pytest.MonkeyPatch,
                                                    tmp_path) -> None:

@@ -33,6 +33,7 @@ FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11") + (
 # without it the kernels build serial, their simd loops still vectorized.
 OPENMP = ("-fopenmp",)
 NO_OPENMP = ("-fopenmp-simd",)
+KEEP_BUILDS = 4  # builds kept in the cache folder (a few versions sharing one cache)
 
 
 def enabled() -> bool:
@@ -85,6 +86,19 @@ def build(compiler: str, target: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    prune(target.parent, keep=KEEP_BUILDS)
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Delete all but the `keep` newest builds in `folder` (older sources, compilers or
+    CPUs); best effort: a file another process removed or still uses is left alone."""
+    builds = sorted(folder.glob("kernels-*.so"), key=lambda p: p.stat().st_mtime,
+                    reverse=True)
+    for old in builds[keep:]:
+        try:
+            old.unlink()
+        except OSError:
+            pass
 
 
 def load_library() -> ctypes.CDLL | None:
