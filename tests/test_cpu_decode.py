@@ -46,6 +46,10 @@ def test_tiny_bf16_llama_same_tokens_with_the_path(tmp_path) -> None:
     path = make_tiny_model(tmp_path / "llama", "llama", num_hidden_layers=3)
     llm = LLM(model=path, device="cpu", dtype="bfloat16", max_model_len=256)
     _with_and_without_path(llm, [[5, 9, 33, 7, 100], list(range(40, 90)), [3] * 20])
+    model = _model(llm)
+    with pytest.raises(ValueError):  # nothing loaded, but the old path is dropped first
+        model.load_weights([])
+    assert "_cpu_decode" not in model.__dict__
 
 
 @needs_kernels

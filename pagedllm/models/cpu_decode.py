@@ -7,7 +7,8 @@ module calls per layer, their shape and dtype checks, views) than its fused kern
 matmul as one callable on the packed (or dense bf16) weight, and the attention settings,
 and runs a decode-only step as a loop of those calls and the fused CPU kernels
 (`pagedllm.cpu_kernels`). Its result is bit for bit the module forward's, which handles
-every other step (prefill, mixed batches) and every other model.
+every other step (prefill, mixed batches) and every other model. It holds the weights it
+was built from: `LlamaForCausalLM.load_weights` drops it, to be rebuilt at the next step.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def matmul_of(linear: nn.Module) -> Matmul | None:
 
 @dataclass(frozen=True)
 class _Layer:
-    """What one decoder layer's decode step needs (norm weights as addresses: the model
-    keeps them alive)."""
+    """What one decoder layer's decode step needs (norm weights as addresses, the tensors
+    kept alive in `weights`)."""
 
     norm1: int
     eps1: float
@@ -67,6 +68,7 @@ class _Layer:
     down: Matmul
     scale: float
     window: int  # 0: none
+    weights: tuple[torch.Tensor, ...]
 
 
 def _norm_ok(norm: Any, kernels: cpu_ops.CpuKernels) -> bool:
@@ -82,6 +84,7 @@ class CpuDecodePath:
         attn = model.layers[0].self_attn
         self._embed = model.embed
         self._hidden = model.norm.weight.shape[0]
+        self._final_weight = model.norm.weight  # kept alive: its address goes to C
         self._final_norm = model.norm.weight.data_ptr()
         self._final_eps = model.norm.eps
         self._cache_ptrs: list[int] = []  # the addresses of the caches last checked
@@ -123,11 +126,11 @@ class CpuDecodePath:
                                            mlp.down_proj)]
             if any(m is None for m in mms):
                 return None
+            w1, w2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             layers.append(_Layer(
-                layer.input_layernorm.weight.data_ptr(), layer.input_layernorm.eps, mms[0],
-                mms[1], layer.post_attention_layernorm.weight.data_ptr(),
+                w1.data_ptr(), layer.input_layernorm.eps, mms[0], mms[1], w2.data_ptr(),
                 layer.post_attention_layernorm.eps, mms[2], mms[3], impl.scale,
-                impl.sliding_window or 0))
+                impl.sliding_window or 0, (w1, w2)))
         if rotary is None:
             return None
         return cls(model, layers, rotary, kernels)
