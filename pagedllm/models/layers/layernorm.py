@@ -24,7 +24,9 @@ class RMSNorm(nn.Module):
         if self.use_fused and fused_ops.usable(x):
             return fused_ops.rms_norm(x, self.weight, self.eps, residual)
         if x.dtype == self.weight.dtype and not x.is_cuda:
-            if x.dim() == 2 and cpu_ops.usable(x):
+            if (x.dim() == 2 and cpu_ops.usable(x)
+                    and (residual is None or (residual.shape == x.shape
+                                              and cpu_ops.usable(residual)))):
                 kernels = cpu_ops.get()
                 if kernels is not None and kernels.norm_exact(x.shape[1]):
                     # one C call, bit for bit the torch ops below
