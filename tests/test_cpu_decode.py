@@ -74,3 +74,42 @@ def test_float32_models_keep_the_module_forward(tmp_path) -> None:
     llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=256)
     _greedy(llm, [[5, 9, 33, 7, 100]], n=4)
     assert "_cpu_decode" not in _model(llm).__dict__  # float32 caches never ask for it
+
+
+@pytest.fixture
+def kernels_env(monkeypatch: pytest.MonkeyPatch):
+    """Set PAGEDLLM_CPU_KERNELS for the engines a test builds (the loaded kernels are
+    cached per process: cleared around the test)."""
+    def use(value: str) -> None:
+        monkeypatch.setenv("PAGEDLLM_CPU_KERNELS", value)
+        cpu_ops.get.cache_clear()
+
+    yield use
+    monkeypatch.undo()
+    cpu_ops.get.cache_clear()
+
+
+def _exact_mode_matches_torch(kernels_env, prompts: list[list[int]], **llm_kwargs) -> None:
+    kernels_env("0")  # torch ops only, as before the kernels
+    reference = _greedy(LLM(**llm_kwargs), prompts, n=48)
+    kernels_env("exact")
+    llm = LLM(**llm_kwargs)
+    assert _greedy(llm, prompts, n=48) == reference
+    path = _model(llm).__dict__.get("_cpu_decode")
+    assert isinstance(path, CpuDecodePath)
+    assert not cpu_ops.get().fused_attention
+
+
+@needs_kernels
+def test_exact_mode_is_torch_token_for_token_tiny(kernels_env, tmp_path) -> None:
+    path = make_tiny_model(tmp_path / "llama", "llama", num_hidden_layers=3)
+    _exact_mode_matches_torch(kernels_env, [[5, 9, 33, 7, 100], list(range(40, 90))],
+                              model=path, device="cpu", dtype="bfloat16", max_model_len=256)
+
+
+@needs_kernels
+@needs_smollm2
+def test_exact_mode_is_torch_token_for_token_default_model(kernels_env) -> None:
+    _exact_mode_matches_torch(kernels_env, [[1, 504, 3458, 282, 4649, 314, 4649, 30],
+                                            list(range(1000, 1150))],
+                              device="cpu", max_model_len=1024)

@@ -6,7 +6,8 @@ and kept under ``$PAGEDLLM_CACHE_DIR/cpu-kernels/``
 (default ``~/.cache/pagedllm``), named by a hash of the source, the flags, the compiler and
 the CPU, so a later start only loads it (about a millisecond). The build takes a fraction
 of a second. No compiler, a failed build or ``PAGEDLLM_CPU_KERNELS=0``: `load_library`
-returns None and the layers keep their torch code.
+returns None and the layers keep their torch code; ``PAGEDLLM_CPU_KERNELS=exact`` keeps
+only the kernels that are bit for bit torch's (`exact_only`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ KEEP_BUILDS = 4  # builds kept in the cache folder (a few versions sharing one c
 def enabled() -> bool:
     """False when ``PAGEDLLM_CPU_KERNELS`` is 0 / false / no / off."""
     return os.environ.get(SWITCH_ENV, "1").lower() not in ("0", "false", "no", "off")
+
+
+def exact_only() -> bool:
+    """True when ``PAGEDLLM_CPU_KERNELS=exact``: only the kernels that reproduce torch bit
+    for bit (norm, rotary, SiLU-and-mul); the decode attention stays SDPA's."""
+    return os.environ.get(SWITCH_ENV, "1").lower() == "exact"
 
 
 def find_compiler() -> str | None:

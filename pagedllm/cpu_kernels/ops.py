@@ -14,7 +14,7 @@ from functools import cache
 
 import torch
 
-from pagedllm.cpu_kernels.build import load_library
+from pagedllm.cpu_kernels.build import exact_only, load_library
 
 # Rows up to this width are reduced by torch's sum in one piece (longer ones may be split
 # across threads, in another order): checked bit for bit in tests/test_cpu_kernels.py.
@@ -33,7 +33,10 @@ def usable(x: torch.Tensor) -> bool:
 class CpuKernels:
     """The kernels of one loaded library, with argument types set once."""
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, fused_attention: bool = True) -> None:
+        """`fused_attention` False: the decode attention is left to SDPA (the kernels then
+        all reproduce torch bit for bit)."""
+        self.fused_attention = fused_attention
         self._norm = lib.pl_add_rms_norm
         self._norm.argtypes = [_P, _I, _P, _I, _P, _P, _P, _I, _I, _F, _I]
         self._rope = lib.pl_rope_neox
@@ -199,4 +202,4 @@ class DecodeStep:
 def get() -> CpuKernels | None:
     """The process's fused CPU kernels (built or loaded once), or None."""
     lib = load_library()
-    return CpuKernels(lib) if lib is not None else None
+    return CpuKernels(lib, fused_attention=not exact_only()) if lib is not None else None

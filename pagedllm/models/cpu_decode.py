@@ -69,6 +69,7 @@ class _Layer:
     scale: float
     window: int  # 0: none
     weights: tuple[torch.Tensor, ...]
+    attend: Callable[..., torch.Tensor] | None  # SDPA's (impl.forward) when not fused
 
 
 def _norm_ok(norm: Any, kernels: cpu_ops.CpuKernels) -> bool:
@@ -130,7 +131,8 @@ class CpuDecodePath:
             layers.append(_Layer(
                 w1.data_ptr(), layer.input_layernorm.eps, mms[0], mms[1], w2.data_ptr(),
                 layer.post_attention_layernorm.eps, mms[2], mms[3], impl.scale,
-                impl.sliding_window or 0, (w1, w2)))
+                impl.sliding_window or 0, (w1, w2),
+                None if kernels.fused_attention else impl.forward))
         if rotary is None:
             return None
         return cls(model, layers, rotary, kernels)
@@ -177,17 +179,18 @@ class CpuDecodePath:
         if ptrs != self._cache_ptrs:
             self._check_caches(kv_caches, ptrs)
         cache = kv_caches[0]
-        key = ("cpu_kernels_decode", cache.shape[1], cache.shape[2])
-        step = md.backend_cache.get(key)
-        if step is None:
-            step = cpu_ops.DecodeStep.of(md.block_table, md.seq_lens, md.slot_mapping,
-                                         md.num_reqs, cache.shape[1], cache.shape[2])
-            md.backend_cache[key] = step
-        if step.rows != n or positions.shape[0] != n:
+        if positions.shape[0] != n or md.num_reqs != n:
             raise ValueError("CpuDecodePath: the step's rows do not match its tokens.")
         block_size, plane = cache.shape[2], cache.stride(0) * cache.element_size()
-        bt, bt_stride, lens, slots = (step.block_table, step.block_table_stride, step.seq_lens,
-                                      step.slots)
+        if k.fused_attention:
+            key = ("cpu_kernels_decode", cache.shape[1], cache.shape[2])
+            step = md.backend_cache.get(key)
+            if step is None:
+                step = cpu_ops.DecodeStep.of(md.block_table, md.seq_lens, md.slot_mapping,
+                                             md.num_reqs, cache.shape[1], cache.shape[2])
+                md.backend_cache[key] = step
+            bt, bt_stride, lens, slots = (step.block_table, step.block_table_stride,
+                                          step.seq_lens, step.slots)
         cos_p, sin_p = cos.data_ptr(), sin.data_ptr()
         residual = hidden
         x = empty((n, h), dtype=bf16)
@@ -202,11 +205,17 @@ class CpuDecodePath:
             qkv = layer.qkv(x)
             q = qkv.data_ptr()
             rope(q, width, cos_p, sin_p, n, hq + hkv, d)
-            attn = empty((n, qs), dtype=bf16)
-            base = kv.data_ptr()
-            decode(q, width, q + 2 * qs, width, q + 2 * (qs + kvs), width, base, base + plane,
-                   bt, bt_stride, lens, slots, attn.data_ptr(), n, hq, hkv, d, block_size,
-                   layer.scale, layer.window)
+            if layer.attend is None:
+                attn = empty((n, qs), dtype=bf16)
+                base = kv.data_ptr()
+                decode(q, width, q + 2 * qs, width, q + 2 * (qs + kvs), width, base,
+                       base + plane, bt, bt_stride, lens, slots, attn.data_ptr(), n, hq, hkv,
+                       d, block_size, layer.scale, layer.window)
+            else:  # PAGEDLLM_CPU_KERNELS=exact: the backend's SDPA path, as the modules
+                attn = layer.attend(qkv[:, :qs].view(n, hq, d),
+                                    qkv[:, qs:qs + kvs].view(n, hkv, d),
+                                    qkv[:, qs + kvs:].view(n, hkv, d), kv,
+                                    md).reshape(n, qs).contiguous()
             o = layer.o(attn)
             x, res = empty((n, h), dtype=bf16), empty((n, h), dtype=bf16)
             norm(o.data_ptr(), h, residual.data_ptr(), h, layer.norm2, x.data_ptr(),

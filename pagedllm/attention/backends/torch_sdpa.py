@@ -114,7 +114,7 @@ class TorchSDPAImpl(AttentionImpl):
                 or kv_cache.device.type != "cpu" or not self.fused_decode_supported):
             return None
         kernels = cpu_ops.get()
-        if kernels is None:
+        if kernels is None or not kernels.fused_attention:
             return None
         key = ("cpu_kernels_decode", kv_cache.shape[1], kv_cache.shape[2])
         step = md.backend_cache.get(key)
