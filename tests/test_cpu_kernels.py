@@ -78,6 +78,20 @@ def test_silu_and_mul_is_torch_bit_for_bit() -> None:
 
 
 @needs_kernels
+def test_silu_and_mul_every_bf16_gate() -> None:
+    """Every finite bf16 gate value (the kernel's own exp against torch's, up to where it
+    overflows), and infinities and NaN, times a few up values."""
+    bits = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16).view(BF16)
+    gates = torch.cat([bits[torch.isfinite(bits.float())],
+                       torch.tensor([float("inf"), float("-inf"), float("nan")], dtype=BF16)])
+    for up in (1.0, 0.37, -3.1, 1000.0):
+        x = torch.cat([gates, torch.full_like(gates, up)]).view(1, -1)
+        out, ref = kernels.silu_and_mul(x), SiluAndMul().forward_native(x)
+        same = (out == ref) | (torch.isnan(out.float()) & torch.isnan(ref.float()))
+        assert bool(same.all()), gates[~same[0]][:5]
+
+
+@needs_kernels
 def test_rms_norm_module_takes_the_kernel_and_matches() -> None:
     norm = RMSNorm(576, 1e-5)
     norm.weight.data = (torch.rand(576) + 0.5).to(BF16)

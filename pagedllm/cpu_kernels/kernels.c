@@ -36,10 +36,30 @@ static inline uint16_t f2bf(float f) {
 }
 
 /* exp(x) in float32 to about 2 ulp: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial
- * for e^r, then the exponent bits. Plain arithmetic, so loops over it vectorize. */
+ * for e^r, then 2^n in two factors (so that n = 128 stays finite). Like torch's exp it is
+ * +inf above log(FLT_MAX) and NaN for NaN; below -87 it returns e^-87 (no denormals).
+ * Plain arithmetic and selects, so loops over it vectorize. */
 static inline float exp_f32(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    float xc = x != x ? 0.0f : x; /* NaN: computed on 0, returned as NaN below */
+    xc = xc < -87.0f ? -87.0f : (xc > 88.75f ? 88.75f : xc);
+    float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    float r = xc - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666666666e-1f + r * (4.1666666667e-2f
+              + r * (8.3333333333e-3f + r * 1.3888888889e-3f)))));
+    int32_t ni = (int32_t)n, n1 = ni / 2, n2 = ni - n1;
+    union { uint32_t u; float f; } s1, s2;
+    s1.u = (uint32_t)(n1 + 127) << 23;
+    s2.u = (uint32_t)(n2 + 127) << 23;
+    float y = p * s1.f * s2.f;
+    y = x > 88.72283935546875f ? INFINITY : y;
+    return x != x ? x : y;
+}
+
+/* exp(x) for x <= 0 (softmax numerators): exp_f32's arithmetic without its range
+ * handling, which kept the softmax loop from vectorizing; below -87 it returns e^-87. */
+static inline float exp_nonpos_f32(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666666666e-1f + r * (4.1666666667e-2f
               + r * (8.3333333333e-3f + r * 1.3888888889e-3f)))));
@@ -258,7 +278,7 @@ static void softmax_rows(float *restrict scores, int64_t group, int64_t n, float
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < n; t++) {
-            float e = exp_f32(sj[t] - m);
+            float e = exp_nonpos_f32(sj[t] - m);
             sj[t] = e;
             sum += e;
         }
@@ -352,6 +372,19 @@ static void decode_head(const uint16_t *restrict q, int64_t group, int64_t d,
     decode_head_any(q, group, d, k_cache, v_cache, off, n, scale, scores, out);
 }
 
+/* Item `item` (row item / hkv, KV head item % hkv) of pl_paged_decode. */
+static void decode_item(int64_t item, const uint16_t *q, int64_t q_stride,
+                        const uint16_t *k_cache, const uint16_t *v_cache,
+                        const int32_t *seq_lens, const int64_t *off, int64_t max_len,
+                        uint16_t *out, int64_t hq, int64_t hkv, int64_t d, float scale,
+                        int64_t window, float *scores) {
+    int64_t r = item / hkv, h = item % hkv, group = hq / hkv;
+    int64_t len = seq_lens[r];
+    int64_t start = (window > 0 && len > window) ? len - window : 0;
+    decode_head(q + r * q_stride + h * group * d, group, d, k_cache + h * d, v_cache + h * d,
+                off + r * max_len, len - start, scale, scores, out + (r * hq + h * group) * d);
+}
+
 void pl_paged_decode(const uint16_t *q, int64_t q_stride, const uint16_t *k_new,
                      int64_t k_stride, const uint16_t *v_new, int64_t v_stride,
                      uint16_t *k_cache, uint16_t *v_cache, const int32_t *block_table,
@@ -383,18 +416,21 @@ void pl_paged_decode(const uint16_t *q, int64_t q_stride, const uint16_t *k_new,
             if (++o == block_size) o = 0, b++;
         }
     }
-#pragma omp parallel if (rows > 1 && total * hkv >= PL_PARALLEL_TOKENS)
-    {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)(group * max_len));
+    if (rows > 1 && total * hkv >= PL_PARALLEL_TOKENS) {
+#pragma omp parallel
+        {
+            float *scores = (float *)malloc(sizeof(float) * (size_t)(group * max_len));
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < rows * hkv; item++) {
-            int64_t r = item / hkv, h = item % hkv;
-            int64_t len = seq_lens[r];
-            int64_t start = (window > 0 && len > window) ? len - window : 0;
-            decode_head(q + r * q_stride + h * group * d, group, d, k_cache + h * d,
-                        v_cache + h * d, off + r * max_len, len - start, scale, scores,
-                        out + (r * hq + h * group) * d);
+            for (int64_t item = 0; item < rows * hkv; item++)
+                decode_item(item, q, q_stride, k_cache, v_cache, seq_lens, off, max_len, out,
+                            hq, hkv, d, scale, window, scores);
+            free(scores);
         }
+    } else { /* no OpenMP region at all: even an inactive one costs half a microsecond */
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(group * max_len));
+        for (int64_t item = 0; item < rows * hkv; item++)
+            decode_item(item, q, q_stride, k_cache, v_cache, seq_lens, off, max_len, out, hq,
+                        hkv, d, scale, window, scores);
         free(scores);
     }
     free(off);
