@@ -115,3 +115,28 @@ def test_tuner_refuses_bad_settings():
         ThreadTuner(1)
     with pytest.raises(ValueError, match="probe"):
         ThreadTuner(2, period=4, probe=4, set_threads=lambda n: None)
+
+
+def test_tuner_leaves_a_collapsed_thread_count_at_once():
+    machine = _FakeMachine({1: 0.020, 2: 0.012})
+    tuner = _tuner(machine)
+    for _ in range(12 + 10):  # at two threads, with a history of fast forwards
+        machine.forward(tuner)
+    assert tuner.current == 2
+    machine.cost[2] = 0.200  # a core got taken: two threads collapse
+    for _ in range(3 + 4):  # three slow forwards, then the probe at one thread
+        machine.forward(tuner)
+    assert tuner.current == 1 and machine.threads == 1  # well before the 20-forward period
+
+
+def test_tuner_at_one_thread_waits_out_a_slowdown():
+    machine = _FakeMachine({1: 0.020, 2: 0.050})
+    tuner = _tuner(machine)
+    for _ in range(12 + 10):
+        machine.forward(tuner)
+    assert tuner.current == 1
+    sets = machine.sets
+    machine.cost[1] = 0.100  # slower at one thread too: no early probe of two
+    for _ in range(10):
+        machine.forward(tuner)
+    assert machine.sets == sets and machine.threads == 1

@@ -16,6 +16,7 @@ from torch import nn
 
 from pagedllm.attention.backends.abstract import AttentionImpl, AttentionMetadata
 from pagedllm.distributed.group import SINGLE_PROCESS, TensorParallelGroup
+from pagedllm.models.cpu_decode import CpuDecodePath
 from pagedllm.models.interface import KVCacheSpec
 from pagedllm.models.layers.activation import SiluAndMul
 from pagedllm.models.layers.attention import Attention
@@ -27,6 +28,8 @@ from pagedllm.models.layers.linear import (
 )
 from pagedllm.models.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.models.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+
+_UNBUILT = object()  # LlamaForCausalLM._cpu_decode before its first CPU decode step
 
 # checkpoint name fragment -> (fused parameter fragment, shard id)
 _STACKED = (
@@ -197,6 +200,13 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], metadata: AttentionMetadata) -> torch.Tensor:
+        if input_ids.device.type == "cpu" and CpuDecodePath.applies(input_ids, kv_caches,
+                                                                     metadata):
+            path = self.__dict__.get("_cpu_decode", _UNBUILT)
+            if path is _UNBUILT:  # first CPU decode step, weights loaded: once
+                path = self.__dict__["_cpu_decode"] = CpuDecodePath.build(self)
+            if path is not None:
+                return path(input_ids, positions, kv_caches, metadata)
         hidden = self.embed(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
@@ -222,6 +232,7 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF-named checkpoint tensors; returns the parameter names that were filled."""
+        self.__dict__.pop("_cpu_decode", None)  # built from the old weights
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
         for name, tensor in weights:

@@ -7,7 +7,10 @@ a 2-core machine with one busy core ran decode steps 2-25x slower at two threads
 `ThreadTuner` keeps the better of one thread and all of them, by measurement: it runs at
 the current count, and every `period` forwards it runs `probe` forwards at the other count
 and compares them with the same shapes' recent times at the current count (the forward's
-token count is the shape key); it switches when the other is faster by `margin`.
+token count is the shape key); it switches when the other is faster by `margin`. At all
+the threads it also probes at once after `slow_run` forwards in a row take `slowdown` times
+their shape's median (a core was taken: waiting for the periodic probe left one measured
+serving round at a tenth of its speed); at one thread a slowdown only waits.
 
 Used when the thread count is left to the engine (no `--cpu-threads`, no
 PAGEDLLM_CPU_THREADS) and more than one core is available.
@@ -34,6 +37,7 @@ class ThreadTuner:
 
     def __init__(self, max_threads: int, period: int = 128, probe: int = 6,
                  margin: float = 0.07, first_probe: int = 16, history: int = 24,
+                 slowdown: float = 2.0, slow_run: int = 3,
                  clock: Callable[[], float] = time.perf_counter,
                  set_threads: Callable[[int], None] = torch.set_num_threads) -> None:
         if max_threads < 2:
@@ -52,6 +56,9 @@ class ThreadTuner:
         self._history: dict[tuple[int, int], deque[float]] = {}
         self._history_len = history
         self._ratios: list[float] = []
+        self._slowdown = slowdown
+        self._slow_run = slow_run
+        self._slow = 0  # forwards in a row this much slower than their shape's median
         self.switches = 0
         set_threads(self.current)
 
@@ -83,8 +90,19 @@ class ThreadTuner:
         yield
         elapsed = self._clock() - start
         if not self._probing:
-            self._times(threads, key).append(elapsed)
+            times = self._times(threads, key)
+            if threads == self.choices[1] and len(times) >= self._history_len // 3:
+                slow = elapsed > self._slowdown * statistics.median(times)
+                self._slow = self._slow + 1 if slow else 0
+            times.append(elapsed)
             self._until_probe -= 1
+            if self._slow >= self._slow_run:
+                # probe one thread at the next forward, against the slow forwards only
+                recent = list(times)[-self._slow_run:]
+                times.clear()
+                times.extend(recent)
+                self._slow = 0
+                self._until_probe = 0
             return
         baseline = self._history.get((self.current, key))
         if baseline:

@@ -2,7 +2,8 @@
 
 Decodes of a batch are gathered from their blocks and attended together in one SDPA call;
 prefill chunks (with or without a cached prefix) are attended one request at a
-time with SDPA.
+time with SDPA. A decode-only step in bf16 on the CPU goes to one fused C call per layer
+instead (`pagedllm.cpu_kernels`: cache write and attention over the blocks in place).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pagedllm.attention.backends.abstract import (
     AttentionImpl,
     AttentionMetadata,
 )
+from pagedllm.cpu_kernels import ops as cpu_ops
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -69,6 +71,12 @@ class TorchSDPAImpl(AttentionImpl):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        if metadata.is_decode_only and query.shape[0] == metadata.num_reqs:
+            fused = self._fused_decode(query, kv_cache, metadata)
+            if fused is not None:  # bf16 on the CPU: write and attend in one C call
+                kernels, step = fused
+                return kernels.paged_decode(query, key, value, kv_cache, step, self.scale,
+                                            self.sliding_window)
         write_kv_cache(key, value, kv_cache, metadata.slot_mapping,
                        _has_padding(metadata))
         qsl, seq_lens = _step_lists(metadata)
@@ -91,6 +99,30 @@ class TorchSDPAImpl(AttentionImpl):
             v = kv_cache[1, blocks].flatten(0, 1)[:kv_len]
             out[start:end] = self._attend(query[start:end], k, v)
         return out
+
+    @cached_property
+    def fused_decode_supported(self) -> bool:
+        """Whether this layer's heads suit the fused CPU decode kernel."""
+        return (self.logits_soft_cap is None
+                and cpu_ops.decode_supported(self.num_heads, self.num_kv_heads, self.head_size))
+
+    def _fused_decode(self, query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata
+                      ) -> tuple[cpu_ops.CpuKernels, cpu_ops.DecodeStep] | None:
+        """The fused CPU kernels and this step's checked inputs to them, where a decode-only
+        step of this layer can take them: bf16 query and cache on the CPU, no softcap."""
+        if (query.dtype is not torch.bfloat16 or kv_cache.dtype is not torch.bfloat16
+                or kv_cache.device.type != "cpu" or not self.fused_decode_supported):
+            return None
+        kernels = cpu_ops.get()
+        if kernels is None or not kernels.fused_attention:
+            return None
+        key = ("cpu_kernels_decode", kv_cache.shape[1], kv_cache.shape[2])
+        step = md.backend_cache.get(key)
+        if step is None:  # once per step
+            step = cpu_ops.DecodeStep.of(md.block_table, md.seq_lens, md.slot_mapping,
+                                         md.num_reqs, kv_cache.shape[1], kv_cache.shape[2])
+            md.backend_cache[key] = step
+        return kernels, step
 
     def _grouped(self, k: torch.Tensor, v: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, bool]]:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.cpu_kernels import ops as cpu_ops
 from pagedllm.models.layers import fused_ops
 
 
@@ -19,6 +20,10 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fused and fused_ops.usable(x):
             return fused_ops.silu_and_mul(x)
+        if x.dim() == 2 and cpu_ops.usable(x):
+            kernels = cpu_ops.get()
+            if kernels is not None:  # bf16 on the CPU: one C call, same rounding
+                return kernels.silu_and_mul(x)
         return self.forward_native(x)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.cpu_kernels import ops as cpu_ops
 from pagedllm.models.layers import fused_ops
 
 
@@ -23,6 +24,13 @@ class RMSNorm(nn.Module):
         if self.use_fused and fused_ops.usable(x):
             return fused_ops.rms_norm(x, self.weight, self.eps, residual)
         if x.dtype == self.weight.dtype and not x.is_cuda:
+            if (x.dim() == 2 and cpu_ops.usable(x)
+                    and (residual is None or (residual.shape == x.shape
+                                              and cpu_ops.usable(residual)))):
+                kernels = cpu_ops.get()
+                if kernels is not None and kernels.norm_exact(x.shape[1]):
+                    # one C call, bit for bit the torch ops below
+                    return kernels.add_rms_norm(x, self.weight, self.eps, residual)
             # torch's fused CPU kernel: one op instead of eight (equal to forward_native's
             # result in float32; in bf16 the weight product is rounded once, not twice)
             if residual is not None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagedllm.cpu_kernels import ops as cpu_ops
 from pagedllm.models.layers import fused_ops
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "dynamic", "longrope")
@@ -143,11 +144,19 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotated (q, k); on CUDA rotated in place (q and k may be views of a qkv output)."""
+        """Rotated (q, k); on CUDA, and for bf16 neighbouring q / k on the CPU, rotated in
+        place (q and k may be views of a qkv output)."""
         if self.use_fused and fused_ops.usable(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
             fused_ops.rotary_inplace(positions, q, k, self.cos_cache, self.sin_cache,
                                      self.head_dim, self.rotary_dim)
             return q, k
+        if self.rotary_dim == self.head_dim and cpu_ops.usable(q) and _adjacent(q, k):
+            kernels = cpu_ops.get()
+            if kernels is not None:  # bf16 on the CPU: in place, one C call, same rounding
+                cos, sin = self._full_cos_sin(positions, q.dtype)
+                qk = q.as_strided((q.shape[0], q.shape[-1] + k.shape[-1]), q.stride())
+                kernels.rope_inplace(qk, cos, sin, self.head_dim)
+                return q, k
         return self.forward_native(positions, q, k)
 
     def forward_native(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -159,8 +168,7 @@ class RotaryEmbedding(nn.Module):
             return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         cos, sin = self._full_cos_sin(positions, q.dtype)
         n, qw, kw = q.shape[0], q.shape[-1], k.shape[-1]
-        if (q.stride() == k.stride() and q.stride(-1) == 1
-                and k.data_ptr() == q.data_ptr() + qw * q.element_size()):
+        if _adjacent(q, k):
             # q and k are neighbouring column blocks of one qkv output: rotate them together
             qk = self._rotate_full(q.as_strided((n, qw + kw), q.stride()), cos, sin)
             return qk[:, :qw], qk[:, qw:]
@@ -189,3 +197,9 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x.chunk(2, dim=-1)
         out = x * cos + torch.cat((x2, x1), dim=-1) * sin
         return out.view(n, -1)
+
+
+def _adjacent(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether q and k are neighbouring column blocks of one 2-D tensor (a qkv output)."""
+    return (q.stride() == k.stride() and q.stride(-1) == 1
+            and k.data_ptr() == q.data_ptr() + q.shape[-1] * q.element_size())

@@ -1,0 +1,205 @@
+"""Typed torch-facing calls of the fused CPU kernels (`kernels.c`).
+
+`get()` returns the loaded `CpuKernels` (built on first use, see `build`) or None; the layer
+modules call it where their inputs qualify (`usable`: bf16 CPU tensors whose last dimension
+is contiguous) and keep their torch code otherwise. Every call checks the layouts the C code
+assumes and raises ValueError where they do not hold.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from pagedllm.cpu_kernels.build import exact_only, load_library
+
+# Rows up to this width are reduced by torch's sum in one piece (longer ones may be split
+# across threads, in another order): checked bit for bit in tests/test_cpu_kernels.py.
+MAX_NORM_WIDTH = 16384
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_F = ctypes.c_float
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether x may go to the kernels: bf16 on the CPU, last dimension contiguous."""
+    return x.dtype is torch.bfloat16 and x.device.type == "cpu" and x.stride(-1) == 1
+
+
+class CpuKernels:
+    """The kernels of one loaded library, with argument types set once."""
+
+    def __init__(self, lib: ctypes.CDLL, fused_attention: bool = True) -> None:
+        """`fused_attention` False: the decode attention is left to SDPA (the kernels then
+        all reproduce torch bit for bit)."""
+        self.fused_attention = fused_attention
+        self._norm = lib.pl_add_rms_norm
+        self._norm.argtypes = [_P, _I, _P, _I, _P, _P, _P, _I, _I, _F, _I]
+        self._rope = lib.pl_rope_neox
+        self._rope.argtypes = [_P, _I, _P, _P, _I, _I, _I]
+        self._silu = lib.pl_silu_and_mul
+        self._silu.argtypes = [_P, _I, _P, _I, _I]
+        self._decode = lib.pl_paged_decode
+        self._decode.argtypes = [_P, _I, _P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _P,
+                                 _I, _I, _I, _I, _I, _F, _I]
+        for fn in (self._norm, self._rope, self._silu, self._decode):
+            fn.restype = None
+        # The C functions themselves, arguments as kernels.c documents them, for a caller
+        # that guarantees the layouts by construction (models/cpu_decode) and skips the
+        # checks of the methods below.
+        self.raw_norm = self._norm
+        self.raw_rope = self._rope
+        self.raw_silu = self._silu
+        self.raw_decode = self._decode
+        self._sum = lib.pl_torch_order_sum
+        self._sum.argtypes = [_P, _I, _I]
+        self._sum.restype = _F
+        self.sum_lanes = self._calibrate_sum()
+
+    def _calibrate_sum(self) -> int | None:
+        """The vector width with which torch's float sum reduces a row, found by comparing
+        sums of fixed pseudo-random rows; None when no width reproduces them (then RMSNorm
+        keeps torch's ops)."""
+        gen = torch.Generator().manual_seed(17)
+        rows = [torch.randn(n, generator=gen).pow(2) * 7 for n in (24, 77, 576, 2048, 5000)]
+        for lanes in (8, 16, 4):
+            if all(self._sum(r.data_ptr(), r.numel(), lanes) == float(r.sum()) for r in rows):
+                return lanes
+        return None
+
+    def norm_exact(self, hidden: int) -> bool:
+        """Whether add_rms_norm reproduces torch's bf16 result for rows of `hidden` values:
+        its float sum order is known here, and rows stay short enough that torch reduces
+        them in one piece."""
+        return self.sum_lanes is not None and hidden <= MAX_NORM_WIDTH
+
+    def add_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     residual: torch.Tensor | None = None
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm of 2-D x (with a residual: of x + residual, returned second), rounded
+        as torch's bf16 ops round."""
+        rows, h = x.shape
+        if (weight.dtype is not torch.bfloat16 or not weight.is_contiguous()
+                or weight.numel() != h or x.stride(1) != 1):
+            raise ValueError("add_rms_norm needs rows of contiguous values and a contiguous "
+                             "bf16 weight of their width.")
+        out = torch.empty((rows, h), dtype=torch.bfloat16)
+        if residual is None:
+            self._norm(x.data_ptr(), x.stride(0), None, 0, weight.data_ptr(), out.data_ptr(),
+                       None, rows, h, eps, self.sum_lanes)
+            return out
+        if residual.shape != x.shape or not usable(residual):
+            raise ValueError("add_rms_norm needs a bf16 residual shaped like x.")
+        res = torch.empty((rows, h), dtype=torch.bfloat16)
+        self._norm(x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0),
+                   weight.data_ptr(), out.data_ptr(), res.data_ptr(), rows, h, eps,
+                   self.sum_lanes)
+        return out, res
+
+    def rope_inplace(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     head_dim: int) -> None:
+        """Rotate-half rotary of every head of 2-D x [n, heads * head_dim] in place; cos and
+        signed sin [n, head_dim] (any leading shape of n * head_dim values), contiguous."""
+        rows, width = x.shape
+        if width % head_dim or head_dim % 2 or x.stride(1) != 1 or x.dtype is not torch.bfloat16:
+            raise ValueError("rope_inplace needs bf16 rows of whole heads of an even head_dim.")
+        if not (cos.is_contiguous() and sin.is_contiguous()
+                and cos.numel() == sin.numel() == rows * head_dim
+                and cos.dtype is sin.dtype is torch.bfloat16):
+            raise ValueError("rope_inplace needs contiguous bf16 cos / sin of [n, head_dim].")
+        self._rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), rows,
+                   width // head_dim, head_dim)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(x[:, :d]) * x[:, d:] of 2-D x."""
+        rows, width = x.shape
+        if width % 2 or x.stride(1) != 1:
+            raise ValueError("silu_and_mul needs rows of an even number of contiguous values.")
+        d = width // 2
+        out = torch.empty((rows, d), dtype=torch.bfloat16)
+        self._silu(x.data_ptr(), x.stride(0), out.data_ptr(), rows, d)
+        return out
+
+    def paged_decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     kv_cache: torch.Tensor, step: DecodeStep, scale: float,
+                     sliding_window: int | None) -> torch.Tensor:
+        """Write key / value [R, Hkv, D] to the step's slots of kv_cache [2, blocks,
+        block_size, Hkv, D] (contiguous bf16), then attend query [R, Hq, D] (one token per
+        row) over each row's context; returns [R, Hq, D]. Heads must be contiguous runs of
+        D values with D a multiple of 16 (`decode_supported`)."""
+        rows, hq, d = query.shape
+        _, _, block_size, hkv, dk = kv_cache.shape
+        if (rows != step.rows or dk != d or kv_cache.shape[1] < step.num_blocks
+                or block_size != step.block_size or key.shape[1:] != (hkv, d)
+                or value.shape[1:] != (hkv, d) or key.shape[0] < rows or value.shape[0] < rows
+                or query.stride(1) != d or key.stride(1) != d or value.stride(1) != d
+                or query.stride(2) != 1 or key.stride(2) != 1 or value.stride(2) != 1
+                or kv_cache.dtype is not torch.bfloat16 or not kv_cache.is_contiguous()):
+            raise ValueError("paged_decode got tensors of unexpected shapes or layouts.")
+        out = torch.empty((rows, hq, d), dtype=torch.bfloat16)
+        cache = kv_cache.data_ptr()
+        self._decode(query.data_ptr(), query.stride(0), key.data_ptr(), key.stride(0),
+                     value.data_ptr(), value.stride(0), cache,
+                     cache + kv_cache.stride(0) * 2, step.block_table, step.block_table_stride,
+                     step.seq_lens, step.slots, out.data_ptr(), rows, hq, hkv, d, block_size,
+                     scale, sliding_window or 0)
+        return out
+
+
+def decode_supported(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether `paged_decode` takes a layer of these heads: head_dim a multiple of 16 up to
+    512, at most 16 query heads per KV head."""
+    return (head_dim % 16 == 0 and head_dim <= 512 and num_heads % num_kv_heads == 0
+            and num_heads // num_kv_heads <= 16)
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """One decode step's per-row inputs to `paged_decode`, checked once for all layers:
+    addresses of the block table (int32 [R, *]), the sequence lengths (int32 [R]) and the
+    slots of the new tokens (int64 [R]); the tensors are kept alive with it."""
+
+    rows: int
+    num_blocks: int  # the cache size the block ids and slots were checked against
+    block_size: int
+    block_table: int
+    block_table_stride: int
+    seq_lens: int
+    slots: int
+    tensors: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def of(cls, block_table: torch.Tensor, seq_lens: torch.Tensor,
+           slot_mapping: torch.Tensor, rows: int, num_blocks: int, block_size: int
+           ) -> DecodeStep:
+        """Checks what the C code would otherwise read or write out of bounds: dtypes and
+        layouts, lengths within the block table, block ids and slots within the cache."""
+        if (block_table.dtype is not torch.int32 or block_table.dim() != 2
+                or block_table.stride(1) != 1 or block_table.shape[0] < rows
+                or seq_lens.dtype is not torch.int32 or not seq_lens.is_contiguous()
+                or slot_mapping.dtype is not torch.int64 or not slot_mapping.is_contiguous()
+                or seq_lens.shape[0] < rows or slot_mapping.shape[0] < rows):
+            raise ValueError("DecodeStep needs an int32 block table and sequence lengths and "
+                             "int64 slots for every row.")
+        if rows:
+            low, high = torch.aminmax(block_table[:rows])
+            bad = (int(seq_lens[:rows].max()) > block_table.shape[1] * block_size
+                   or int(low) < 0 or int(high) >= num_blocks
+                   or int(slot_mapping[:rows].max()) >= num_blocks * block_size)
+        if rows and bad:
+            raise ValueError("DecodeStep: a sequence length, block id or slot lies outside "
+                             "the block table or the cache.")
+        return cls(rows, num_blocks, block_size, block_table.data_ptr(), block_table.stride(0),
+                   seq_lens.data_ptr(), slot_mapping.data_ptr(),
+                   (block_table, seq_lens, slot_mapping))
+
+
+@cache
+def get() -> CpuKernels | None:
+    """The process's fused CPU kernels (built or loaded once), or None."""
+    lib = load_library()
+    return CpuKernels(lib, fused_attention=not exact_only()) if lib is not None else None
