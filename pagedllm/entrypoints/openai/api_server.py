@@ -359,7 +359,9 @@ class _Server(uvicorn.Server):
 
     uvicorn re-raises the caught signal after its graceful shutdown, which would kill the
     process before the engine is shut down; here the caller gets control back instead.
-    With a `StartupClock`, the start-up log line is written once the socket listens.
+    With a `StartupClock`, the start-up log line is written once the socket listens; then
+    the start-up heap is frozen out of the garbage collector's scans (`_serve` unfreezes
+    it once the server has stopped).
     """
 
     def __init__(self, config: uvicorn.Config, clock: StartupClock | None = None) -> None:
@@ -371,6 +373,9 @@ class _Server(uvicorn.Server):
         if self.started and self.clock is not None:
             self.clock.mark(PHASES[3])
             logger.info("%s", self.clock.summary())
+        if self.started:  # after the ready line: its collection is not start-up time
+            logger.debug("Froze %d start-up objects out of the garbage collector's scans",
+                         freeze_startup_heap())
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -488,8 +493,6 @@ def _serve(engine: Any, args: argparse.Namespace,
            sockets: list[socket.socket] | None = None, clock: StartupClock | None = None) -> int:
     """Run uvicorn on `engine` until SIGINT/SIGTERM; 0 when it stopped normally."""
     app = build_app(engine, args)
-    logger.debug("Froze %d start-up objects out of the garbage collector's scans",
-                 freeze_startup_heap())
     config = uvicorn.Config(
         app,
         host=args.host,
