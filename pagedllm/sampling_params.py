@@ -160,6 +160,11 @@ class SamplingParams:
         return SamplingType.RANDOM_SEED if self.seed is not None else SamplingType.RANDOM
 
     @property
+    def wants_logprobs(self) -> bool:
+        """Sample logprobs asked for, or needed to rank best_of > n samples."""
+        return self.logprobs is not None or self.best_of > self.n
+
+    @property
     def all_stop_token_ids(self) -> set[int]:
         return self._all_stop_token_ids
 

@@ -55,7 +55,7 @@ class OutputProcessor:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, child_ids: list[str], arrival_time: float) -> None:
-        ranked = params.logprobs is not None or params.best_of > params.n
+        ranked = params.wants_logprobs
         children = {
             cid: SequenceState(i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
                                                          params),

@@ -54,8 +54,7 @@ class Request:
         # The other samples of an n > 1 / best_of request: forked off this one (sharing its
         # KV blocks) in the step that samples its first token.
         self.pending_forks: list[Request] = []
-        self.wants_logprobs = (sampling_params.logprobs is not None
-                               or sampling_params.best_of > sampling_params.n)
+        self.wants_logprobs = sampling_params.wants_logprobs
         self.wants_prompt_logprobs = sampling_params.prompt_logprobs is not None
         # KV blocks of this request the model runner holds (-1: the runner does not hold
         # the request, so it is sent in full the next time it is scheduled).

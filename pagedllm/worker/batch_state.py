@@ -41,7 +41,7 @@ class RequestState:
         self.num_blocks = n
         self.slot = slot
         p = data.sampling_params
-        self.wants_logprobs = p.logprobs is not None or p.best_of > p.n
+        self.wants_logprobs = p.wants_logprobs
         self.wants_prompt_logprobs = p.prompt_logprobs is not None
 
     @property

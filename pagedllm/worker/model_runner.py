@@ -384,7 +384,7 @@ class ModelRunner:
             logits = logits[index]
             raw = raw[index] if raw is not None else None
         md_s = self._sampling_metadata(states, params, ids)
-        lp_rows = [i for i, p in enumerate(params) if _wants_logprobs(p)]
+        lp_rows = [i for i, p in enumerate(params) if p.wants_logprobs]
         if lp_rows:
             sampled, processed = self.sampler(logits, md_s)
             index = torch.tensor(lp_rows, device=logits.device)
@@ -439,7 +439,7 @@ class ModelRunner:
                               ).to(self.device)
         tokens = rejection_sample(probs, greedy_ids, draft_ids, [len(d) for d in drafts],
                                   draft_probs, greedy, md_req.generators)
-        lp_reqs = [i for i, p in enumerate(params) if _wants_logprobs(p)]
+        lp_reqs = [i for i, p in enumerate(params) if p.wants_logprobs]
         if lp_reqs:
             starts = first_row_of(num_rows)
             rows = [int(starts[i]) + j for i in lp_reqs for j in range(len(tokens[i]))]
@@ -642,11 +642,6 @@ class ModelRunner:
                     f"{verify[-1] - 1} tokens" if verify else "",
                     time.perf_counter() - start)
         return graphs
-
-
-def _wants_logprobs(params: SamplingParams) -> bool:
-    """Sample logprobs asked for, or needed to rank best_of > n samples."""
-    return params.logprobs is not None or params.best_of > params.n
 
 
 def first_row_of(num_rows: list[int]) -> np.ndarray:
