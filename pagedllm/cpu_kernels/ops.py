@@ -11,10 +11,14 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 
 from pagedllm.cpu_kernels.build import exact_only, load_library
+
+if TYPE_CHECKING:
+    from pagedllm.attention.backends.abstract import AttentionMetadata
 
 # Rows up to this width are reduced by torch's sum in one piece (longer ones may be split
 # across threads, in another order): checked bit for bit in tests/test_cpu_kernels.py.
@@ -171,6 +175,19 @@ class DecodeStep:
     seq_lens: int
     slots: int
     tensors: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def of_step(cls, md: AttentionMetadata, kv_cache: torch.Tensor) -> DecodeStep:
+        """The checked inputs of the decode-only step `md` against a
+        cache shaped like `kv_cache`: built by the first layer that asks, kept in the step's
+        `backend_cache` for the others."""
+        key = ("cpu_kernels_decode", kv_cache.shape[1], kv_cache.shape[2])
+        step = md.backend_cache.get(key)
+        if step is None:
+            step = md.backend_cache[key] = cls.of(md.block_table, md.seq_lens, md.slot_mapping,
+                                                  md.num_reqs, kv_cache.shape[1],
+                                                  kv_cache.shape[2])
+        return step
 
     @classmethod
     def of(cls, block_table: torch.Tensor, seq_lens: torch.Tensor,

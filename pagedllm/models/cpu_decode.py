@@ -183,12 +183,7 @@ class CpuDecodePath:
             raise ValueError("CpuDecodePath: the step's rows do not match its tokens.")
         block_size, plane = cache.shape[2], cache.stride(0) * cache.element_size()
         if k.fused_attention:
-            key = ("cpu_kernels_decode", cache.shape[1], cache.shape[2])
-            step = md.backend_cache.get(key)
-            if step is None:
-                step = cpu_ops.DecodeStep.of(md.block_table, md.seq_lens, md.slot_mapping,
-                                             md.num_reqs, cache.shape[1], cache.shape[2])
-                md.backend_cache[key] = step
+            step = cpu_ops.DecodeStep.of_step(md, cache)
             bt, bt_stride, lens, slots = (step.block_table, step.block_table_stride,
                                           step.seq_lens, step.slots)
         cos_p, sin_p = cos.data_ptr(), sin.data_ptr()

@@ -116,13 +116,7 @@ class TorchSDPAImpl(AttentionImpl):
         kernels = cpu_ops.get()
         if kernels is None or not kernels.fused_attention:
             return None
-        key = ("cpu_kernels_decode", kv_cache.shape[1], kv_cache.shape[2])
-        step = md.backend_cache.get(key)
-        if step is None:  # once per step
-            step = cpu_ops.DecodeStep.of(md.block_table, md.seq_lens, md.slot_mapping,
-                                         md.num_reqs, kv_cache.shape[1], kv_cache.shape[2])
-            md.backend_cache[key] = step
-        return kernels, step
+        return kernels, cpu_ops.DecodeStep.of_step(md, kv_cache)
 
     def _grouped(self, k: torch.Tensor, v: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, bool]]:
