@@ -41,24 +41,20 @@ class CpuKernels:
         """`fused_attention` False: the decode attention is left to SDPA (the kernels then
         all reproduce torch bit for bit)."""
         self.fused_attention = fused_attention
-        self._norm = lib.pl_add_rms_norm
-        self._norm.argtypes = [_P, _I, _P, _I, _P, _P, _P, _I, _I, _F, _I]
-        self._rope = lib.pl_rope_neox
-        self._rope.argtypes = [_P, _I, _P, _P, _I, _I, _I]
-        self._silu = lib.pl_silu_and_mul
-        self._silu.argtypes = [_P, _I, _P, _I, _I]
-        self._decode = lib.pl_paged_decode
-        self._decode.argtypes = [_P, _I, _P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _P,
-                                 _I, _I, _I, _I, _I, _F, _I]
-        for fn in (self._norm, self._rope, self._silu, self._decode):
+        # The C functions themselves, arguments as kernels.c documents them: the checked
+        # methods below call them, and so does a caller that guarantees the layouts by
+        # construction (models/cpu_decode).
+        self.raw_norm = lib.pl_add_rms_norm
+        self.raw_norm.argtypes = [_P, _I, _P, _I, _P, _P, _P, _I, _I, _F, _I]
+        self.raw_rope = lib.pl_rope_neox
+        self.raw_rope.argtypes = [_P, _I, _P, _P, _I, _I, _I]
+        self.raw_silu = lib.pl_silu_and_mul
+        self.raw_silu.argtypes = [_P, _I, _P, _I, _I]
+        self.raw_decode = lib.pl_paged_decode
+        self.raw_decode.argtypes = [_P, _I, _P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _P,
+                                    _I, _I, _I, _I, _I, _F, _I]
+        for fn in (self.raw_norm, self.raw_rope, self.raw_silu, self.raw_decode):
             fn.restype = None
-        # The C functions themselves, arguments as kernels.c documents them, for a caller
-        # that guarantees the layouts by construction (models/cpu_decode) and skips the
-        # checks of the methods below.
-        self.raw_norm = self._norm
-        self.raw_rope = self._rope
-        self.raw_silu = self._silu
-        self.raw_decode = self._decode
         self._sum = lib.pl_torch_order_sum
         self._sum.argtypes = [_P, _I, _I]
         self._sum.restype = _F
@@ -93,13 +89,13 @@ class CpuKernels:
                              "bf16 weight of their width.")
         out = torch.empty((rows, h), dtype=torch.bfloat16)
         if residual is None:
-            self._norm(x.data_ptr(), x.stride(0), None, 0, weight.data_ptr(), out.data_ptr(),
+            self.raw_norm(x.data_ptr(), x.stride(0), None, 0, weight.data_ptr(), out.data_ptr(),
                        None, rows, h, eps, self.sum_lanes)
             return out
         if residual.shape != x.shape or not usable(residual):
             raise ValueError("add_rms_norm needs a bf16 residual shaped like x.")
         res = torch.empty((rows, h), dtype=torch.bfloat16)
-        self._norm(x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0),
+        self.raw_norm(x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0),
                    weight.data_ptr(), out.data_ptr(), res.data_ptr(), rows, h, eps,
                    self.sum_lanes)
         return out, res
@@ -115,7 +111,7 @@ class CpuKernels:
                 and cos.numel() == sin.numel() == rows * head_dim
                 and cos.dtype is sin.dtype is torch.bfloat16):
             raise ValueError("rope_inplace needs contiguous bf16 cos / sin of [n, head_dim].")
-        self._rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), rows,
+        self.raw_rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), rows,
                    width // head_dim, head_dim)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +121,7 @@ class CpuKernels:
             raise ValueError("silu_and_mul needs rows of an even number of contiguous values.")
         d = width // 2
         out = torch.empty((rows, d), dtype=torch.bfloat16)
-        self._silu(x.data_ptr(), x.stride(0), out.data_ptr(), rows, d)
+        self.raw_silu(x.data_ptr(), x.stride(0), out.data_ptr(), rows, d)
         return out
 
     def paged_decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -146,7 +142,7 @@ class CpuKernels:
             raise ValueError("paged_decode got tensors of unexpected shapes or layouts.")
         out = torch.empty((rows, hq, d), dtype=torch.bfloat16)
         cache = kv_cache.data_ptr()
-        self._decode(query.data_ptr(), query.stride(0), key.data_ptr(), key.stride(0),
+        self.raw_decode(query.data_ptr(), query.stride(0), key.data_ptr(), key.stride(0),
                      value.data_ptr(), value.stride(0), cache,
                      cache + kv_cache.stride(0) * 2, step.block_table, step.block_table_stride,
                      step.seq_lens, step.slots, out.data_ptr(), rows, hq, hkv, d, block_size,

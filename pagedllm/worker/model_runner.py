@@ -617,12 +617,10 @@ class ModelRunner:
 
     def release_graphs(self) -> None:
         """Free the captured CUDA graphs (the target's and the draft's) at shutdown."""
-        for graphs in (self.graphs, getattr(self.drafter, "graphs", None)):
-            if graphs is not None:
-                graphs.release()
-        self.graphs = None
-        if self.drafter is not None:
-            self.drafter.graphs = None
+        for owner in (self, self.drafter):
+            if owner is not None and owner.graphs is not None:
+                owner.graphs.release()
+                owner.graphs = None
 
     def _capture_graphs(self, model: Any, kv_caches: list[torch.Tensor],
                         verify: tuple[int, ...], what: str) -> Any:
