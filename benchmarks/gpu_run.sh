@@ -2,7 +2,7 @@
 # One device call: GPU tests, then the throughput workloads and the decode microbenchmark.
 # First, on the development machine: bash benchmarks/device_prep.sh (wheels, tokenizer).
 # Usage (repo root, on the GPU machine):
-#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|serve-c1|flash|moe|moe-tput|moe-graphs|moe-tpot|moe-kernels|so|spec|quant|quant-kernels]...
+#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|serve-c1|flash|moe|moe-tput|moe-graphs|moe-tpot|moe-kernels|so|spec|quant|quant-kernels|quant-gemv]...
 # so (issue 16): Llama-3-8B shape, 512 requests, none / half held to 8 JSON schemas
 #   (TOKENIZER_DIR=a tokenizer folder, e.g. SmolLM2's saved with save_pretrained).
 # serve: served vs offline (issue 14), 0.5B at concurrency 256 and 1024 and the 8B shape at
@@ -105,6 +105,13 @@ for part in $parts; do
              2>&1 | tee "$OUT/quant_kernels.log" | grep -E "SMs|ms/token|^best|failed|Error" | tail -60
            timeout 330 python benchmarks/quant.py --out "$OUT" --timeout 110 2>&1 \
              | tee "$OUT/quant_bench.log" ;;
+    quant-gemv) timeout 150 python -m pytest tests/gpu/test_quant_kernels.py \
+             tests/gpu/test_structured_output_gpu.py tests/gpu/test_triton_sampling.py -q \
+             -p no:cacheprovider 2>&1 | tee "$OUT/quant_tests.log" | tail -5  # skinny GEMMs
+           timeout 150 python benchmarks/quant_kernels.py --m 1 --json "$OUT/quant_kernels.json" \
+             2>&1 | tee "$OUT/quant_kernels.log" | grep -E "SMs|ms/token|^best|failed|Error" | tail -60
+           timeout 250 python benchmarks/quant.py --out "$OUT" --timeout 80 --rows b1-bf16 b1-fp8 \
+             b1-awq 2>&1 | tee "$OUT/quant_bench.log" ;;
     kernel) timeout 120 python benchmarks/kernel_decode.py 2>&1 | tee "$OUT/kernel.log" | tail -12 ;;
     flash) timeout 180 python -m pytest tests/gpu/test_flash_attn.py -q -p no:cacheprovider \
              2>&1 | tee "$OUT/flash_tests.log" | tail -8

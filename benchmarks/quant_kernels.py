@@ -2,15 +2,15 @@
 Llama-3-8B shape at M = 1, 8, 64, 256, 4096 rows, for
   bf16        torch (cuBLAS) x @ W^T;
   fp8-mm      per-token quantization + torch._scaled_mm (Fp8Weight's large-M path);
-  fp8-gemv    the Triton weight-only skinny GEMM (fp8_gemv; M <= 16), its default
+  fp8-gemv    the Triton weight-only skinny GEMM (fp8_gemv; M <= 8), its default
               configuration and a few alternatives (the best is printed);
   int4-old    the W4A16 dequant-GEMM of int4_kernels (both its decode and GEMM configs);
-  int4-gemv   the W4A16 skinny GEMM (int4_gemv; M <= 16), default and alternatives.
+  int4-gemv   the W4A16 skinny GEMM (int4_gemv; M <= 8), default and alternatives.
 Prints microseconds per call and the achieved GB/s (weight + activation + output bytes)
 against the HBM ceiling (--peak-gbs, 4800 for an H200), the path each layer's dispatcher
 takes, and an estimate of the linears' time per decoded token at M = 1 (32 layers).
 
-Decode sizes (M <= 16) run as CUDA graphs of many calls (launch gaps as a graph replays
+Decode sizes (M <= 8) run as CUDA graphs of many calls (launch gaps as a graph replays
 them); larger M through triton.testing.do_bench (L2 flushed between runs). Every call of
 a graph reads another copy of the weight, so that the copies together exceed the L2 cache
 (~50 MB) and each call streams its weight from HBM as a model's layers do.
@@ -32,7 +32,7 @@ import triton
 
 from pagedllm.quantization.fp8 import Fp8Weight, quantize_rows, quantize_tokens, scaled_mm_mode
 from pagedllm.quantization.fp8 import _mm as scaled_mm
-from pagedllm.quantization.fp8_gemv import fp8_gemv, fp8_gemv_config
+from pagedllm.quantization.fp8_gemv import SMALL_M_MAX, fp8_gemv, fp8_gemv_config
 from pagedllm.quantization.int4 import Int4Weight
 from pagedllm.quantization.int4_gemv import int4_gemv, int4_gemv_config
 from pagedllm.quantization.int4_kernels import int4_matmul
@@ -44,10 +44,16 @@ DRY_RUN_LINEARS = {"qkv": (96, 256), "o": (64, 256), "gate_up": (448, 256),
 LAYERS = 32
 L2_BYTES = 50 * 2**20
 GROUP = 128
-FP8_ALTERNATIVES = ({"BLOCK_N": 32}, {"BLOCK_K": 256}, {"num_stages": 4},
-                    {"split": 2}, {"BLOCK_N": 32, "num_warps": 8}, {"BLOCK_N": 64, "BLOCK_K": 256})
-INT4_ALTERNATIVES = ({"NIBBLE_DOTS": False}, {"BLOCK_N": 32}, {"BLOCK_N": 128},
-                     {"split": 1}, {"num_stages": 3}, {"num_warps": 8})
+FP8_ALTERNATIVES = ({"BLOCK_N": 8, "BLOCK_K": 1024}, {"BLOCK_N": 4, "BLOCK_K": 2048},
+                    {"BLOCK_N": 8, "BLOCK_K": 2048},
+                    {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 8},
+                    {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8},
+                    {"BLOCK_N": 8, "BLOCK_K": 1024, "num_stages": 1},
+                    {"BLOCK_N": 4, "BLOCK_K": 1024}, {"BLOCK_N": 2, "BLOCK_K": 2048})
+INT4_ALTERNATIVES = ({"BLOCK_N": 64}, {"BLOCK_N": 256}, {"BLOCK_K": 64},
+                     {"BLOCK_N": 64, "BLOCK_K": 64}, {"BLOCK_N": 256, "BLOCK_K": 64},
+                     {"num_warps": 8}, {"BLOCK_N": 256, "num_warps": 8}, {"num_stages": 2},
+                     {"split": 1}, {"BLOCK_N": 64, "split": 1}, {"BLOCK_N": 32, "BLOCK_K": 64})
 
 
 def _time_graph(calls: list[Callable[[], object]], reps: int) -> float:
@@ -86,7 +92,7 @@ def _time(make: Callable[[int], Callable[[], object]], copies: int, m: int) -> f
         t0 = time.perf_counter()
         calls[0]()
         return 1e6 * (time.perf_counter() - t0)
-    if m <= 16:
+    if m <= SMALL_M_MAX:
         return _time_graph(calls, max(1, 240 // copies))
     return 1000.0 * triton.testing.do_bench(calls[0], warmup=10, rep=60)
 
@@ -124,7 +130,7 @@ def _paths(w: _Weights, x: torch.Tensor, m: int, alternatives: bool
         "fp8-mm": ("fp8", lambda i: lambda: _fp8_mm(w.mode, *w.fp8[i], x, w.dtype)),
         "int4-old": ("int4", lambda i: lambda: int4_matmul(x, *w.int4[i], GROUP)),
     }
-    if m <= 16:
+    if m <= SMALL_M_MAX:
         fp8_alts = ({},) + (FP8_ALTERNATIVES if alternatives else ())
         base = fp8_gemv_config(m, w.n, w.k, _sms())
         for alt in fp8_alts:

@@ -22,7 +22,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 _MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # rows of zeros keep a finite scale
 SCALED_MM_MODES = ("rowwise", "rowwise-bf16", "tensor")
-GEMV_MAX_M = 16  # rows up to which CUDA runs the weight-only skinny GEMM (fp8_gemv)
+GEMV_MAX_M = 8  # rows up to which CUDA runs the weight-only skinny GEMM (fp8_gemv)
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,10 +98,10 @@ class Fp8Weight(nn.Module):
     """y = x W^T for W = codes * scale[:, None] (e4m3 codes [N, K], float32 scales [N]); x
     is quantized to e4m3 per token, or with `input_scale` (a checkpoint's static scale)."""
 
-    # Rows up to which CUDA takes the skinny GEMM. 0 until its GPU tests and
-    # benchmarks/quant_kernels.py have run on a GPU (they set it per instance); the
-    # kernels' own limit is GEMV_MAX_M.
-    gemv_max_m: int = 0
+    # Rows up to which CUDA takes the skinny GEMM: measured on an H200 (benchmarks/
+    # quant_kernels.py, RESULTS.md), it beats per-token quantization + _scaled_mm at M = 1; the
+    # kernels' own limit is GEMV_MAX_M (tests raise it per instance).
+    gemv_max_m: int = 1
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                  mode: str, input_scale: torch.Tensor | None = None) -> None:

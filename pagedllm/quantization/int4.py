@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-GEMV_MAX_M = 16  # rows up to which CUDA runs the skinny GEMM (int4_gemv)
+GEMV_MAX_M = 8  # rows up to which CUDA runs the skinny GEMM (int4_gemv)
 _AWQ_SHIFTS = tuple(4 * AWQ_ORDER.index(j) for j in range(8))  # column j -> its nibble
 
 
@@ -85,10 +85,10 @@ class Int4Weight(nn.Module):
     (`path`: the skinny GEMM of `int4_gemv` for decode-sized M, the dequant-GEMM of
     `int4_kernels` above); torch elsewhere (tests)."""
 
-    # Rows up to which CUDA takes the skinny GEMM. 0 until its GPU tests and
-    # benchmarks/quant_kernels.py have run on a GPU (they set it per instance); the
-    # kernels' own limit is GEMV_MAX_M.
-    gemv_max_m: int = 0
+    # Rows up to which CUDA takes the skinny GEMM: measured on an H200 (benchmarks/
+    # quant_kernels.py, RESULTS.md), it beats the dequant-GEMM at M = 1; the
+    # kernels' own limit is GEMV_MAX_M (tests raise it per instance).
+    gemv_max_m: int = 1
 
     def __init__(self, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                  g_idx: torch.Tensor | None, dtype: torch.dtype) -> None:
