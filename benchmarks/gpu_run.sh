@@ -105,9 +105,8 @@ for part in $parts; do
              2>&1 | tee "$OUT/quant_kernels.log" | grep -E "SMs|ms/token|^best|failed|Error" | tail -60
            timeout 330 python benchmarks/quant.py --out "$OUT" --timeout 110 2>&1 \
              | tee "$OUT/quant_bench.log" ;;
-    quant-gemv) timeout 150 python -m pytest tests/gpu/test_quant_kernels.py \
-             tests/gpu/test_structured_output_gpu.py tests/gpu/test_triton_sampling.py -q \
-             -p no:cacheprovider 2>&1 | tee "$OUT/quant_tests.log" | tail -5  # skinny GEMMs
+    quant-gemv) timeout 150 python -m pytest tests/gpu/test_quant_kernels.py -q \
+             -p no:cacheprovider 2>&1 | tee "$OUT/quant_tests.log" | tail -5  # the GEMVs
            timeout 150 python benchmarks/quant_kernels.py --m 1 --json "$OUT/quant_kernels.json" \
              2>&1 | tee "$OUT/quant_kernels.log" | grep -E "SMs|ms/token|^best|failed|Error" | tail -60
            timeout 250 python benchmarks/quant.py --out "$OUT" --timeout 80 --rows b1-bf16 b1-fp8 \

@@ -2,15 +2,15 @@
 Llama-3-8B shape at M = 1, 8, 64, 256, 4096 rows, for
   bf16        torch (cuBLAS) x @ W^T;
   fp8-mm      per-token quantization + torch._scaled_mm (Fp8Weight's large-M path);
-  fp8-gemv    the Triton weight-only skinny GEMM (fp8_gemv; M <= 8), its default
+  fp8-gemv    the Triton weight-only GEMV (fp8_gemv; M = 1), its default
               configuration and a few alternatives (the best is printed);
   int4-old    the W4A16 dequant-GEMM of int4_kernels (both its decode and GEMM configs);
-  int4-gemv   the W4A16 skinny GEMM (int4_gemv; M <= 8), default and alternatives.
+  int4-gemv   the W4A16 GEMV (int4_gemv; M = 1), default and alternatives.
 Prints microseconds per call and the achieved GB/s (weight + activation + output bytes)
 against the HBM ceiling (--peak-gbs, 4800 for an H200), the path each layer's dispatcher
 takes, and an estimate of the linears' time per decoded token at M = 1 (32 layers).
 
-Decode sizes (M <= 8) run as CUDA graphs of many calls (launch gaps as a graph replays
+Decode sizes (M <= 16) run as CUDA graphs of many calls (launch gaps as a graph replays
 them); larger M through triton.testing.do_bench (L2 flushed between runs). Every call of
 a graph reads another copy of the weight, so that the copies together exceed the L2 cache
 (~50 MB) and each call streams its weight from HBM as a model's layers do.
@@ -44,16 +44,13 @@ DRY_RUN_LINEARS = {"qkv": (96, 256), "o": (64, 256), "gate_up": (448, 256),
 LAYERS = 32
 L2_BYTES = 50 * 2**20
 GROUP = 128
-FP8_ALTERNATIVES = ({"BLOCK_N": 8, "BLOCK_K": 1024}, {"BLOCK_N": 4, "BLOCK_K": 2048},
-                    {"BLOCK_N": 8, "BLOCK_K": 2048},
-                    {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 8},
-                    {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8},
-                    {"BLOCK_N": 8, "BLOCK_K": 1024, "num_stages": 1},
-                    {"BLOCK_N": 4, "BLOCK_K": 1024}, {"BLOCK_N": 2, "BLOCK_K": 2048})
-INT4_ALTERNATIVES = ({"BLOCK_N": 64}, {"BLOCK_N": 256}, {"BLOCK_K": 64},
-                     {"BLOCK_N": 64, "BLOCK_K": 64}, {"BLOCK_N": 256, "BLOCK_K": 64},
-                     {"num_warps": 8}, {"BLOCK_N": 256, "num_warps": 8}, {"num_stages": 2},
-                     {"split": 1}, {"BLOCK_N": 64, "split": 1}, {"BLOCK_N": 32, "BLOCK_K": 64})
+FP8_ALTERNATIVES = ({"PREFETCH": 1}, {"BLOCK_N": 4}, {"BLOCK_N": 4, "PREFETCH": 1},
+                    {"BLOCK_N": 2, "BLOCK_K": 2048}, {"BLOCK_K": 512, "PREFETCH": 1},
+                    {"BLOCK_N": 16, "BLOCK_K": 512}, {"split": 2}, {"split": 2, "PREFETCH": 1})
+INT4_ALTERNATIVES = ({"PREFETCH": 1}, {"num_warps": 8}, {"num_warps": 8, "PREFETCH": 1},
+                     {"BLOCK_N": 128, "num_warps": 8}, {"BLOCK_K": 128}, {"BLOCK_N": 32},
+                     {"BLOCK_K": 32, "PREFETCH": 1}, {"split": 2}, {"split": 2, "PREFETCH": 1},
+                     {"BLOCK_N": 128, "PREFETCH": 1})
 
 
 def _time_graph(calls: list[Callable[[], object]], reps: int) -> float:
@@ -92,7 +89,7 @@ def _time(make: Callable[[int], Callable[[], object]], copies: int, m: int) -> f
         t0 = time.perf_counter()
         calls[0]()
         return 1e6 * (time.perf_counter() - t0)
-    if m <= SMALL_M_MAX:
+    if m <= 16:
         return _time_graph(calls, max(1, 240 // copies))
     return 1000.0 * triton.testing.do_bench(calls[0], warmup=10, rep=60)
 

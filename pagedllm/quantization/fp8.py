@@ -1,7 +1,7 @@
 """FP8 (e4m3) linear layers: weights with one scale per output channel, activations
 quantized per token (or with a checkpoint's static per-tensor scale), GEMM through
-``torch._scaled_mm``; on CUDA at decode sizes (M <= ``GEMV_MAX_M`` rows) a Triton
-weight-only skinny GEMM instead (`fp8_gemv`: e4m3 codes converted in registers, the
+``torch._scaled_mm``; on CUDA at decode batch 1 (M <= ``GEMV_MAX_M`` rows) a Triton
+weight-only GEMV instead (`fp8_gemv`: e4m3 codes converted in registers, the
 activations stay in the model dtype, no quantization launch). `Fp8Weight.path` names the
 choice for M rows.
 
@@ -22,7 +22,9 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 _MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # rows of zeros keep a finite scale
 SCALED_MM_MODES = ("rowwise", "rowwise-bf16", "tensor")
-GEMV_MAX_M = 8  # rows up to which CUDA runs the weight-only skinny GEMM (fp8_gemv)
+# Rows up to which CUDA runs the weight-only GEMV (fp8_gemv): one, where an H200 measured it
+# faster than per-token quantization + _scaled_mm (benchmarks/RESULTS.md).
+GEMV_MAX_M = 1
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,11 +100,6 @@ class Fp8Weight(nn.Module):
     """y = x W^T for W = codes * scale[:, None] (e4m3 codes [N, K], float32 scales [N]); x
     is quantized to e4m3 per token, or with `input_scale` (a checkpoint's static scale)."""
 
-    # Rows up to which CUDA takes the skinny GEMM: measured on an H200 (benchmarks/
-    # quant_kernels.py, RESULTS.md), it beats per-token quantization + _scaled_mm at M = 1; the
-    # kernels' own limit is GEMV_MAX_M (tests raise it per instance).
-    gemv_max_m: int = 1
-
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                  mode: str, input_scale: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -130,7 +127,7 @@ class Fp8Weight(nn.Module):
         """Which product serves M rows: ``gemv`` (the Triton weight-only skinny GEMM: CUDA,
         M <= GEMV_MAX_M) or ``scaled_mm`` (per-token quantization + _scaled_mm). A static
         input scale is not used by ``gemv`` (its activations are not quantized)."""
-        return "gemv" if is_cuda and 0 < m <= self.gemv_max_m else "scaled_mm"
+        return "gemv" if is_cuda and 0 < m <= GEMV_MAX_M else "scaled_mm"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

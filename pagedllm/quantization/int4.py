@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-GEMV_MAX_M = 8  # rows up to which CUDA runs the skinny GEMM (int4_gemv)
+# Rows up to which CUDA runs the GEMV (int4_gemv): one, where an H200 measured it faster
+# than the dequant-GEMM (benchmarks/RESULTS.md).
+GEMV_MAX_M = 1
 _AWQ_SHIFTS = tuple(4 * AWQ_ORDER.index(j) for j in range(8))  # column j -> its nibble
 
 
@@ -82,13 +84,8 @@ def pack_kernel_layout(codes: torch.Tensor) -> torch.Tensor:
 
 class Int4Weight(nn.Module):
     """y = x W^T for a 4-bit grouped W; x in `dtype` (fp16 / bf16). Triton kernels on CUDA
-    (`path`: the skinny GEMM of `int4_gemv` for decode-sized M, the dequant-GEMM of
+    (`path`: the GEMV of `int4_gemv` at decode batch 1, the dequant-GEMM of
     `int4_kernels` above); torch elsewhere (tests)."""
-
-    # Rows up to which CUDA takes the skinny GEMM: measured on an H200 (benchmarks/
-    # quant_kernels.py, RESULTS.md), it beats the dequant-GEMM at M = 1; the
-    # kernels' own limit is GEMV_MAX_M (tests raise it per instance).
-    gemv_max_m: int = 1
 
     def __init__(self, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                  g_idx: torch.Tensor | None, dtype: torch.dtype) -> None:
@@ -150,7 +147,7 @@ class Int4Weight(nn.Module):
         more rows) or ``torch`` (dequantize, then matmul)."""
         if not is_cuda:
             return "torch"
-        return "gemv" if 0 < m <= self.gemv_max_m else "gemm"
+        return "gemv" if 0 < m <= GEMV_MAX_M else "gemm"
 
     def dequantized_sorted(self) -> torch.Tensor:
         """Dense float32 W [N, K] with its inputs in the kernel's (group-sorted) order."""

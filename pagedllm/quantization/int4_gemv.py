@@ -1,4 +1,4 @@
-"""Triton W4A16 skinny GEMM for decode (M <= `SMALL_M_MAX` rows): y [M, N] = x [M, K] @ W^T
+"""Triton W4A16 GEMV for decode at batch 1: y [1, N] = x [1, K] @ W^T
 with W 4-bit, grouped along K, in `Int4Weight`'s layout (qweight int32 [K / 8, N], nibble
 j of row i is input 8 i + j; scales fp16 [G, N]; zeros uint8 [G, N]).
 
@@ -9,14 +9,15 @@ operand layout would need the weights moved through shared memory):
 * a code q becomes the float32 16 + q by bit operations only: its nibble shifted to
   mantissa bits 19..22, masked and or-ed with the bits of 16.0 (a shift and one LOP3; no
   integer -> float conversion, which runs at a quarter of the rate);
-* one FMA with its input, into a [BLOCK_M, BLOCK_K / 8, BLOCK_N] float32 accumulator of
+* one FMA with its input, into a [BLOCK_K / 8, BLOCK_N] float32 accumulator of
   partial sums (each packed int32 row p holds inputs 8 p .. 8 p + 7);
 * the zero point and scale leave the inner loop: per group and element,
   acc += s (sum_j x_j (16 + q_j) - (16 + z) sum_j x_j), and the accumulator is reduced over
   K once, at the end.
 Each program owns BLOCK_N output channels (N contiguous: coalesced loads) and a K range; K
 is split (float32 partial sums added atomically) only where the N tiles alone leave SMs
-idle. Configurations come from the shapes only: CUDA-graph capturable.
+idle. Configurations come from the shapes only: CUDA-graph capturable. More rows are
+the dequant-GEMM's (`Int4Weight.path`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ import triton.language as tl
 from pagedllm.quantization.int4 import GEMV_MAX_M
 from pagedllm.quantization.int4_kernels import _num_sms, check_int4_input
 
-SMALL_M_MAX = GEMV_MAX_M  # rows served by this kernel (the dispatcher's threshold)
-_ACC_ELEMENTS = 4096  # float32 elements per program in each of the two accumulators
+SMALL_M_MAX = GEMV_MAX_M  # rows served by this kernel: one
 
 
 @triton.jit
@@ -43,95 +43,93 @@ def _plus16(packed, J: tl.constexpr):
 
 
 @triton.jit
+def _int4_gemv_tile(qw_ptr, s_ptr, z_ptr, k0, offs_p, offs_n, n_mask, stride_qk, stride_sg,
+                    stride_zg, GROUP: tl.constexpr):
+    """The packed codes [BLOCK_K / 8, BLOCK_N] of the K tile at k0, its group's zero points
+    and scales [BLOCK_N] (float32)."""
+    packed = tl.load(qw_ptr + (k0 // 8 + offs_p)[:, None].to(tl.int64) * stride_qk
+                     + offs_n[None, :], mask=n_mask[None, :], other=0)
+    g = k0 // GROUP
+    z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_mask, other=0).to(tl.float32)
+    s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    return packed, z, s
+
+
+@triton.jit
 def _int4_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr,
-    M, N, K, k_per_split,
-    stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, k_per_split,
+    stride_qk, stride_sg, stride_zg,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """Program (n tile, k split); every K tile lies in one group (BLOCK_K divides GROUP)."""
+    """Program (n tile, k split); every K tile lies in one group (BLOCK_K divides GROUP).
+    PREFETCH issues the loads of the next tile before the arithmetic on this one."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, BLOCK_K // 8)
-    m_mask = offs_m < M
     n_mask = offs_n < N
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    if BLOCK_M == 1:  # decode at batch 1: two-dimensional tiles, x a vector
-        acc1 = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            packed = tl.load(qw_ptr + (k0 // 8 + offs_p)[:, None].to(tl.int64) * stride_qk
-                             + offs_n[None, :], mask=n_mask[None, :], other=0)
-            g = k0 // GROUP
-            z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_mask, other=0).to(tl.float32)
-            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            part1 = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-            xsum1 = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
-            for j in tl.static_range(8):
-                x1 = tl.load(x_ptr + k0 + j + 8 * offs_p).to(tl.float32)
-                xsum1 += x1
-                part1 += _plus16(packed, j) * x1[:, None]
-            acc1 += (part1 - xsum1[:, None] * (z + 16.0)[None, :]) * s[None, :]
-        out = tl.sum(acc1, axis=0)[None, :]
-    else:
-        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + 8 * offs_p[None, :]
-        acc = tl.zeros([BLOCK_M, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            packed = tl.load(qw_ptr + (k0 // 8 + offs_p)[:, None].to(tl.int64) * stride_qk
-                             + offs_n[None, :], mask=n_mask[None, :], other=0)
-            g = k0 // GROUP
-            z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_mask, other=0).to(tl.float32)
-            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            part = tl.zeros([BLOCK_M, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-            xsum = tl.zeros([BLOCK_M, BLOCK_K // 8], dtype=tl.float32)
-            for j in tl.static_range(8):
-                x = tl.load(x_rows + (k0 + j), mask=m_mask[:, None], other=0.0).to(tl.float32)
-                xsum += x
-                part += _plus16(packed, j)[None, :, :] * x[:, :, None]
-            acc += (part - xsum[:, :, None] * (z + 16.0)[None, None, :]) * s[None, None, :]
-        out = tl.sum(acc, axis=1)
-    y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
+    acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+    if PREFETCH:
+        packed, z, s = _int4_gemv_tile(qw_ptr, s_ptr, z_ptr, k_lo, offs_p, offs_n, n_mask,
+                                       stride_qk, stride_sg, stride_zg, GROUP)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if PREFETCH:  # the last tile again at the end
+            nxt = tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)
+            packed_next, z_next, s_next = _int4_gemv_tile(
+                qw_ptr, s_ptr, z_ptr, nxt, offs_p, offs_n, n_mask, stride_qk, stride_sg,
+                stride_zg, GROUP)
+        else:
+            packed, z, s = _int4_gemv_tile(qw_ptr, s_ptr, z_ptr, k0, offs_p, offs_n, n_mask,
+                                           stride_qk, stride_sg, stride_zg, GROUP)
+        part = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
+        for j in tl.static_range(8):
+            x = tl.load(x_ptr + k0 + j + 8 * offs_p).to(tl.float32)
+            xsum += x
+            part += _plus16(packed, j) * x[:, None]
+        acc += (part - xsum[:, None] * (z + 16.0)[None, :]) * s[None, :]
+        if PREFETCH:
+            packed, z, s = packed_next, z_next, s_next
+    out = tl.sum(acc, axis=0)
     if SPLIT == 1:
-        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
     else:
-        tl.atomic_add(y, out, mask=mask, sem="relaxed")
+        tl.atomic_add(y_ptr + offs_n, out, mask=n_mask, sem="relaxed")
 
 
 def int4_gemv_config(m: int, n: int, k: int, group: int, num_sms: int) -> dict[str, int]:
-    """Tiles, K split and launch settings for M <= SMALL_M_MAX rows (shapes only)."""
+    """Tile, K split and launch settings for one row (shapes only)."""
     if m > SMALL_M_MAX:
-        raise ValueError(f"The 4-bit skinny GEMM serves at most {SMALL_M_MAX} rows, got {m}.")
+        raise ValueError(f"The 4-bit skinny GEMM serves at most {SMALL_M_MAX} row, got {m}.")
     if group % 16:
         raise ValueError(f"The 4-bit kernel needs a group size divisible by 16, got {group}.")
-    block_m = max(1, triton.next_power_of_2(max(m, 1)))
-    block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
-    rows = max(2, min(8, _ACC_ELEMENTS // (block_m * block_n)))
-    block_k = next(b for b in (8 * rows, 64, 32, 16) if group % b == 0)
+    block_n = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
+    block_k = next(b for b in (64, 32, 16) if group % b == 0)
     tiles = triton.cdiv(n, block_n)
     k_blocks = triton.cdiv(k, block_k)
     split = 1
     if tiles < num_sms:
         split = max(1, min(k_blocks, (4 * num_sms) // tiles))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, split=split,
-                num_warps=4, num_stages=4)
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, split=split, PREFETCH=0, num_warps=4,
+                num_stages=4)
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
               zeros: torch.Tensor, group_size: int,
               config: dict[str, int] | None = None) -> torch.Tensor:
-    """x [M, K] (fp16 / bf16 / fp32) @ W^T -> [M, N] in x's dtype (see the module
+    """x [1, K] (fp16 / bf16 / fp32) @ W^T -> [1, N] in x's dtype (see the module
     docstring)."""
     x, m, n, k = check_int4_input(x, qweight)
+    if m > SMALL_M_MAX:
+        raise ValueError(f"The 4-bit skinny GEMM serves at most {SMALL_M_MAX} row, got {m}.")
     cfg = dict(config or int4_gemv_config(m, n, k, group_size, _num_sms(x.device)))
     split = cfg.pop("split")
     block_k = cfg["BLOCK_K"]
-    if group_size % block_k or block_k % 16 or cfg["BLOCK_M"] < m:
-        raise ValueError(f"BLOCK_K {block_k} / BLOCK_M {cfg['BLOCK_M']} do not fit group "
-                         f"{group_size} and {m} rows.")
+    if group_size % block_k or block_k % 16:
+        raise ValueError(f"BLOCK_K {block_k} does not fit group {group_size}.")
     per_split = triton.cdiv(triton.cdiv(k, block_k), split) * block_k
     split = triton.cdiv(k, per_split)
     if split == 1:
@@ -141,7 +139,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if m:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
         _int4_gemv_kernel[grid](
-            x, qweight, scales, zeros, y, m, n, k, per_split,
-            x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
+            x, qweight, scales, zeros, y, n, k, per_split,
+            qweight.stride(0), scales.stride(0), zeros.stride(0),
             GROUP=group_size, SPLIT=split, **cfg)
     return y if split == 1 else y.to(x.dtype)

@@ -108,7 +108,7 @@ def _int4_gemv_case(m: int, n: int, k: int, group: int, dtype: torch.dtype, devi
     return _rel_err(y.float().cpu(), ref)
 
 
-@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("m", [1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int4_gemv_matches_dequantize_then_matmul(m: int, dtype: torch.dtype) -> None:
     """The skinny GEMM's bit-trick dequantization (16 + q, zero point outside the loop) is
@@ -117,13 +117,14 @@ def test_int4_gemv_matches_dequantize_then_matmul(m: int, dtype: torch.dtype) ->
                         (4096, 4096, 128)):
         err = _int4_gemv_case(m, n, k, group, dtype, "cuda", seed=m)
         assert err < 5e-3, (m, n, k, group, err)
-    for config in (dict(split=1), dict(split=7), dict(BLOCK_N=64, BLOCK_K=32)):
+    for config in (dict(split=1), dict(split=7), dict(BLOCK_N=128, BLOCK_K=32),
+                   dict(PREFETCH=1), dict(PREFETCH=1, split=3)):
         err = _int4_gemv_case(m, 1024, 2048, 128, dtype, "cuda", m, **config)
         assert err < 5e-3, (m, config, err)
 
 
 def test_int4_layer_dispatch_by_rows() -> None:
-    """Int4Weight takes the skinny GEMM up to GEMV_MAX_M rows and the GEMM above; both
+    """Int4Weight takes the GEMV up to GEMV_MAX_M rows and the GEMM above; both
     agree with the dense weight."""
     from pagedllm.quantization.int4 import GEMV_MAX_M, Int4Weight, dequantize
 
@@ -133,7 +134,6 @@ def test_int4_layer_dispatch_by_rows() -> None:
     zeros = torch.randint(0, 16, (n, k // group), generator=gen, dtype=torch.uint8)
     scales = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).half()
     layer = Int4Weight(codes, zeros, scales, None, torch.bfloat16).cuda()
-    layer.gemv_max_m = GEMV_MAX_M
     w = dequantize(codes, zeros, scales)
     for m, path in ((1, "gemv"), (GEMV_MAX_M, "gemv"), (GEMV_MAX_M + 1, "gemm")):
         assert layer.path(m, True) == path
@@ -162,20 +162,21 @@ def _fp8_gemv_case(m: int, n: int, k: int, dtype: torch.dtype, device: str, seed
 
 
 @gpu_fp8
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fp8_gemv_matches_dequantize_then_matmul(m: int, dtype: torch.dtype) -> None:
     for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (200, 136)):
         err = _fp8_gemv_case(m, n, k, dtype, "cuda", m)
         assert err < 5e-3, (m, n, k, err)
-    for config in (dict(split=1), dict(split=5), dict(BLOCK_N=32, BLOCK_K=64)):
+    for config in (dict(split=1), dict(split=5), dict(BLOCK_N=32, BLOCK_K=64),
+                   dict(PREFETCH=1), dict(PREFETCH=1, split=3)):
         err = _fp8_gemv_case(m, 512, 4096, dtype, "cuda", m, **config)
         assert err < 5e-3, (m, config, err)
 
 
 @gpu_fp8
 def test_fp8_layer_dispatch_by_rows() -> None:
-    """Fp8Weight: the weight-only skinny GEMM up to GEMV_MAX_M rows, _scaled_mm above; both
+    """Fp8Weight: the weight-only GEMV up to GEMV_MAX_M rows, _scaled_mm above; both
     within the e4m3 bound of the bf16 product, and the skinny one within bf16 rounding of
     the dequantized weight (its activations are not quantized)."""
     from pagedllm.quantization.fp8 import GEMV_MAX_M, Fp8Weight, quantize_rows, scaled_mm_mode
@@ -185,7 +186,6 @@ def test_fp8_layer_dispatch_by_rows() -> None:
     codes, scale = quantize_rows(w)
     layer = Fp8Weight(codes, scale, torch.bfloat16,
                       scaled_mm_mode(torch.device("cuda"), torch.bfloat16))
-    layer.gemv_max_m = GEMV_MAX_M
     for m, path in ((1, "gemv"), (GEMV_MAX_M, "gemv"), (GEMV_MAX_M + 1, "scaled_mm")):
         assert layer.path(m, True) == path
         x = torch.randn(m, 2048, device="cuda", generator=gen).bfloat16()
@@ -333,20 +333,20 @@ def run_interpreter_smoke() -> None:
         err = _int4_case(m, 64, 256, 32, torch.float16, "cpu", m)
         assert err < 5e-3, ("int4", m, err)
     small = dict(BLOCK_N=32, num_stages=1)
-    for m, n, k, group, dtype, config in (
-            (1, 64, 256, 128, torch.float16, dict(split=1)),
-            (5, 96, 512, 128, torch.float32, dict(split=3, BLOCK_M=8, BLOCK_K=32)),
-            (3, 64, 256, 32, torch.float16, dict(split=2, BLOCK_M=4, BLOCK_K=16)),
-            (8, 40, 256, 64, torch.float16, dict(split=1, BLOCK_M=8, BLOCK_K=64))):
-        err = _int4_gemv_case(m, n, k, group, dtype, "cpu", m, **small, **config)
-        assert err < 5e-3, ("int4 gemv", m, n, k, group, config, err)
-    for m, n, k, dtype, config in (
-            (1, 40, 256, torch.float16, dict(split=1)),
-            (5, 48, 200, torch.float32, dict(split=1)),  # K not a multiple of BLOCK_K
-            (8, 32, 1024, torch.float16, dict(split=3)),
-            (3, 20, 96, torch.float16, dict(split=2))):
-        err = _fp8_gemv_case(m, n, k, dtype, "cpu", m, BLOCK_K=64, num_stages=1, **config)
-        assert err < (1e-5 if dtype == torch.float32 else 1e-3), ("fp8 gemv", m, n, k, err)
+    for n, k, group, dtype, config in (
+            (64, 256, 128, torch.float16, dict(split=1)),
+            (96, 512, 128, torch.float32, dict(split=3, BLOCK_K=32)),
+            (64, 256, 32, torch.float16, dict(split=2, BLOCK_K=16, PREFETCH=1)),
+            (40, 256, 64, torch.float16, dict(split=1, BLOCK_K=64, PREFETCH=1))):
+        err = _int4_gemv_case(1, n, k, group, dtype, "cpu", n, **small, **config)
+        assert err < 5e-3, ("int4 gemv", n, k, group, config, err)
+    for n, k, dtype, config in (
+            (40, 256, torch.float16, dict(split=1)),
+            (48, 200, torch.float32, dict(split=1, PREFETCH=1)),  # K not a multiple of BLOCK_K
+            (32, 1024, torch.float16, dict(split=3, PREFETCH=1)),
+            (20, 96, torch.float16, dict(split=2))):
+        err = _fp8_gemv_case(1, n, k, dtype, "cpu", n, BLOCK_K=64, num_stages=1, **config)
+        assert err < (1e-5 if dtype == torch.float32 else 1e-3), ("fp8 gemv", n, k, err)
     gen = torch.Generator().manual_seed(0)
     x = _exact_fp8((5, 48), gen)
     x[:, 0] = 448.0  # every row's scale is 1: the codes are x itself
