@@ -2,7 +2,7 @@
 # One device call: GPU tests, then the throughput workloads and the decode microbenchmark.
 # First, on the development machine: bash benchmarks/device_prep.sh (wheels, tokenizer).
 # Usage (repo root, on the GPU machine):
-#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|serve-c1|flash|moe|moe-tput|moe-graphs|moe-tpot|moe-kernels|so|spec|quant|quant-kernels|quant-gemv]...
+#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|serve-c1|flash|moe|moe-tput|moe-graphs|moe-tpot|moe-kernels|so|spec|quant|quant-kernels|quant-gemv|moe-graphs-30b|quant-b1-awq]...
 # so (issue 16): Llama-3-8B shape, 512 requests, none / half held to 8 JSON schemas
 #   (TOKENIZER_DIR=a tokenizer folder, e.g. SmolLM2's saved with save_pretrained).
 # serve: served vs offline (issue 14), 0.5B at concurrency 256 and 1024 and the 8B shape at
@@ -78,6 +78,12 @@ for part in $parts; do
              --max-num-seqs 1024 --max-cudagraph-capture-size 1024 --phase-times \
              --json "$OUT/${preset}_graphs1024.json" 2>&1 | tee -a "$OUT/moe_graphs.log" | tail -3
          done ;;
+    moe-graphs-30b) timeout 200 python benchmarks/throughput.py --preset qwen3-30b-a3b --device cuda \
+             --num-prompts 1000 --input-len 256 256 --output-len 256 256 --skip-hf \
+             --max-num-seqs 1024 --max-cudagraph-capture-size 1024 --phase-times \
+             --json "$OUT/qwen3-30b-a3b_graphs1024.json" 2>&1 | tee -a "$OUT/moe_graphs.log" | tail -3 ;;
+    quant-b1-awq) timeout 150 python benchmarks/quant.py --out "$OUT" --timeout 70 \
+             --rows b1-bf16 b1-awq 2>&1 | tee "$OUT/quant_bench.log" ;;
     moe-tpot) timeout 400 python benchmarks/moe_decode.py --preset qwen3-30b-a3b \
            --json "$OUT/qwen3_30b_a3b_tpot.json" 2>&1 | tee "$OUT/qwen3_30b_a3b_tpot.log" | tail -3 ;;
     spec) timeout 240 python -m pytest tests/gpu/test_gpu_spec_decode.py -q -p no:cacheprovider \

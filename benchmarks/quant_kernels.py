@@ -44,13 +44,10 @@ DRY_RUN_LINEARS = {"qkv": (96, 256), "o": (64, 256), "gate_up": (448, 256),
 LAYERS = 32
 L2_BYTES = 50 * 2**20
 GROUP = 128
-FP8_ALTERNATIVES = ({"PREFETCH": 1}, {"BLOCK_N": 4}, {"BLOCK_N": 4, "PREFETCH": 1},
-                    {"BLOCK_N": 2, "BLOCK_K": 2048}, {"BLOCK_K": 512, "PREFETCH": 1},
-                    {"BLOCK_N": 16, "BLOCK_K": 512}, {"split": 2}, {"split": 2, "PREFETCH": 1})
-INT4_ALTERNATIVES = ({"PREFETCH": 1}, {"num_warps": 8}, {"num_warps": 8, "PREFETCH": 1},
-                     {"BLOCK_N": 128, "num_warps": 8}, {"BLOCK_K": 128}, {"BLOCK_N": 32},
-                     {"BLOCK_K": 32, "PREFETCH": 1}, {"split": 2}, {"split": 2, "PREFETCH": 1},
-                     {"BLOCK_N": 128, "PREFETCH": 1})
+FP8_ALTERNATIVES = ({"BLOCK_N": 4}, {"BLOCK_N": 2, "BLOCK_K": 2048},
+                    {"BLOCK_N": 16, "BLOCK_K": 512}, {"split": 2})
+INT4_ALTERNATIVES = ({"BLOCK_K": 64}, {"BLOCK_N": 128}, {"BLOCK_N": 32}, {"num_warps": 8},
+                     {"split": 2})
 
 
 def _time_graph(calls: list[Callable[[], object]], reps: int) -> float:

@@ -37,11 +37,9 @@ _ACC_ELEMENTS = 8192  # float32 accumulator elements per program (64 registers a
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, N, K, k_per_split, stride_wn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
-    """Program (n tile, k split): y[n] (+)= scale[n] * sum over its K range of x[k] W[n, k].
-    PREFETCH (EVEN_K only) issues the load of the next weight tile before the arithmetic on
-    this one."""
+    """Program (n tile, k split): y[n] (+)= scale[n] * sum over its K range of x[k] W[n, k]."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,26 +49,17 @@ def _fp8_gemv_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if PREFETCH:
-        w = tl.load(w_rows + (k_lo + offs_k)[None, :], mask=n_mask[:, None], other=0.0)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            nxt = tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)  # the last tile again at the end
-            w_next = tl.load(w_rows + (nxt + offs_k)[None, :], mask=n_mask[:, None], other=0.0)
-            x = tl.load(x_ptr + k0 + offs_k)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-            w = w_next
-    else:
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k = k0 + offs_k
-            if EVEN_K:
-                w = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0)
-                x = tl.load(x_ptr + k)
-            else:
-                k_mask = k < k_hi
-                w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                            other=0.0)
-                x = tl.load(x_ptr + k, mask=k_mask, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + offs_k
+        if EVEN_K:
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0)
+            x = tl.load(x_ptr + k)
+        else:
+            k_mask = k < k_hi
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            x = tl.load(x_ptr + k, mask=k_mask, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
     out = tl.sum(acc, axis=1) * scale
     if SPLIT == 1:
@@ -91,8 +80,7 @@ def fp8_gemv_config(m: int, n: int, k: int, num_sms: int) -> dict[str, int]:
     split = 1
     if tiles < num_sms:
         split = max(1, min(k_blocks, (4 * num_sms) // tiles))
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, split=split, PREFETCH=0, num_warps=4,
-                num_stages=3)
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, split=split, num_warps=4, num_stages=3)
 
 
 def fp8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
@@ -116,7 +104,6 @@ def fp8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     per_split = triton.cdiv(k_blocks, split) * block_k
     split = triton.cdiv(k, per_split)
     even_k = k % block_k == 0 and per_split % block_k == 0
-    cfg["PREFETCH"] = int(bool(cfg["PREFETCH"]) and even_k)
     if split == 1:
         y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     else:

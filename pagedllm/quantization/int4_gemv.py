@@ -43,27 +43,13 @@ def _plus16(packed, J: tl.constexpr):
 
 
 @triton.jit
-def _int4_gemv_tile(qw_ptr, s_ptr, z_ptr, k0, offs_p, offs_n, n_mask, stride_qk, stride_sg,
-                    stride_zg, GROUP: tl.constexpr):
-    """The packed codes [BLOCK_K / 8, BLOCK_N] of the K tile at k0, its group's zero points
-    and scales [BLOCK_N] (float32)."""
-    packed = tl.load(qw_ptr + (k0 // 8 + offs_p)[:, None].to(tl.int64) * stride_qk
-                     + offs_n[None, :], mask=n_mask[None, :], other=0)
-    g = k0 // GROUP
-    z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_mask, other=0).to(tl.float32)
-    s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    return packed, z, s
-
-
-@triton.jit
 def _int4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, k_per_split,
     stride_qk, stride_sg, stride_zg,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """Program (n tile, k split); every K tile lies in one group (BLOCK_K divides GROUP).
-    PREFETCH issues the loads of the next tile before the arithmetic on this one."""
+    """Program (n tile, k split); every K tile lies in one group (BLOCK_K divides GROUP)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -72,18 +58,12 @@ def _int4_gemv_kernel(
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-    if PREFETCH:
-        packed, z, s = _int4_gemv_tile(qw_ptr, s_ptr, z_ptr, k_lo, offs_p, offs_n, n_mask,
-                                       stride_qk, stride_sg, stride_zg, GROUP)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if PREFETCH:  # the last tile again at the end
-            nxt = tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)
-            packed_next, z_next, s_next = _int4_gemv_tile(
-                qw_ptr, s_ptr, z_ptr, nxt, offs_p, offs_n, n_mask, stride_qk, stride_sg,
-                stride_zg, GROUP)
-        else:
-            packed, z, s = _int4_gemv_tile(qw_ptr, s_ptr, z_ptr, k0, offs_p, offs_n, n_mask,
-                                           stride_qk, stride_sg, stride_zg, GROUP)
+        packed = tl.load(qw_ptr + (k0 // 8 + offs_p)[:, None].to(tl.int64) * stride_qk
+                         + offs_n[None, :], mask=n_mask[None, :], other=0)
+        g = k0 // GROUP
+        z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_mask, other=0).to(tl.float32)
+        s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         part = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
         xsum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
         for j in tl.static_range(8):
@@ -91,8 +71,6 @@ def _int4_gemv_kernel(
             xsum += x
             part += _plus16(packed, j) * x[:, None]
         acc += (part - xsum[:, None] * (z + 16.0)[None, :]) * s[None, :]
-        if PREFETCH:
-            packed, z, s = packed_next, z_next, s_next
     out = tl.sum(acc, axis=0)
     if SPLIT == 1:
         tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -107,14 +85,13 @@ def int4_gemv_config(m: int, n: int, k: int, group: int, num_sms: int) -> dict[s
     if group % 16:
         raise ValueError(f"The 4-bit kernel needs a group size divisible by 16, got {group}.")
     block_n = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
-    block_k = next(b for b in (64, 32, 16) if group % b == 0)
+    block_k = next(b for b in (128, 64, 32, 16) if group % b == 0)
     tiles = triton.cdiv(n, block_n)
     k_blocks = triton.cdiv(k, block_k)
     split = 1
     if tiles < num_sms:
         split = max(1, min(k_blocks, (4 * num_sms) // tiles))
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, split=split, PREFETCH=0, num_warps=4,
-                num_stages=4)
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, split=split, num_warps=4, num_stages=4)
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

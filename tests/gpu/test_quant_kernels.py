@@ -117,8 +117,7 @@ def test_int4_gemv_matches_dequantize_then_matmul(m: int, dtype: torch.dtype) ->
                         (4096, 4096, 128)):
         err = _int4_gemv_case(m, n, k, group, dtype, "cuda", seed=m)
         assert err < 5e-3, (m, n, k, group, err)
-    for config in (dict(split=1), dict(split=7), dict(BLOCK_N=128, BLOCK_K=32),
-                   dict(PREFETCH=1), dict(PREFETCH=1, split=3)):
+    for config in (dict(split=1), dict(split=7), dict(BLOCK_N=128, BLOCK_K=32)):
         err = _int4_gemv_case(m, 1024, 2048, 128, dtype, "cuda", m, **config)
         assert err < 5e-3, (m, config, err)
 
@@ -168,8 +167,7 @@ def test_fp8_gemv_matches_dequantize_then_matmul(m: int, dtype: torch.dtype) -> 
     for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (200, 136)):
         err = _fp8_gemv_case(m, n, k, dtype, "cuda", m)
         assert err < 5e-3, (m, n, k, err)
-    for config in (dict(split=1), dict(split=5), dict(BLOCK_N=32, BLOCK_K=64),
-                   dict(PREFETCH=1), dict(PREFETCH=1, split=3)):
+    for config in (dict(split=1), dict(split=5), dict(BLOCK_N=32, BLOCK_K=64)):
         err = _fp8_gemv_case(m, 512, 4096, dtype, "cuda", m, **config)
         assert err < 5e-3, (m, config, err)
 
@@ -336,14 +334,14 @@ def run_interpreter_smoke() -> None:
     for n, k, group, dtype, config in (
             (64, 256, 128, torch.float16, dict(split=1)),
             (96, 512, 128, torch.float32, dict(split=3, BLOCK_K=32)),
-            (64, 256, 32, torch.float16, dict(split=2, BLOCK_K=16, PREFETCH=1)),
-            (40, 256, 64, torch.float16, dict(split=1, BLOCK_K=64, PREFETCH=1))):
+            (64, 256, 32, torch.float16, dict(split=2, BLOCK_K=16)),
+            (40, 256, 64, torch.float16, dict(split=1, BLOCK_K=64))):
         err = _int4_gemv_case(1, n, k, group, dtype, "cpu", n, **small, **config)
         assert err < 5e-3, ("int4 gemv", n, k, group, config, err)
     for n, k, dtype, config in (
             (40, 256, torch.float16, dict(split=1)),
-            (48, 200, torch.float32, dict(split=1, PREFETCH=1)),  # K not a multiple of BLOCK_K
-            (32, 1024, torch.float16, dict(split=3, PREFETCH=1)),
+            (48, 200, torch.float32, dict(split=1)),  # K not a multiple of BLOCK_K
+            (32, 1024, torch.float16, dict(split=3)),
             (20, 96, torch.float16, dict(split=2))):
         err = _fp8_gemv_case(1, n, k, dtype, "cpu", n, BLOCK_K=64, num_stages=1, **config)
         assert err < (1e-5 if dtype == torch.float32 else 1e-3), ("fp8 gemv", n, k, err)
