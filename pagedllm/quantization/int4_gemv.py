@@ -85,7 +85,9 @@ def int4_gemv_config(m: int, n: int, k: int, group: int, num_sms: int) -> dict[s
     if group % 16:
         raise ValueError(f"The 4-bit kernel needs a group size divisible by 16, got {group}.")
     block_n = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
-    block_k = next(b for b in (128, 64, 32, 16) if group % b == 0)
+    # 64 inputs per K tile: 128 measured ~7% faster per linear in isolation on an H200 but
+    # 7% slower end to end at batch 1 (benchmarks/RESULTS.md, fifth GPU session).
+    block_k = next(b for b in (64, 32, 16) if group % b == 0)
     tiles = triton.cdiv(n, block_n)
     k_blocks = triton.cdiv(k, block_k)
     split = 1
