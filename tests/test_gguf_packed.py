@@ -141,9 +141,11 @@ def test_default_model_is_packed_and_answers(packed_llm) -> None:
     runner = packed_llm.engine.executor.runner
     assert runner.model.layers[0].self_attn.qkv_proj.packed is not None
     assert runner.model.lm_head.packed is runner.model.embed_tokens.packed  # tied, Q8_0
-    out = packed_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                          SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
-    assert "Paris" in out[0].outputs[0].text
+    # Not "the capital of France": its first token is a bf16 rounding tie on some CPUs
+    # (tests/test_default_model.py::test_server_answers_paris).
+    out = packed_llm.chat([{"role": "user", "content": "Who wrote Romeo and Juliet?"}],
+                          SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    assert "Shakespeare" in out[0].outputs[0].text
 
 
 @needs_smollm2
