@@ -267,3 +267,84 @@ def test_build_falls_back_to_serial_without_openmp(monkeypatch: pytest.MonkeyPat
     other = cache.clone()
     out = serial.paged_decode(q, k, v, cache, step, 0.125, None)
     assert torch.equal(out, kernels.paged_decode(q, k, v, other, step, 0.125, None))
+
+
+# ------------------------------------------------------------------------- int4 tiles
+needs_int4 = pytest.mark.skipif(kernels is None or not kernels.has_int4,
+                                reason="the kernels' int4 matmul needs AVX-512")
+
+
+def _int4_weight(n: int, k: int, seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
+    scale = rng.random((n, k // 32), dtype=np.float32) * 0.02 + 0.001
+    zero = rng.standard_normal((n, k // 32)).astype(np.float32) * 0.05
+    s, z = torch.from_numpy(scale).to(BF16).float(), torch.from_numpy(zero).to(BF16).float()
+    dense = ((torch.from_numpy(codes).float() - 8) * s.repeat_interleave(32, 1)
+             + z.repeat_interleave(32, 1))  # what torch's int4 kernel computes with
+    return codes, scale, zero, dense
+
+
+@needs_int4
+@pytest.mark.parametrize("n,k", [(96, 64), (200, 576), (576, 1536)])
+def test_int4_tiles_match_dequantize_then_matmul(n: int, k: int) -> None:
+    """Every row block size (1..8 rows, then more blocks) and a width that is not a
+    multiple of 16: float32 accumulation, so only the bf16 output rounding remains, as for
+    torch's int4 kernel on the same weight."""
+    from pagedllm.models.layers.quantized import PackedWeight
+
+    codes, scale, zero, dense = _int4_weight(n, k, n + k)
+    tiled = PackedWeight.int4(codes, scale, zero, BF16)
+    assert tiled.kind == "int4t"
+    gen = torch.Generator().manual_seed(n)
+    for m in (*range(1, 10), 16, 17, 40):
+        wide = torch.randn(m, k + 8, generator=gen).to(BF16)
+        x = wide[:, 8:]  # rows with a stride
+        want = x.float() @ dense.t()
+        got = tiled(x)
+        assert got.dtype == BF16 and got.shape == (m, n)
+        rel = ((got.float() - want).norm() / want.norm()).item()
+        assert rel < 3e-3, (m, rel)  # bf16 output rounding: ~1.6e-3
+        elementwise = (got.float() - want).abs() <= want.abs() * 2**-7 + 1e-3
+        assert bool(elementwise.all()), m
+
+
+@needs_int4
+def test_int4_tiles_close_to_torchs_kernel_and_off_in_exact_mode(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagedllm.models.layers.quantized import PackedWeight
+
+    codes, scale, zero, _ = _int4_weight(64, 256, 3)
+    monkeypatch.setenv(build.SWITCH_ENV, "exact")
+    reference = PackedWeight.int4(codes, scale, zero, BF16)
+    assert reference.kind == "int4"  # exact mode keeps torch's kernel
+    monkeypatch.delenv(build.SWITCH_ENV)
+    tiled = PackedWeight.int4(codes, scale, zero, BF16)
+    assert PackedWeight.int4(codes, scale, zero, torch.float32).kind == "int4"
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0)).to(BF16)
+    a, b = tiled(x).float(), reference(x).float()
+    assert ((a - b).norm() / b.norm()).item() < 4e-3
+    assert torch.allclose(tiled.dequantized().float(), reference.dequantized().float(),
+                          rtol=2**-7, atol=1e-3)
+
+
+@needs_int4
+def test_int4_matmul_refuses_bad_inputs() -> None:
+    import numpy as np
+
+    from pagedllm.cpu_kernels.ops import int4_tiles
+
+    with pytest.raises(ValueError, match="multiple of 32"):
+        int4_tiles(np.zeros((16, 48), dtype=np.uint8), torch.ones(16, 1), torch.ones(16, 1), 8)
+    codes, sc, zz = int4_tiles(np.zeros((16, 64), dtype=np.uint8), torch.ones(16, 2),
+                               torch.zeros(16, 2), kernels.int4_zero_shift)
+    with pytest.raises(ValueError, match="weight tensors"):
+        kernels.int4_matmul(codes, sc.double(), zz)
+    matmul = kernels.int4_matmul(codes, sc, zz)
+    with pytest.raises(ValueError, match="rows of 64"):
+        matmul(torch.zeros(2, 32, dtype=BF16))
+    with pytest.raises(ValueError, match="bf16"):
+        matmul(torch.zeros(2, 64))
+    assert matmul(torch.zeros(0, 64, dtype=BF16)).shape == (0, 16)

@@ -9,6 +9,8 @@
  *   pl_silu_and_mul      silu(gate) * up
  *   pl_paged_decode      KV cache write of the new tokens + attention of one query per
  *                        row over its blocks, read in place (no gather)
+ *   pl_int4_matmul       x @ W^T for a 4-bit grouped W, each weight tile unpacked once
+ *                        for up to 8 rows of x
  *
  * bf16 values travel as uint16_t; arithmetic is float32; float -> bf16 rounds to nearest
  * even, as torch does.
@@ -439,4 +441,169 @@ void pl_paged_decode(const uint16_t *q, int64_t q_stride, const uint16_t *k_new,
 /* torch_order_sum, exported for the tests. */
 float pl_torch_order_sum(const float *v, int64_t n, int64_t lanes) {
     return torch_order_sum(v, n, lanes);
+}
+
+/* pl_int4_matmul: y [m, n] (bf16, row stride ys) = x [m, k] (bf16, row stride xs) @ W^T for
+ * a 4-bit W in groups of 32 inputs, w = (q - 8) * scale + zero (GGUF Q4_0 / Q4_1 as torch's
+ * int4 CPU kernel takes them). Layout (`int4_tiles` in ops.py): 16 output columns per tile,
+ *   codes [n / 16][k / 32][16 pairs][16 columns] bytes, q of inputs 2p (low nibble) and
+ *   2p + 1 (high) of each column;
+ *   sc, zz float32 [n / 16][k / 32][16]: the scale and zero - shift * scale of each
+ *   group (shift: pl_int4_zero_shift).
+ * Each weight tile is unpacked once for a block of up to 8 rows of x (torch's kernel
+ * unpacks it again for every row): per group acc += sc * sum_j x_j q_j
+ * + zz * sum_j x_j, in float32, rounded to bf16 once at the end. n must be a multiple of
+ * 16 and k of 32 (the tiles are padded at packing). Parallel over tiles where the work pays
+ * for waking the other threads. */
+#ifdef __AVX512F__
+#define PL_INT4_PARALLEL_MACS (1 << 19)
+
+#ifdef __AVX512BF16__
+/* AVX512-BF16: a code q becomes the bf16 16 + q by bit operations ((q << 3) | 0x4180, exact),
+ * two inputs' codes per 32-bit lane, and one vdpbf16ps multiplies them by a broadcast pair of
+ * bf16 inputs and adds both products in float32 (16 columns x 2 inputs per instruction).
+ * zz then holds zero - 24 * scale: sum_j x_j (16 + q_j) - 16 sum_j x_j = sum_j x_j q_j. */
+#define PL_INT4_BLOCK(MB)                                                                    \
+static void int4_block_##MB(const uint16_t *x, int64_t xs, const float *xsum, int64_t groups,\
+                            const uint8_t *codes, const float *sc, const float *zz,         \
+                            __m512 *out) {                                                  \
+    __m512 acc[MB];                                                                          \
+    for (int r = 0; r < MB; r++) acc[r] = _mm512_setzero_ps();                              \
+    const __m512i lo_mask = _mm512_set1_epi32(0x0F), hi_mask = _mm512_set1_epi32(0xF0);    \
+    const __m512i bias = _mm512_set1_epi32(0x41804180);                                      \
+    for (int64_t g = 0; g < groups; g++) {                                                   \
+        __m512 part[MB];                                                                     \
+        for (int r = 0; r < MB; r++) part[r] = _mm512_setzero_ps();                         \
+        const uint8_t *cg = codes + g * 256;                                                 \
+        for (int p = 0; p < 16; p++) {                                                       \
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cg + 16 * p))); \
+            __m512i w = _mm512_or_si512(                                                     \
+                _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(v, lo_mask), 3),         \
+                                _mm512_slli_epi32(_mm512_and_si512(v, hi_mask), 15)), bias); \
+            __m512bh wb = (__m512bh)w;                                                       \
+            for (int r = 0; r < MB; r++) {                                                   \
+                uint32_t pair;                                                               \
+                memcpy(&pair, x + r * xs + g * 32 + 2 * p, sizeof(pair));                    \
+                part[r] = _mm512_dpbf16_ps(part[r], wb,                                      \
+                                           (__m512bh)_mm512_set1_epi32((int)pair));          \
+            }                                                                                \
+        }                                                                                    \
+        __m512 s = _mm512_loadu_ps(sc + g * 16), z = _mm512_loadu_ps(zz + g * 16);          \
+        for (int r = 0; r < MB; r++) {                                                       \
+            acc[r] = _mm512_fmadd_ps(s, part[r], acc[r]);                                    \
+            acc[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[r * groups + g]), acc[r]);      \
+        }                                                                                    \
+    }                                                                                        \
+    for (int r = 0; r < MB; r++) out[r] = acc[r];                                            \
+}
+#define PL_INT4_ZERO_SHIFT 24.0f
+#else
+#define PL_INT4_BLOCK(MB)                                                                    \
+static void int4_block_##MB(const uint16_t *x, int64_t xs, const float *xsum, int64_t groups,\
+                            const uint8_t *codes, const float *sc, const float *zz,         \
+                            __m512 *out) {                                                  \
+    __m512 acc[MB];                                                                          \
+    for (int r = 0; r < MB; r++) acc[r] = _mm512_setzero_ps();                              \
+    const __m512i low = _mm512_set1_epi32(0xF);                                              \
+    for (int64_t g = 0; g < groups; g++) {                                                   \
+        __m512 part[MB];                                                                     \
+        for (int r = 0; r < MB; r++) part[r] = _mm512_setzero_ps();                         \
+        const uint8_t *cg = codes + g * 256;                                                 \
+        for (int p = 0; p < 16; p++) {                                                       \
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cg + 16 * p))); \
+            __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));                       \
+            __m512 q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));                        \
+            for (int r = 0; r < MB; r++) {                                                   \
+                part[r] = _mm512_fmadd_ps(q0, _mm512_set1_ps(bf2f(x[r * xs + g * 32 + 2 * p])), part[r]); \
+                part[r] = _mm512_fmadd_ps(q1, _mm512_set1_ps(bf2f(x[r * xs + g * 32 + 2 * p + 1])),       \
+                                          part[r]);                                          \
+            }                                                                                \
+        }                                                                                    \
+        __m512 s = _mm512_loadu_ps(sc + g * 16), z = _mm512_loadu_ps(zz + g * 16);          \
+        for (int r = 0; r < MB; r++) {                                                       \
+            acc[r] = _mm512_fmadd_ps(s, part[r], acc[r]);                                    \
+            acc[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[r * groups + g]), acc[r]);      \
+        }                                                                                    \
+    }                                                                                        \
+    for (int r = 0; r < MB; r++) out[r] = acc[r];                                            \
+}
+#define PL_INT4_ZERO_SHIFT 8.0f
+#endif
+PL_INT4_BLOCK(1)
+PL_INT4_BLOCK(2)
+PL_INT4_BLOCK(3)
+PL_INT4_BLOCK(4)
+PL_INT4_BLOCK(5)
+PL_INT4_BLOCK(6)
+PL_INT4_BLOCK(7)
+PL_INT4_BLOCK(8)
+
+typedef void (*int4_block_fn)(const uint16_t *, int64_t, const float *, int64_t,
+                              const uint8_t *, const float *, const float *, __m512 *);
+static const int4_block_fn INT4_BLOCKS[9] = {
+    NULL, int4_block_1, int4_block_2, int4_block_3, int4_block_4, int4_block_5, int4_block_6,
+    int4_block_7, int4_block_8};
+
+static void int4_tile(int64_t t, const uint16_t *x, int64_t xs, const float *xsum, int64_t m,
+                      int64_t k,
+                      const uint8_t *codes, const float *sc, const float *zz, uint16_t *y,
+                      int64_t ys) {
+    int64_t groups = k / 32;
+    const uint8_t *ct = codes + t * groups * 256;
+    const float *st = sc + t * groups * 16, *zt = zz + t * groups * 16;
+    __m512 out[8];
+    for (int64_t r0 = 0; r0 < m; ) {
+        int64_t mb = m - r0 < 8 ? m - r0 : 8;
+        const uint16_t *xr = x + r0 * xs;
+        const float *sr = xsum + r0 * groups;
+        INT4_BLOCKS[mb](xr, xs, sr, groups, ct, st, zt, out);
+        for (int64_t r = 0; r < mb; r++) {
+            float v[16];
+            _mm512_storeu_ps(v, out[r]);
+            uint16_t *yr = y + (r0 + r) * ys + t * 16;
+            for (int j = 0; j < 16; j++) yr[j] = f2bf(v[j]);
+        }
+        r0 += mb;
+    }
+}
+#endif
+
+/* The multiple of the scale that zz subtracts from the zero: 24 with AVX512-BF16 (codes as
+ * 16 + q), else 8; 0 without AVX-512 (no int4 kernel: the caller keeps torch's). */
+float pl_int4_zero_shift(void) {
+#ifdef __AVX512F__
+    return PL_INT4_ZERO_SHIFT;
+#else
+    return 0.0f;
+#endif
+}
+
+/* Returns 0, or -1 where this build has no AVX-512 (the caller keeps torch's kernel). */
+int pl_int4_matmul(const uint16_t *x, int64_t xs, const uint8_t *codes, const float *sc,
+                   const float *zz, uint16_t *y, int64_t ys, int64_t m, int64_t n, int64_t k) {
+#ifdef __AVX512F__
+    int64_t groups = k / 32, tiles = n / 16;
+    float *xsum = (float *)malloc(sizeof(float) * (size_t)(m * groups + 1));
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.0f;
+            for (int64_t j = 0; j < 32; j++) s += bf2f(x[r * xs + g * 32 + j]);
+            xsum[r * groups + g] = s;
+        }
+    }
+    if (tiles > 1 && m * n * k >= PL_INT4_PARALLEL_MACS) {
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < tiles; t++)
+            int4_tile(t, x, xs, xsum, m, k, codes, sc, zz, y, ys);
+    } else {
+        for (int64_t t = 0; t < tiles; t++)
+            int4_tile(t, x, xs, xsum, m, k, codes, sc, zz, y, ys);
+    }
+    free(xsum);
+    return 0;
+#else
+    (void)x; (void)xs; (void)codes; (void)sc; (void)zz; (void)y; (void)ys; (void)m; (void)n;
+    (void)k;
+    return -1;
+#endif
 }

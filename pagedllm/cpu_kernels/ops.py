@@ -9,10 +9,12 @@ assumes and raises ValueError where they do not hold.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from pagedllm.cpu_kernels.build import exact_only, load_library
@@ -55,6 +57,14 @@ class CpuKernels:
                                     _I, _I, _I, _I, _I, _F, _I]
         for fn in (self.raw_norm, self.raw_rope, self.raw_silu, self.raw_decode):
             fn.restype = None
+        self.raw_int4 = lib.pl_int4_matmul
+        self.raw_int4.argtypes = [_P, _I, _P, _P, _P, _P, _I, _I, _I, _I]
+        self.raw_int4.restype = ctypes.c_int
+        shift = lib.pl_int4_zero_shift
+        shift.argtypes, shift.restype = [], _F
+        # 0 where the library was built without AVX-512 (then torch's int4 kernel serves)
+        self.int4_zero_shift = float(shift())
+        self.has_int4 = self.int4_zero_shift > 0
         self._sum = lib.pl_torch_order_sum
         self._sum.argtypes = [_P, _I, _I]
         self._sum.restype = _F
@@ -148,6 +158,63 @@ class CpuKernels:
                      step.seq_lens, step.slots, out.data_ptr(), rows, hq, hkv, d, block_size,
                      scale, sliding_window or 0)
         return out
+
+    def int4_matmul(self, codes: torch.Tensor, sc: torch.Tensor, zz: torch.Tensor
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x [M, K] (bf16, rows contiguous) -> x @ W^T [M, N] bf16 for a 4-bit W in the tile
+        layout of `int4_tiles` (N = 16 x tiles, the padded width). The weight's tensors are
+        checked here, once; each call checks x's dtype, width and row layout only."""
+        tiles = sc.shape[0]
+        k = 32 * sc.shape[1] if sc.dim() == 3 else -1
+        if (not self.has_int4 or sc.shape != (tiles, k // 32, 16) or zz.shape != sc.shape
+                or codes.shape != (tiles, k // 32, 16, 16) or codes.dtype is not torch.uint8
+                or sc.dtype is not torch.float32 or zz.dtype is not torch.float32
+                or not codes.is_contiguous() or not sc.is_contiguous()
+                or not zz.is_contiguous()):
+            raise ValueError("int4_matmul got weight tensors of unexpected shapes or layouts.")
+        n = 16 * tiles
+        raw, weights = self.raw_int4, (codes, sc, zz)  # kept alive with the closure
+        cp, sp, zp = codes.data_ptr(), sc.data_ptr(), zz.data_ptr()
+
+        def matmul(x: torch.Tensor) -> torch.Tensor:
+            if x.dtype is not torch.bfloat16 or x.dim() != 2 or x.shape[1] != k \
+                    or x.stride(1) != 1:
+                raise ValueError(f"int4_matmul takes bf16 rows of {k} contiguous values, got "
+                                 f"{x.dtype} {tuple(x.shape)}.")
+            out = torch.empty((x.shape[0], n), dtype=torch.bfloat16)
+            if x.shape[0]:
+                raw(x.data_ptr(), x.stride(0), cp, sp, zp, out.data_ptr(), n, x.shape[0], n, k)
+            return out
+
+        matmul.weights = weights
+        return matmul
+
+
+def int4_tiles(codes: np.ndarray, scale: torch.Tensor, zero: torch.Tensor, zero_shift: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pl_int4_matmul`'s layout of a 4-bit W [N, K] in groups of 32 inputs, w = (q - 8) *
+    scale + zero: codes uint8 [N, K] (0..15) -> uint8 [T, K / 32, 16, 16] (tile of 16
+    columns, group, input pair, column; low nibble the even input), and float32 [T, K / 32,
+    16] scales and zero - zero_shift * scale (`CpuKernels.int4_zero_shift`) from `scale` /
+    `zero` [N, K / 32] (N padded to 16 T with zero columns)."""
+    n, k = codes.shape
+    if k % 32 or scale.shape != (n, k // 32) or zero.shape != scale.shape:
+        raise ValueError(f"int4_tiles needs codes [N, K] with K a multiple of 32 and scales "
+                         f"[N, K / 32]; got {codes.shape} and {tuple(scale.shape)}.")
+    groups, padded = k // 32, -(-n // 16) * 16
+    c = np.zeros((padded, k), dtype=np.uint8)
+    c[:n] = codes
+    c = c.reshape(padded // 16, 16, groups, 16, 2)
+    tiles = (c[..., 0] | (c[..., 1] << 4)).transpose(0, 2, 3, 1)
+    sc = torch.zeros((padded, groups), dtype=torch.float32)
+    zz = torch.zeros((padded, groups), dtype=torch.float32)
+    sc[:n] = scale.float()
+    zz[:n] = zero.float() - zero_shift * scale.float()
+
+    def by_tile(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(padded // 16, 16, groups).permute(0, 2, 1).contiguous()
+
+    return torch.from_numpy(np.ascontiguousarray(tiles)), by_tile(sc), by_tile(zz)
 
 
 def decode_supported(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:

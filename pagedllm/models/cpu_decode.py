@@ -47,6 +47,8 @@ def matmul_of(linear: nn.Module) -> Matmul | None:
         return partial(F.linear, weight=weight)
     if type(packed) is not PackedWeight or packed.dtype is not torch.bfloat16:
         return None
+    if packed.kind == "int4t":  # the kernel's own call where no padding is cut off
+        return packed.tile_matmul if packed.out_features % 16 == 0 else packed.forward
     if packed.kind == "int4":
         return partial(torch.ops.aten._weight_int4pack_mm_for_cpu, mat2=packed.codes,
                        qGroupSize=packed.group_size, qScaleAndZeros=packed.scales)

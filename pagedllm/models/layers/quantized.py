@@ -5,7 +5,12 @@ instead of ``F.linear`` (bias, tensor-parallel reduce and gather stay the layer'
 torch's CPU kernels, which take bf16 (or fp32, much slower) activations:
 
 * ``int4``: ``_weight_int4pack_mm_for_cpu`` with one (scale, zero) per 32 weights;
-* ``int8``: ``_weight_int8pack_mm`` with one scale per output row.
+* ``int8``: ``_weight_int8pack_mm`` with one scale per output row;
+* ``int4t``: the int4 weights in pagedllm's own tile layout for ``cpu_kernels``'
+  ``pl_int4_matmul`` (bf16 activations, group 32, a build with AVX-512): each weight tile is
+  unpacked once for up to 8 rows, where torch's kernel unpacks it again for every row
+  (2x faster at 8 rows, 1.2-1.4x at one on an AMD EPYC; benchmarks/RESULTS.md). `int4`
+  picks it wherever the kernels are there, except with ``PAGEDLLM_CPU_KERNELS=exact``.
 
 Measured on the 2-core AVX512-BF16 machine (benchmarks/RESULTS.md, 2026-12-02): with bf16
 activations both run a [1, 576] x [576, 3072] product in about 70 us (dense bf16 150 us,
@@ -15,11 +20,17 @@ fp32 145 us); with fp32 activations they fall back to a path 25x slower, and
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
 
-PACKED_KINDS = ("int4", "int8")
+if TYPE_CHECKING:
+    from pagedllm.cpu_kernels.ops import CpuKernels
+
+PACKED_KINDS = ("int4", "int4t", "int8")
+BASE_KIND = {"int4": "int4", "int4t": "int4", "int8": "int8"}  # the GGUF rows they hold
 
 
 class PackedWeight(nn.Module):
@@ -37,6 +48,9 @@ class PackedWeight(nn.Module):
         self.group_size = group_size
         self.register_buffer("codes", codes, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
+        # int4t: the CPU kernel's matmul on these tensors (x [M, K] -> [M, padded N])
+        self.tile_matmul = (_cpu_kernels().int4_matmul(codes, scales[0], scales[1])
+                            if kind == "int4t" else None)
 
     @classmethod
     def int4(cls, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray,
@@ -44,6 +58,13 @@ class PackedWeight(nn.Module):
         """From 4-bit codes uint8 [N, K] and per-group scale / zero float32 [N, K / group]:
         w = (q - 8) * scale + zero."""
         n, k = codes.shape
+        kernels = _tile_kernels(dtype, group_size)
+        if kernels is not None:  # scale and zero rounded to dtype, as torch's kernel takes them
+            from pagedllm.cpu_kernels.ops import int4_tiles
+
+            tiles, sc, zz = int4_tiles(codes, torch.from_numpy(scale).to(dtype),
+                                       torch.from_numpy(zero).to(dtype), kernels.int4_zero_shift)
+            return cls("int4t", n, k, dtype, tiles, torch.stack([sc, zz]), group_size)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             torch.from_numpy(codes.astype(np.int32)), 1)
         sz = torch.from_numpy(np.stack([scale.T, zero.T], axis=-1)).to(dtype).contiguous()
@@ -66,7 +87,11 @@ class PackedWeight(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != self.dtype:
             x2 = x2.to(self.dtype)
-        if self.kind == "int4":
+        if self.kind == "int4t":
+            y = self.tile_matmul(x2)
+            if y.shape[1] != self.out_features:  # tiles of 16 columns, padded
+                y = y[:, :self.out_features].contiguous()
+        elif self.kind == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.codes, self.group_size,
                                                             self.scales)
         else:
@@ -89,6 +114,28 @@ class PackedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, out={self.out_features}, in={self.in_features}, {self.dtype}"
+
+
+def _cpu_kernels() -> CpuKernels | None:
+    from pagedllm.cpu_kernels import ops
+
+    return ops.get()
+
+
+def _tile_kernels(dtype: torch.dtype, group_size: int) -> CpuKernels | None:
+    """The loaded CPU kernels where they serve an int4 weight in tiles, else None."""
+    from pagedllm.cpu_kernels.build import exact_only
+
+    if dtype is not torch.bfloat16 or group_size != 32 or exact_only():
+        return None
+    kernels = _cpu_kernels()
+    return kernels if kernels is not None and kernels.has_int4 else None
+
+
+def int4_layout_tag() -> str:
+    """Which int4 layout `PackedWeight.int4` makes in this process (pack cache keys)."""
+    kernels = _tile_kernels(torch.bfloat16, 32)
+    return f"tiles{kernels.int4_zero_shift:g}" if kernels is not None else "torch"
 
 
 def attach_packed(module: nn.Module, packed: PackedWeight) -> None:

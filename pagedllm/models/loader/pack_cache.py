@@ -2,7 +2,8 @@
 numpy repacking (seconds on two cores) and map the packed tensors straight from disk.
 
 Entries are keyed by the file's absolute path, size and modification time, the activation
-dtype, the torch version (the int4 layout is torch's) and a format version. The cache
+dtype, the torch version and the int4 layout (torch's, or the CPU kernels' tiles) and a
+format version. The cache
 lives in ``$PAGEDLLM_CACHE_DIR/gguf-packed`` (default ``~/.cache/pagedllm``; see ``file_cache``);
 ``PAGEDLLM_PACK_CACHE=0`` turns it off. A cache that cannot be read or written is skipped
 with a debug log line: the weights are then packed as without it.
@@ -16,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from pagedllm.models.layers.quantized import PackedWeight
+from pagedllm.models.layers.quantized import BASE_KIND, PackedWeight, int4_layout_tag
 from pagedllm.models.loader.file_cache import cache_enabled, cache_root, file_key
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -41,7 +42,8 @@ class PackCache:
         self.file: Path | None = None
         if not self.enabled:
             return
-        key = file_key(gguf_path, dtype, torch.__version__, FORMAT_VERSION)
+        key = file_key(gguf_path, dtype, torch.__version__, FORMAT_VERSION,
+                       int4_layout_tag() if dtype is torch.bfloat16 else "torch")
         self.file = cache_dir() / (key + ".pt")
         if self.file.is_file():
             try:
@@ -52,11 +54,11 @@ class PackCache:
 
     def get(self, name: str, kind: str, weight: torch.Tensor | None) -> PackedWeight | None:
         entry = self.entries.get(name)
-        if (entry is None or weight is None or entry.get("kind") != kind
+        if (entry is None or weight is None or BASE_KIND.get(entry.get("kind")) != kind
                 or (entry.get("out_features"), entry.get("in_features")) != tuple(weight.shape)):
             return None
         self.hits += 1
-        return PackedWeight(kind, int(entry["out_features"]), int(entry["in_features"]),
+        return PackedWeight(entry["kind"], int(entry["out_features"]), int(entry["in_features"]),
                             self.dtype, entry["codes"], entry["scales"],
                             int(entry["group_size"]))
 
