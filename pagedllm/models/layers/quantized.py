@@ -49,8 +49,13 @@ class PackedWeight(nn.Module):
         self.register_buffer("codes", codes, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         # int4t: the CPU kernel's matmul on these tensors (x [M, K] -> [M, padded N])
-        self.tile_matmul = (_cpu_kernels().int4_matmul(codes, scales[0], scales[1])
-                            if kind == "int4t" else None)
+        self.tile_matmul = None
+        if kind == "int4t":
+            kernels = _cpu_kernels()
+            if kernels is None or not kernels.has_int4:
+                raise ValueError("int4t packed weights need the CPU kernels' int4 matmul "
+                                 "(a C compiler, AVX-512, PAGEDLLM_CPU_KERNELS not 0).")
+            self.tile_matmul = kernels.int4_matmul(codes, scales[0], scales[1])
 
     @classmethod
     def int4(cls, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray,
