@@ -4,8 +4,9 @@ numpy repacking (seconds on two cores) and map the packed tensors straight from 
 Entries are keyed by the file's absolute path, size and modification time, the activation
 dtype, the torch version, the int4 layout (torch's, or the CPU kernels' tiles) and a format
 version. The cache lives in ``$PAGEDLLM_CACHE_DIR/gguf-packed`` (default
-``~/.cache/pagedllm``; see ``file_cache``); ``PAGEDLLM_PACK_CACHE=0`` turns it off. A cache that cannot be read or written is skipped
-with a debug log line: the weights are then packed as without it.
+``~/.cache/pagedllm``; see ``file_cache``); ``PAGEDLLM_PACK_CACHE=0`` turns it off. A cache
+that cannot be read or written is skipped with a debug log line: the weights are then
+packed as without it.
 """
 
 from __future__ import annotations
