@@ -348,3 +348,48 @@ def test_int4_matmul_refuses_bad_inputs() -> None:
     with pytest.raises(ValueError, match="bf16"):
         matmul(torch.zeros(2, 64))
     assert matmul(torch.zeros(0, 64, dtype=BF16)).shape == (0, 16)
+
+
+needs_int8 = pytest.mark.skipif(kernels is None or not kernels.has_int8,
+                                reason="the kernels' int8 matmul needs AVX512-BF16")
+
+
+@needs_int8
+@pytest.mark.parametrize("n,k", [(40, 64), (1000, 576)])
+def test_int8_tiles_give_float32_products_of_the_int8_weight(n: int, k: int) -> None:
+    """int8 codes and bf16 inputs multiply exactly in vdpbf16ps and sum in float32: the
+    float32 product of the dequantized weight up to summation order (no bf16 output)."""
+    gen = torch.Generator().manual_seed(n)
+    codes = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) * 0.01 + 1e-4
+    matmul = kernels.int8_matmul(*cpu_ops.int8_tiles(codes, scale))
+    w = codes.float() * scale[:, None]
+    for m in (1, 2, 7, 8, 9, 33):
+        x = torch.randn(m, k, generator=gen).to(BF16)
+        got = matmul(x)[:, :n]
+        assert got.dtype == torch.float32
+        want = x.double() @ w.double().t()
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-6, m
+
+
+@needs_int8
+def test_lm_head_of_a_packed_int8_embedding_takes_the_kernel() -> None:
+    import numpy as np
+
+    from pagedllm.models.layers.quantized import PackedWeight
+    from pagedllm.models.layers.vocab_embedding import ParallelLMHead
+
+    gen = np.random.default_rng(0)
+    codes = gen.integers(-127, 128, (100, 64), dtype=np.int8)
+    scale = (gen.random(100, dtype=np.float32) * 0.01).astype(np.float32)
+    head = ParallelLMHead(100, 64)
+    packed = PackedWeight.int8(codes, scale, BF16)
+    object.__setattr__(head, "packed", packed)
+    x = torch.randn(3, 64).to(BF16)
+    logits = head.compute_logits(x)
+    assert logits.dtype == torch.float32 and logits.shape == (3, 100)
+    w = packed.codes.float() * packed.scales.float()[:, None]  # its bf16 scales, exact
+    want = x.float() @ w.t()
+    assert torch.allclose(logits, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="int8_tiles"):
+        cpu_ops.int8_tiles(torch.zeros(16, 3, dtype=torch.int8), torch.ones(16))

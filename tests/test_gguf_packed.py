@@ -181,10 +181,11 @@ def test_pack_cache_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
                                                 weight) is None  # other dtype
 
 
-def test_int8_lm_head_many_rows_run_dense_and_agree() -> None:
-    """From DENSE_HEAD_MIN_ROWS rows on, a packed int8 bf16 LM head runs a dense bf16 matmul
-    on its dequantized weight: the same logits up to bf16 rounding, and fewer rows keep the
-    packed kernel."""
+def test_int8_lm_head_many_rows_run_dense_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the CPU kernels' int8 matmul (here: their exact mode), from
+    DENSE_HEAD_MIN_ROWS rows on a packed int8 bf16 LM head runs a dense bf16 matmul on its
+    dequantized weight: the same logits up to bf16 rounding, and fewer rows keep the packed
+    kernel."""
     from pagedllm.models.layers.quantized import attach_packed
     from pagedllm.models.layers.vocab_embedding import DENSE_HEAD_MIN_ROWS, ParallelLMHead
 
@@ -192,6 +193,7 @@ def test_int8_lm_head_many_rows_run_dense_and_agree() -> None:
     vocab, hidden = 320, 64
     codes = rng.integers(-127, 128, (vocab, hidden), dtype=np.int8)
     scale = (rng.random(vocab, dtype=np.float32) + 0.5) * 0.01
+    monkeypatch.setenv("PAGEDLLM_CPU_KERNELS", "exact")
     head = ParallelLMHead(vocab, hidden)
     attach_packed(head, PackedWeight.int8(codes, scale, torch.bfloat16))
     exact = torch.from_numpy(codes.astype(np.float32) * scale[:, None])

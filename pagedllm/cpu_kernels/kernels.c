@@ -11,6 +11,7 @@
  *                        row over its blocks, read in place (no gather)
  *   pl_int4_matmul       x @ W^T for a 4-bit grouped W, each weight tile unpacked once
  *                        for up to 8 rows of x
+ *   pl_int8_matmul       the same for an int8 W with row scales, float32 out (LM head)
  *
  * bf16 values travel as uint16_t; arithmetic is float32; float -> bf16 rounds to nearest
  * even, as torch does.
@@ -604,6 +605,79 @@ int pl_int4_matmul(const uint16_t *x, int64_t xs, const uint8_t *codes, const fl
 #else
     (void)x; (void)xs; (void)codes; (void)sc; (void)zz; (void)y; (void)ys; (void)m; (void)n;
     (void)k;
+    return -1;
+#endif
+}
+
+/* pl_int8_matmul: y [m, n] (float32, row stride ys) = x [m, k] (bf16, row stride xs) @ W^T
+ * for an int8 W with one scale per output row (the GGUF Q8_0 embedding as a tied LM head).
+ * Layout (`int8_tiles` in ops.py): codes int8 [n / 16][k / 2][16 columns][2 inputs], scale
+ * float32 [n / 16][16]. An int8 code is exact in bf16, so vdpbf16ps multiplies two inputs
+ * per lane exactly and sums in float32; the output stays float32 (logits without bf16's
+ * rounding ties). Needs AVX512-BF16, n a multiple of 16 and k even; returns -1 without
+ * AVX512-BF16 (the caller keeps torch's kernel). */
+#ifdef __AVX512BF16__
+#define PL_INT8_BLOCK(MB)                                                                    \
+static void int8_block_##MB(const uint16_t *x, int64_t xs, int64_t pairs, const int8_t *codes,\
+                            __m512 *out) {                                                  \
+    __m512 acc[MB];                                                                          \
+    for (int r = 0; r < MB; r++) acc[r] = _mm512_setzero_ps();                              \
+    for (int64_t p = 0; p < pairs; p++) {                                                    \
+        const int8_t *c = codes + 32 * p;                                                    \
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c))); \
+        __m512 hi = _mm512_cvtepi32_ps(                                                      \
+            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 16))));              \
+        __m512bh wb = _mm512_cvtne2ps_pbh(hi, lo);                                           \
+        for (int r = 0; r < MB; r++) {                                                       \
+            uint32_t pair;                                                                   \
+            memcpy(&pair, x + r * xs + 2 * p, sizeof(pair));                                 \
+            acc[r] = _mm512_dpbf16_ps(acc[r], wb, (__m512bh)_mm512_set1_epi32((int)pair));  \
+        }                                                                                    \
+    }                                                                                        \
+    for (int r = 0; r < MB; r++) out[r] = acc[r];                                            \
+}
+PL_INT8_BLOCK(1)
+PL_INT8_BLOCK(2)
+PL_INT8_BLOCK(3)
+PL_INT8_BLOCK(4)
+PL_INT8_BLOCK(5)
+PL_INT8_BLOCK(6)
+PL_INT8_BLOCK(7)
+PL_INT8_BLOCK(8)
+
+typedef void (*int8_block_fn)(const uint16_t *, int64_t, int64_t, const int8_t *, __m512 *);
+static const int8_block_fn INT8_BLOCKS[9] = {
+    NULL, int8_block_1, int8_block_2, int8_block_3, int8_block_4, int8_block_5, int8_block_6,
+    int8_block_7, int8_block_8};
+
+static void int8_tile(int64_t t, const uint16_t *x, int64_t xs, int64_t m, int64_t k,
+                      const int8_t *codes, const float *scale, float *y, int64_t ys) {
+    __m512 out[8];
+    __m512 s = _mm512_loadu_ps(scale + 16 * t);
+    for (int64_t r0 = 0; r0 < m; ) {
+        int64_t mb = m - r0 < 8 ? m - r0 : 8;
+        INT8_BLOCKS[mb](x + r0 * xs, xs, k / 2, codes + t * 16 * k, out);
+        for (int64_t r = 0; r < mb; r++)
+            _mm512_storeu_ps(y + (r0 + r) * ys + 16 * t, _mm512_mul_ps(out[r], s));
+        r0 += mb;
+    }
+}
+#endif
+
+int pl_int8_matmul(const uint16_t *x, int64_t xs, const int8_t *codes, const float *scale,
+                   float *y, int64_t ys, int64_t m, int64_t n, int64_t k) {
+#ifdef __AVX512BF16__
+    int64_t tiles = n / 16;
+    if (m <= 0) return 0;
+    if (tiles > 1 && m * n * k >= PL_INT4_PARALLEL_MACS) {
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) int8_tile(t, x, xs, m, k, codes, scale, y, ys);
+    } else {
+        for (int64_t t = 0; t < tiles; t++) int8_tile(t, x, xs, m, k, codes, scale, y, ys);
+    }
+    return 0;
+#else
+    (void)x; (void)xs; (void)codes; (void)scale; (void)y; (void)ys; (void)m; (void)n; (void)k;
     return -1;
 #endif
 }

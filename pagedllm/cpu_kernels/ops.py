@@ -65,6 +65,11 @@ class CpuKernels:
         # 0 where the library was built without AVX-512 (then torch's int4 kernel serves)
         self.int4_zero_shift = float(shift())
         self.has_int4 = self.int4_zero_shift > 0
+        self.raw_int8 = lib.pl_int8_matmul
+        self.raw_int8.argtypes = [_P, _I, _P, _P, _P, _I, _I, _I, _I]
+        self.raw_int8.restype = ctypes.c_int
+        # -1 without AVX512-BF16 (then torch's int8 kernel serves)
+        self.has_int8 = self.raw_int8(None, 0, None, None, None, 0, 0, 16, 2) == 0
         self._sum = lib.pl_torch_order_sum
         self._sum.argtypes = [_P, _I, _I]
         self._sum.restype = _F
@@ -188,6 +193,52 @@ class CpuKernels:
 
         matmul.weights = weights
         return matmul
+
+    def int8_matmul(self, codes: torch.Tensor, scale: torch.Tensor
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x [M, K] (bf16, rows contiguous) -> x @ W^T [M, N] float32 for an int8 W in the
+        layout of `int8_tiles` (N = 16 x tiles, the padded width); the weight's tensors are
+        checked once, each call checks x."""
+        tiles = scale.shape[0]
+        k = 2 * codes.shape[1] if codes.dim() == 4 else -1
+        if (not self.has_int8 or codes.shape != (tiles, k // 2, 16, 2)
+                or codes.dtype is not torch.int8 or scale.shape != (tiles, 16)
+                or scale.dtype is not torch.float32 or not codes.is_contiguous()
+                or not scale.is_contiguous()):
+            raise ValueError("int8_matmul got weight tensors of unexpected shapes or layouts.")
+        n = 16 * tiles
+        raw, weights = self.raw_int8, (codes, scale)
+        cp, sp = codes.data_ptr(), scale.data_ptr()
+
+        def matmul(x: torch.Tensor) -> torch.Tensor:
+            if x.dtype is not torch.bfloat16 or x.dim() != 2 or x.shape[1] != k \
+                    or x.stride(1) != 1:
+                raise ValueError(f"int8_matmul takes bf16 rows of {k} contiguous values, got "
+                                 f"{x.dtype} {tuple(x.shape)}.")
+            out = torch.empty((x.shape[0], n), dtype=torch.float32)
+            raw(x.data_ptr(), x.stride(0), cp, sp, out.data_ptr(), n, x.shape[0], n, k)
+            return out
+
+        matmul.weights = weights
+        return matmul
+
+
+
+def int8_tiles(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pl_int8_matmul`'s layout of an int8 W [N, K] (K even) with one scale per row:
+    codes int8 [T, K / 2, 16, 2] (tile of 16 columns, input pair, column, input) and scales
+    float32 [T, 16] (N padded to 16 T with zero columns)."""
+    n, k = codes.shape
+    if k % 2 or codes.dtype is not torch.int8 or scale.shape != (n,):
+        raise ValueError(f"int8_tiles needs int8 codes [N, K] with K even and scales [N]; got "
+                         f"{codes.dtype} {tuple(codes.shape)} and {tuple(scale.shape)}.")
+    padded = -(-n // 16) * 16
+    c = torch.zeros((padded, k), dtype=torch.int8)
+    c[:n] = codes
+    s = torch.zeros(padded, dtype=torch.float32)
+    s[:n] = scale.float()
+    tiles = c.reshape(padded // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return tiles, s.reshape(padded // 16, 16)
 
 
 def int4_tiles(codes: np.ndarray, scale: torch.Tensor, zero: torch.Tensor, zero_shift: float
