@@ -223,7 +223,6 @@ class CpuKernels:
         return matmul
 
 
-
 def int8_tiles(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`pl_int8_matmul`'s layout of an int8 W [N, K] (K even) with one scale per row:
     codes int8 [T, K / 2, 16, 2] (tile of 16 columns, input pair, column, input) and scales
