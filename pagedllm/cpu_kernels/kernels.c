@@ -459,67 +459,57 @@ float pl_torch_order_sum(const float *v, int64_t n, int64_t lanes) {
 #ifdef __AVX512F__
 #define PL_INT4_PARALLEL_MACS (1 << 19)
 
+/* PL_INT4_PAIR(MB): the products of one input pair of a tile's 16 columns with MB rows,
+ * added to part[0..MB). */
 #ifdef __AVX512BF16__
 /* AVX512-BF16: a code q becomes the bf16 16 + q by bit operations ((q << 3) | 0x4180, exact),
  * two inputs' codes per 32-bit lane, and one vdpbf16ps multiplies them by a broadcast pair of
  * bf16 inputs and adds both products in float32 (16 columns x 2 inputs per instruction).
  * zz then holds zero - 24 * scale: sum_j x_j (16 + q_j) - 16 sum_j x_j = sum_j x_j q_j. */
-#define PL_INT4_BLOCK(MB)                                                                    \
-static void int4_block_##MB(const uint16_t *x, int64_t xs, const float *xsum, int64_t groups,\
-                            const uint8_t *codes, const float *sc, const float *zz,         \
-                            __m512 *out) {                                                  \
-    __m512 acc[MB];                                                                          \
-    for (int r = 0; r < MB; r++) acc[r] = _mm512_setzero_ps();                              \
-    const __m512i lo_mask = _mm512_set1_epi32(0x0F), hi_mask = _mm512_set1_epi32(0xF0);    \
-    const __m512i bias = _mm512_set1_epi32(0x41804180);                                      \
-    for (int64_t g = 0; g < groups; g++) {                                                   \
-        __m512 part[MB];                                                                     \
-        for (int r = 0; r < MB; r++) part[r] = _mm512_setzero_ps();                         \
-        const uint8_t *cg = codes + g * 256;                                                 \
-        for (int p = 0; p < 16; p++) {                                                       \
-            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cg + 16 * p))); \
-            __m512i w = _mm512_or_si512(                                                     \
-                _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(v, lo_mask), 3),         \
-                                _mm512_slli_epi32(_mm512_and_si512(v, hi_mask), 15)), bias); \
-            __m512bh wb = (__m512bh)w;                                                       \
-            for (int r = 0; r < MB; r++) {                                                   \
-                uint32_t pair;                                                               \
-                memcpy(&pair, x + r * xs + g * 32 + 2 * p, sizeof(pair));                    \
-                part[r] = _mm512_dpbf16_ps(part[r], wb,                                      \
-                                           (__m512bh)_mm512_set1_epi32((int)pair));          \
-            }                                                                                \
-        }                                                                                    \
-        __m512 s = _mm512_loadu_ps(sc + g * 16), z = _mm512_loadu_ps(zz + g * 16);          \
+#define PL_INT4_PAIR(MB)                                                                     \
+    {                                                                                        \
+        const __m512i lo_mask = _mm512_set1_epi32(0x0F), hi_mask = _mm512_set1_epi32(0xF0); \
+        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cg + 16 * p)));  \
+        __m512i w = _mm512_or_si512(                                                         \
+            _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(v, lo_mask), 3),             \
+                            _mm512_slli_epi32(_mm512_and_si512(v, hi_mask), 15)),           \
+            _mm512_set1_epi32(0x41804180));                                                  \
+        __m512bh wb = (__m512bh)w;                                                           \
         for (int r = 0; r < MB; r++) {                                                       \
-            acc[r] = _mm512_fmadd_ps(s, part[r], acc[r]);                                    \
-            acc[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[r * groups + g]), acc[r]);      \
+            uint32_t pair;                                                                   \
+            memcpy(&pair, x + r * xs + g * 32 + 2 * p, sizeof(pair));                        \
+            part[r] = _mm512_dpbf16_ps(part[r], wb, (__m512bh)_mm512_set1_epi32((int)pair)); \
         }                                                                                    \
-    }                                                                                        \
-    for (int r = 0; r < MB; r++) out[r] = acc[r];                                            \
-}
+    }
 #define PL_INT4_ZERO_SHIFT 24.0f
 #else
+/* Float32 FMAs on the codes converted to float (zz = zero - 8 * scale). */
+#define PL_INT4_PAIR(MB)                                                                     \
+    {                                                                                        \
+        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cg + 16 * p)));  \
+        __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));        \
+        __m512 q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));                            \
+        for (int r = 0; r < MB; r++) {                                                       \
+            const uint16_t *xp = x + r * xs + g * 32 + 2 * p;                                \
+            part[r] = _mm512_fmadd_ps(q0, _mm512_set1_ps(bf2f(xp[0])), part[r]);            \
+            part[r] = _mm512_fmadd_ps(q1, _mm512_set1_ps(bf2f(xp[1])), part[r]);            \
+        }                                                                                    \
+    }
+#define PL_INT4_ZERO_SHIFT 8.0f
+#endif
+
+/* int4_block_MB: out[0..MB) = the 16 columns of one tile for MB rows of x. */
 #define PL_INT4_BLOCK(MB)                                                                    \
 static void int4_block_##MB(const uint16_t *x, int64_t xs, const float *xsum, int64_t groups,\
                             const uint8_t *codes, const float *sc, const float *zz,         \
                             __m512 *out) {                                                  \
     __m512 acc[MB];                                                                          \
     for (int r = 0; r < MB; r++) acc[r] = _mm512_setzero_ps();                              \
-    const __m512i low = _mm512_set1_epi32(0xF);                                              \
     for (int64_t g = 0; g < groups; g++) {                                                   \
         __m512 part[MB];                                                                     \
         for (int r = 0; r < MB; r++) part[r] = _mm512_setzero_ps();                         \
         const uint8_t *cg = codes + g * 256;                                                 \
-        for (int p = 0; p < 16; p++) {                                                       \
-            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cg + 16 * p))); \
-            __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));                       \
-            __m512 q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));                        \
-            for (int r = 0; r < MB; r++) {                                                   \
-                part[r] = _mm512_fmadd_ps(q0, _mm512_set1_ps(bf2f(x[r * xs + g * 32 + 2 * p])), part[r]); \
-                part[r] = _mm512_fmadd_ps(q1, _mm512_set1_ps(bf2f(x[r * xs + g * 32 + 2 * p + 1])),       \
-                                          part[r]);                                          \
-            }                                                                                \
-        }                                                                                    \
+        for (int p = 0; p < 16; p++) PL_INT4_PAIR(MB)                                        \
         __m512 s = _mm512_loadu_ps(sc + g * 16), z = _mm512_loadu_ps(zz + g * 16);          \
         for (int r = 0; r < MB; r++) {                                                       \
             acc[r] = _mm512_fmadd_ps(s, part[r], acc[r]);                                    \
@@ -528,8 +518,6 @@ static void int4_block_##MB(const uint16_t *x, int64_t xs, const float *xsum, in
     }                                                                                        \
     for (int r = 0; r < MB; r++) out[r] = acc[r];                                            \
 }
-#define PL_INT4_ZERO_SHIFT 8.0f
-#endif
 PL_INT4_BLOCK(1)
 PL_INT4_BLOCK(2)
 PL_INT4_BLOCK(3)

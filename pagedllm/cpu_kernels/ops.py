@@ -177,22 +177,12 @@ class CpuKernels:
                 or not codes.is_contiguous() or not sc.is_contiguous()
                 or not zz.is_contiguous()):
             raise ValueError("int4_matmul got weight tensors of unexpected shapes or layouts.")
-        n = 16 * tiles
-        raw, weights = self.raw_int4, (codes, sc, zz)  # kept alive with the closure
+        n, raw = 16 * tiles, self.raw_int4
         cp, sp, zp = codes.data_ptr(), sc.data_ptr(), zz.data_ptr()
-
-        def matmul(x: torch.Tensor) -> torch.Tensor:
-            if x.dtype is not torch.bfloat16 or x.dim() != 2 or x.shape[1] != k \
-                    or x.stride(1) != 1:
-                raise ValueError(f"int4_matmul takes bf16 rows of {k} contiguous values, got "
-                                 f"{x.dtype} {tuple(x.shape)}.")
-            out = torch.empty((x.shape[0], n), dtype=torch.bfloat16)
-            if x.shape[0]:
-                raw(x.data_ptr(), x.stride(0), cp, sp, zp, out.data_ptr(), n, x.shape[0], n, k)
-            return out
-
-        matmul.weights = weights
-        return matmul
+        return _rows_matmul(
+            "int4_matmul", k, n, torch.bfloat16, (codes, sc, zz),
+            lambda x, out: raw(x.data_ptr(), x.stride(0), cp, sp, zp, out.data_ptr(), n,
+                               x.shape[0], n, k))
 
     def int8_matmul(self, codes: torch.Tensor, scale: torch.Tensor
                     ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -206,21 +196,32 @@ class CpuKernels:
                 or scale.dtype is not torch.float32 or not codes.is_contiguous()
                 or not scale.is_contiguous()):
             raise ValueError("int8_matmul got weight tensors of unexpected shapes or layouts.")
-        n = 16 * tiles
-        raw, weights = self.raw_int8, (codes, scale)
+        n, raw = 16 * tiles, self.raw_int8
         cp, sp = codes.data_ptr(), scale.data_ptr()
+        return _rows_matmul(
+            "int8_matmul", k, n, torch.float32, (codes, scale),
+            lambda x, out: raw(x.data_ptr(), x.stride(0), cp, sp, out.data_ptr(), n,
+                               x.shape[0], n, k))
 
-        def matmul(x: torch.Tensor) -> torch.Tensor:
-            if x.dtype is not torch.bfloat16 or x.dim() != 2 or x.shape[1] != k \
-                    or x.stride(1) != 1:
-                raise ValueError(f"int8_matmul takes bf16 rows of {k} contiguous values, got "
-                                 f"{x.dtype} {tuple(x.shape)}.")
-            out = torch.empty((x.shape[0], n), dtype=torch.float32)
-            raw(x.data_ptr(), x.stride(0), cp, sp, out.data_ptr(), n, x.shape[0], n, k)
-            return out
 
-        matmul.weights = weights
-        return matmul
+def _rows_matmul(name: str, k: int, n: int, out_dtype: torch.dtype,
+                 weights: tuple[torch.Tensor, ...],
+                 launch: Callable[[torch.Tensor, torch.Tensor], None]
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [M, K] -> out [M, N] in `out_dtype` through `launch(x, out)`, x checked at each call
+    (bf16, K wide, rows contiguous); `weights` stay alive with the returned callable."""
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not torch.bfloat16 or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
+            raise ValueError(f"{name} takes bf16 rows of {k} contiguous values, got {x.dtype} "
+                             f"{tuple(x.shape)}.")
+        out = torch.empty((x.shape[0], n), dtype=out_dtype)
+        if x.shape[0]:
+            launch(x, out)
+        return out
+
+    matmul.weights = weights
+    return matmul
 
 
 def int8_tiles(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

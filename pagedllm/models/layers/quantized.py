@@ -127,13 +127,19 @@ def _cpu_kernels() -> CpuKernels | None:
     return ops.get()
 
 
-def _tile_kernels(dtype: torch.dtype, group_size: int) -> CpuKernels | None:
-    """The loaded CPU kernels where they serve an int4 weight in tiles, else None."""
+def tile_kernels() -> CpuKernels | None:
+    """The loaded CPU kernels for weights in their tile layouts (int4 matmul, int8 LM head),
+    or None: none built, or ``PAGEDLLM_CPU_KERNELS=exact`` (torch's kernels, bit for bit)."""
     from pagedllm.cpu_kernels.build import exact_only
 
-    if dtype is not torch.bfloat16 or group_size != 32 or exact_only():
+    return None if exact_only() else _cpu_kernels()
+
+
+def _tile_kernels(dtype: torch.dtype, group_size: int) -> CpuKernels | None:
+    """The loaded CPU kernels where they serve an int4 weight in tiles, else None."""
+    if dtype is not torch.bfloat16 or group_size != 32:
         return None
-    kernels = _cpu_kernels()
+    kernels = tile_kernels()
     return kernels if kernels is not None and kernels.has_int4 else None
 
 

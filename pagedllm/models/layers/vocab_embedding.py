@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.group import SINGLE_PROCESS, TensorParallelGroup
-from pagedllm.models.layers.quantized import PackedWeight
+from pagedllm.models.layers.quantized import PackedWeight, tile_kernels
 from pagedllm.utils import cdiv
 
 
@@ -93,9 +93,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.packed.kind != "int8" or self.packed.dtype is not torch.bfloat16:
             return None
         from pagedllm.cpu_kernels import ops
-        from pagedllm.cpu_kernels.build import exact_only
 
-        kernels = None if exact_only() else ops.get()
+        kernels = tile_kernels()
         if kernels is None or not kernels.has_int8:
             return None
         return kernels.int8_matmul(*ops.int8_tiles(self.packed.codes, self.packed.scales))
