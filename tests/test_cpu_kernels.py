@@ -290,8 +290,8 @@ def _int4_weight(n: int, k: int, seed: int):
 @needs_int4
 @pytest.mark.parametrize("n,k", [(96, 64), (200, 576), (576, 1536)])
 def test_int4_tiles_match_dequantize_then_matmul(n: int, k: int) -> None:
-    """Every row block size (1..8 rows, then more blocks) and a width that is not a
-    multiple of 16: float32 accumulation, so only the bf16 output rounding remains, as for
+    """Every row block size (1..8 rows, then more blocks, read from a tile unpacked once)
+    and a width that is not a multiple of 16: float32 accumulation, so only the bf16 output rounding remains, as for
     torch's int4 kernel on the same weight."""
     from pagedllm.models.layers.quantized import PackedWeight
 
@@ -309,6 +309,8 @@ def test_int4_tiles_match_dequantize_then_matmul(n: int, k: int) -> None:
         assert rel < 3e-3, (m, rel)  # bf16 output rounding: ~1.6e-3
         elementwise = (got.float() - want).abs() <= want.abs() * 2**-7 + 1e-3
         assert bool(elementwise.all()), m
+        if m > 8:  # past 8 rows the tile is unpacked once for all rows: the same bits
+            assert torch.equal(got[:8], tiled(x[:8].contiguous())), m
 
 
 @needs_int4

@@ -10,7 +10,7 @@
  *   pl_paged_decode      KV cache write of the new tokens + attention of one query per
  *                        row over its blocks, read in place (no gather)
  *   pl_int4_matmul       x @ W^T for a 4-bit grouped W, each weight tile unpacked once
- *                        for up to 8 rows of x
+ *                        for a block of 8 rows of x, or for all rows past 8
  *   pl_int8_matmul       the same for an int8 W with row scales, float32 out (LM head)
  *
  * bf16 values travel as uint16_t; arithmetic is float32; float -> bf16 rounds to nearest
@@ -451,65 +451,88 @@ float pl_torch_order_sum(const float *v, int64_t n, int64_t lanes) {
  *   2p + 1 (high) of each column;
  *   sc, zz float32 [n / 16][k / 32][16]: the scale and zero - shift * scale of each
  *   group (shift: pl_int4_zero_shift).
- * Each weight tile is unpacked once for a block of up to 8 rows of x (torch's kernel
- * unpacks it again for every row): per group acc += sc * sum_j x_j q_j
+ * Each weight tile is unpacked once for a block of up to 8 rows of x, or once for all
+ * of them past 8 rows (torch's kernel unpacks it again for every row): per group acc += sc * sum_j x_j q_j
  * + zz * sum_j x_j, in float32, rounded to bf16 once at the end. n must be a multiple of
  * 16 and k of 32 (the tiles are padded at packing). Parallel over tiles where the work pays
  * for waking the other threads. */
 #ifdef __AVX512F__
 #define PL_INT4_PARALLEL_MACS (1 << 19)
 
-/* PL_INT4_PAIR(MB): the products of one input pair of a tile's 16 columns with MB rows,
- * added to part[0..MB). */
+/* f2bf of 16 floats at once (round to nearest even; NaN stays NaN, as f2bf). */
+static inline __m256i f2bf_x16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+/* A tile's input pair p of group g as weight vectors (PL_INT4_W of them; an unpacked tile is
+ * groups x 16 pairs of them), and PL_INT4_DOT(MB): their products with MB rows' inputs of
+ * that pair, added to part[0..MB). */
 #ifdef __AVX512BF16__
 /* AVX512-BF16: a code q becomes the bf16 16 + q by bit operations ((q << 3) | 0x4180, exact),
  * two inputs' codes per 32-bit lane, and one vdpbf16ps multiplies them by a broadcast pair of
  * bf16 inputs and adds both products in float32 (16 columns x 2 inputs per instruction).
  * zz then holds zero - 24 * scale: sum_j x_j (16 + q_j) - 16 sum_j x_j = sum_j x_j q_j. */
-#define PL_INT4_PAIR(MB)                                                                     \
-    {                                                                                        \
-        const __m512i lo_mask = _mm512_set1_epi32(0x0F), hi_mask = _mm512_set1_epi32(0xF0); \
-        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cg + 16 * p)));  \
-        __m512i w = _mm512_or_si512(                                                         \
-            _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(v, lo_mask), 3),             \
-                            _mm512_slli_epi32(_mm512_and_si512(v, hi_mask), 15)),           \
-            _mm512_set1_epi32(0x41804180));                                                  \
-        __m512bh wb = (__m512bh)w;                                                           \
-        for (int r = 0; r < MB; r++) {                                                       \
-            uint32_t pair;                                                                   \
-            memcpy(&pair, x + r * xs + g * 32 + 2 * p, sizeof(pair));                        \
-            part[r] = _mm512_dpbf16_ps(part[r], wb, (__m512bh)_mm512_set1_epi32((int)pair)); \
-        }                                                                                    \
+#define PL_INT4_W 1
+static inline void int4_unpack(const uint8_t *c, __m512i *w) {
+    const __m512i lo_mask = _mm512_set1_epi32(0x0F), hi_mask = _mm512_set1_epi32(0xF0);
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)c));
+    w[0] = _mm512_or_si512(
+        _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(v, lo_mask), 3),
+                        _mm512_slli_epi32(_mm512_and_si512(v, hi_mask), 15)),
+        _mm512_set1_epi32(0x41804180));
+}
+#define PL_INT4_DOT(MB)                                                                      \
+    for (int r = 0; r < MB; r++) {                                                           \
+        uint32_t pair;                                                                       \
+        memcpy(&pair, x + r * xs + g * 32 + 2 * p, sizeof(pair));                            \
+        part[r] = _mm512_dpbf16_ps(part[r], (__m512bh)w[0],                                  \
+                                   (__m512bh)_mm512_set1_epi32((int)pair));                  \
     }
 #define PL_INT4_ZERO_SHIFT 24.0f
 #else
 /* Float32 FMAs on the codes converted to float (zz = zero - 8 * scale). */
-#define PL_INT4_PAIR(MB)                                                                     \
-    {                                                                                        \
-        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cg + 16 * p)));  \
-        __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));        \
-        __m512 q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));                            \
-        for (int r = 0; r < MB; r++) {                                                       \
-            const uint16_t *xp = x + r * xs + g * 32 + 2 * p;                                \
-            part[r] = _mm512_fmadd_ps(q0, _mm512_set1_ps(bf2f(xp[0])), part[r]);            \
-            part[r] = _mm512_fmadd_ps(q1, _mm512_set1_ps(bf2f(xp[1])), part[r]);            \
-        }                                                                                    \
+#define PL_INT4_W 2
+static inline void int4_unpack(const uint8_t *c, __m512i *w) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)c));
+    w[0] = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF))));
+    w[1] = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)));
+}
+#define PL_INT4_DOT(MB)                                                                      \
+    for (int r = 0; r < MB; r++) {                                                           \
+        const uint16_t *xp = x + r * xs + g * 32 + 2 * p;                                    \
+        part[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(w[0]), _mm512_set1_ps(bf2f(xp[0])),   \
+                                  part[r]);                                                  \
+        part[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(w[1]), _mm512_set1_ps(bf2f(xp[1])),   \
+                                  part[r]);                                                  \
     }
 #define PL_INT4_ZERO_SHIFT 8.0f
 #endif
 
-/* int4_block_MB: out[0..MB) = the 16 columns of one tile for MB rows of x. */
+/* int4_block_MB: out[0..MB) = the 16 columns of one tile for MB rows of x. With `unpacked`
+ * NULL each pair is unpacked from the codes here (once for the MB rows); else it is read
+ * from `unpacked`, the whole tile unpacked once for all the rows of x (int4_tile). */
 #define PL_INT4_BLOCK(MB)                                                                    \
 static void int4_block_##MB(const uint16_t *x, int64_t xs, const float *xsum, int64_t groups,\
-                            const uint8_t *codes, const float *sc, const float *zz,         \
-                            __m512 *out) {                                                  \
+                            const uint8_t *codes, const __m512i *unpacked, const float *sc, \
+                            const float *zz, __m512 *out) {                                 \
     __m512 acc[MB];                                                                          \
     for (int r = 0; r < MB; r++) acc[r] = _mm512_setzero_ps();                              \
     for (int64_t g = 0; g < groups; g++) {                                                   \
         __m512 part[MB];                                                                     \
         for (int r = 0; r < MB; r++) part[r] = _mm512_setzero_ps();                         \
-        const uint8_t *cg = codes + g * 256;                                                 \
-        for (int p = 0; p < 16; p++) PL_INT4_PAIR(MB)                                        \
+        for (int p = 0; p < 16; p++) {                                                       \
+            __m512i own[PL_INT4_W];                                                          \
+            const __m512i *w = own;                                                          \
+            if (unpacked) w = unpacked + (g * 16 + p) * PL_INT4_W;                           \
+            else int4_unpack(codes + g * 256 + 16 * p, own);                                 \
+            PL_INT4_DOT(MB)                                                                  \
+        }                                                                                    \
         __m512 s = _mm512_loadu_ps(sc + g * 16), z = _mm512_loadu_ps(zz + g * 16);          \
         for (int r = 0; r < MB; r++) {                                                       \
             acc[r] = _mm512_fmadd_ps(s, part[r], acc[r]);                                    \
@@ -528,30 +551,34 @@ PL_INT4_BLOCK(7)
 PL_INT4_BLOCK(8)
 
 typedef void (*int4_block_fn)(const uint16_t *, int64_t, const float *, int64_t,
-                              const uint8_t *, const float *, const float *, __m512 *);
+                              const uint8_t *, const __m512i *, const float *, const float *,
+                              __m512 *);
 static const int4_block_fn INT4_BLOCKS[9] = {
     NULL, int4_block_1, int4_block_2, int4_block_3, int4_block_4, int4_block_5, int4_block_6,
     int4_block_7, int4_block_8};
 
+/* One tile's 16 columns for all m rows of x. Past one block of 8 rows the tile is unpacked
+ * once into `scratch` (groups x 16 x PL_INT4_W vectors, at most 64 B x k x PL_INT4_W / 2:
+ * L1 / L2-sized for the widths of small models) and every block reads it from there. */
 static void int4_tile(int64_t t, const uint16_t *x, int64_t xs, const float *xsum, int64_t m,
-                      int64_t k,
-                      const uint8_t *codes, const float *sc, const float *zz, uint16_t *y,
-                      int64_t ys) {
+                      int64_t k, const uint8_t *codes, const float *sc, const float *zz,
+                      uint16_t *y, int64_t ys, __m512i *scratch) {
     int64_t groups = k / 32;
     const uint8_t *ct = codes + t * groups * 256;
     const float *st = sc + t * groups * 16, *zt = zz + t * groups * 16;
+    const __m512i *unpacked = NULL;
+    if (m > 8 && scratch) {
+        for (int64_t i = 0; i < groups * 16; i++) int4_unpack(ct + 16 * i, scratch + i * PL_INT4_W);
+        unpacked = scratch;
+    }
     __m512 out[8];
     for (int64_t r0 = 0; r0 < m; ) {
         int64_t mb = m - r0 < 8 ? m - r0 : 8;
         const uint16_t *xr = x + r0 * xs;
         const float *sr = xsum + r0 * groups;
-        INT4_BLOCKS[mb](xr, xs, sr, groups, ct, st, zt, out);
-        for (int64_t r = 0; r < mb; r++) {
-            float v[16];
-            _mm512_storeu_ps(v, out[r]);
-            uint16_t *yr = y + (r0 + r) * ys + t * 16;
-            for (int j = 0; j < 16; j++) yr[j] = f2bf(v[j]);
-        }
+        INT4_BLOCKS[mb](xr, xs, sr, groups, ct, unpacked, st, zt, out);
+        for (int64_t r = 0; r < mb; r++)
+            _mm256_storeu_si256((__m256i *)(y + (r0 + r) * ys + t * 16), f2bf_x16(out[r]));
         r0 += mb;
     }
 }
@@ -580,13 +607,21 @@ int pl_int4_matmul(const uint16_t *x, int64_t xs, const uint8_t *codes, const fl
             xsum[r * groups + g] = s;
         }
     }
+    size_t scratch_bytes = sizeof(__m512i) * (size_t)(groups * 16 * PL_INT4_W);
     if (tiles > 1 && m * n * k >= PL_INT4_PARALLEL_MACS) {
-#pragma omp parallel for schedule(static)
-        for (int64_t t = 0; t < tiles; t++)
-            int4_tile(t, x, xs, xsum, m, k, codes, sc, zz, y, ys);
+#pragma omp parallel
+        {
+            __m512i *scratch = m > 8 ? (__m512i *)aligned_alloc(64, scratch_bytes) : NULL;
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < tiles; t++)
+                int4_tile(t, x, xs, xsum, m, k, codes, sc, zz, y, ys, scratch);
+            free(scratch);
+        }
     } else {
+        __m512i *scratch = m > 8 ? (__m512i *)aligned_alloc(64, scratch_bytes) : NULL;
         for (int64_t t = 0; t < tiles; t++)
-            int4_tile(t, x, xs, xsum, m, k, codes, sc, zz, y, ys);
+            int4_tile(t, x, xs, xsum, m, k, codes, sc, zz, y, ys, scratch);
+        free(scratch);
     }
     free(xsum);
     return 0;
