@@ -83,6 +83,20 @@ class GrammarBitmask:
                             if self.device.type != "cpu" else self.host)
         self._copied: torch.cuda.Event | None = None
 
+    def warm_up(self) -> None:
+        """Compile the device's masking kernel (xgrammar's Triton kernel on CUDA) before the
+        first constrained step: Triton specializes on a row count of 1, a multiple of 16, or
+        another, and each compile takes a fraction of a second that the step loop would
+        otherwise stall on. Uses its own buffers (safe beside a running step loop)."""
+        if self.device.type != "cuda":
+            return
+        words = self.host.shape[1]
+        logits = torch.zeros(16, words * 32, dtype=torch.float32, device=self.device)
+        mask = torch.zeros(16, words, dtype=torch.int32, device=self.device)
+        for n in (1, 2, 16):
+            apply_token_bitmask(logits[:n], mask[:n], range(n))
+        torch.cuda.current_stream(self.device).synchronize()
+
     def wait_copied(self) -> None:
         """Block until the last ``apply``'s host-to-device copy has read the host buffer."""
         if self._copied is not None:

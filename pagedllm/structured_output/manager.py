@@ -144,10 +144,12 @@ class StructuredOutputManager:
                     del self._cache[key]
 
     def _backend(self, name: str) -> StructuredOutputBackend:
-        # Only compile threads wait on this lock (a token table takes seconds to build);
-        # the step loop never takes it.
+        # Only compile threads wait on this lock (a token table takes seconds to build, the
+        # masking kernel's compile a second); the step loop never takes it.
         with self._build_lock:
             if name not in self._backends:
+                if not self._backends:  # the first constrained request waits for this too
+                    self.bitmask.warm_up()
                 self._backends[name] = self._build_backend(name)
             return self._backends[name]
 
