@@ -291,8 +291,8 @@ def _int4_weight(n: int, k: int, seed: int):
 @pytest.mark.parametrize("n,k", [(96, 64), (200, 576), (576, 1536)])
 def test_int4_tiles_match_dequantize_then_matmul(n: int, k: int) -> None:
     """Every row block size (1..8 rows, then more blocks, read from a tile unpacked once)
-    and a width that is not a multiple of 16: float32 accumulation, so only the bf16 output rounding remains, as for
-    torch's int4 kernel on the same weight."""
+    and a width that is not a multiple of 16: float32 accumulation, so only the bf16
+    output rounding remains, as for torch's int4 kernel on the same weight."""
     from pagedllm.models.layers.quantized import PackedWeight
 
     codes, scale, zero, dense = _int4_weight(n, k, n + k)
