@@ -602,9 +602,9 @@ int pl_int4_matmul(const uint16_t *x, int64_t xs, const uint8_t *codes, const fl
     float *xsum = (float *)malloc(sizeof(float) * (size_t)(m * groups + 1));
     for (int64_t r = 0; r < m; r++) {
         for (int64_t g = 0; g < groups; g++) {
-            float s = 0.0f;
-            for (int64_t j = 0; j < 32; j++) s += bf2f(x[r * xs + g * 32 + j]);
-            xsum[r * groups + g] = s;
+            const uint16_t *xg = x + r * xs + g * 32;
+            xsum[r * groups + g] = _mm512_reduce_add_ps(
+                _mm512_add_ps(load_bf16x16(xg), load_bf16x16(xg + 16)));
         }
     }
     size_t scratch_bytes = sizeof(__m512i) * (size_t)(groups * 16 * PL_INT4_W);
