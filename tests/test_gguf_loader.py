@@ -117,6 +117,27 @@ def test_weights_dtype(smollm_path: Path) -> None:
     assert tuple(tensor.shape) == info.shape == (576, 576)
 
 
+def test_llama_config_equals_transformers_llama_config() -> None:
+    """The GGUF path's Llama config skips importing LlamaConfig (start-up): every attribute
+    LlamaConfig would set has the same value on it."""
+    from transformers import LlamaConfig
+
+    from pagedllm.models.loader.gguf_config import llama_config
+
+    fields = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                  bos_token_id=1, eos_token_id=2, attention_bias=False, mlp_bias=False,
+                  dtype="float32")
+    ours = llama_config(dict(fields))
+    ref = LlamaConfig(architectures=["LlamaForCausalLM"], **fields)
+    assert ours.model_type == "llama" and ours.architectures == ["LlamaForCausalLM"]
+    differ = {k: (getattr(ours, k, "missing"), v) for k, v in vars(ref).items()
+              if k != "transformers_version" and getattr(ours, k, "missing") != v}
+    assert not differ, differ
+
+
 @needs_smollm2
 def test_config_matches_transformers(smollm_path: Path, hf_model: torch.nn.Module) -> None:
     ours = gguf_to_hf_config(smollm_path)

@@ -40,7 +40,8 @@ def _rope_parameters(ckpt: GGUFCheckpoint, theta: float) -> dict[str, Any]:
 
 
 def gguf_to_hf_config(path: str | os.PathLike[str] | GGUFCheckpoint) -> Any:
-    """Build a transformers config (LlamaConfig / Qwen2Config / Qwen3Config) from GGUF metadata."""
+    """Build a transformers config from GGUF metadata (Qwen2Config, Qwen3Config, ...; Llama's
+    as `llama_config`)."""
     ckpt = open_checkpoint(path)
     get = ckpt.arch_get
     hidden = int(get("embedding_length"))
@@ -84,17 +85,19 @@ def gguf_to_hf_config(path: str | os.PathLike[str] | GGUFCheckpoint) -> Any:
         if ckpt.get(key) is not None:
             kwargs[hf_key] = int(ckpt.get(key))
 
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
-
     config: Any
     arch = ckpt.architecture
     if arch == "llama":
         kwargs["attention_bias"] = "blk.0.attn_q.bias" in ckpt.tensor_by_name
         kwargs["mlp_bias"] = "blk.0.ffn_gate.bias" in ckpt.tensor_by_name
-        config = LlamaConfig(architectures=["LlamaForCausalLM"], **kwargs)
+        config = llama_config(kwargs)
     elif arch == "qwen2":
+        from transformers import Qwen2Config
+
         config = Qwen2Config(architectures=["Qwen2ForCausalLM"], **kwargs)
     elif arch == "qwen3":
+        from transformers import Qwen3Config
+
         kwargs["attention_bias"] = "blk.0.attn_q.bias" in ckpt.tensor_by_name
         config = Qwen3Config(architectures=["Qwen3ForCausalLM"], **kwargs)
     elif arch in ("qwen2moe", "qwen3moe"):
@@ -110,6 +113,26 @@ def gguf_to_hf_config(path: str | os.PathLike[str] | GGUFCheckpoint) -> Any:
     name = ckpt.get("general.name")
     if name:
         config._model_name_or_path = name
+    return config
+
+
+# LlamaConfig's defaults for the fields a GGUF file does not carry.
+_LLAMA_DEFAULTS = {"hidden_act": "silu", "initializer_range": 0.02, "use_cache": True,
+                   "pretraining_tp": 1, "attention_dropout": 0.0}
+
+
+def llama_config(fields: dict[str, Any]) -> Any:
+    """A Llama config (model_type "llama") as transformers' PretrainedConfig with LlamaConfig's
+    defaults: every field LlamaConfig sets, without importing LlamaConfig, whose module chain
+    (activations, kernels hub, torch.distributed.tensor) costs about 1.2 s of the default
+    model's start-up on a 2-core CPU. tests/test_gguf_loader.py holds it to LlamaConfig."""
+    from transformers import PretrainedConfig
+
+    values = {**_LLAMA_DEFAULTS, **fields}
+    config = PretrainedConfig(architectures=["LlamaForCausalLM"], **values)
+    config.model_type = "llama"
+    config.use_cache = values["use_cache"]  # PretrainedConfig keeps neither of these two
+    config.pad_token_id = values.get("pad_token_id")
     return config
 
 
