@@ -608,12 +608,13 @@ class ModelRunner:
         if self.tp.world_size > 1 and self.tp.communicator is None:
             return  # torch.distributed's collectives are not captured (no libnccl: warned)
         verify: tuple[int, ...] = ()
-        if self.speculative is not None and self.backend.supports_verify_cuda_graphs():
+        mixed = self.backend.supports_mixed_cuda_graphs()
+        if self.speculative is not None and mixed:
             verify = tuple(range(2, self.speculative.num_speculative_tokens + 2))
-        self.graphs = self._capture_graphs(self.model, self.kv_caches, verify, "")
+        self.graphs = self._capture_graphs(self.model, self.kv_caches, verify, mixed, "")
         if self.drafter is not None:
             self.drafter.graphs = self._capture_graphs(
-                self.drafter.model, self.drafter.kv_caches, verify, " (draft model)")
+                self.drafter.model, self.drafter.kv_caches, verify, mixed, " (draft model)")
 
     def release_graphs(self) -> None:
         """Free the captured CUDA graphs (the target's and the draft's) at shutdown."""
@@ -623,21 +624,29 @@ class ModelRunner:
                 owner.graphs = None
 
     def _capture_graphs(self, model: Any, kv_caches: list[torch.Tensor],
-                        verify: tuple[int, ...], what: str) -> Any:
+                        verify: tuple[int, ...], mixed: bool, what: str) -> Any:
+        """Decode graphs up to max_cudagraph_capture_size requests and, where the backend
+        allows, mixed-step graphs up to that many tokens (as vLLM's capture sizes count
+        tokens) or verify graphs when speculating."""
         from pagedllm.worker.cuda_graphs import DecodeGraphs
 
         start = time.perf_counter()
         sched = self.config.scheduler
+        cap = self.config.device.max_cudagraph_capture_size
         graphs = DecodeGraphs(
             model, kv_caches, self.device,
-            max_batch_size=min(sched.max_num_seqs, self.config.device.max_cudagraph_capture_size),
+            max_batch_size=min(sched.max_num_seqs, cap),
             max_blocks_per_seq=cdiv(sched.max_model_len, self.block_size),
-            verify_query_lens=verify)
+            verify_query_lens=verify,
+            max_mixed_tokens=min(cap, sched.max_num_batched_tokens) if mixed else 0,
+            max_num_reqs=sched.max_num_seqs)
         graphs.capture()
-        logger.info("Captured %d CUDA graphs%s: decode batches up to %d%s in %.1f s",
+        logger.info("Captured %d CUDA graphs%s: decode batches up to %d%s%s in %.1f s",
                     len(graphs.graphs), what, graphs.sizes[-1],
                     f", verify batches up to {graphs.verify_sizes[-1]} of 1 + 1..."
                     f"{verify[-1] - 1} tokens" if verify else "",
+                    f", mixed steps up to {graphs.mixed_sizes[-1]} tokens"
+                    if graphs.mixed_sizes else "",
                     time.perf_counter() - start)
         return graphs
 

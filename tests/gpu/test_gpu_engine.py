@@ -59,7 +59,8 @@ def _hf(folder: str, prompts, dtype) -> list[list[int]]:
     return outs
 
 
-def _ours(folder: str, prompts, **kwargs) -> list[list[int]]:
+def _ours(folder: str, prompts, replays: dict | None = None, **kwargs) -> list[list[int]]:
+    """Greedy tokens; `replays` gets the number of mixed-step graph replays."""
     from pagedllm import LLM, SamplingParams
 
     llm = LLM(folder, device="cuda", gpu_memory_utilization=0.3, **kwargs)
@@ -68,6 +69,9 @@ def _ours(folder: str, prompts, **kwargs) -> list[list[int]]:
                         use_tqdm=False)
     kv = llm.engine.scheduler.kv
     assert kv.pool.num_free_blocks == kv.pool.num_blocks
+    if replays is not None:
+        graphs = llm.engine.executor.runner.graphs
+        replays["mixed"] = graphs.mixed_replays if graphs is not None else 0
     return [o.outputs[0].token_ids for o in outs]
 
 
@@ -101,9 +105,11 @@ def test_graphs_match_eager_under_preemption_and_chunking(folders):
     folder = folders["llama"]
     prompts = _prompts(AutoConfig.from_pretrained(folder).vocab_size)
     eager = _ours(folder, prompts, dtype="float32", enforce_eager=True)
-    graphs = _ours(folder, prompts, dtype="float32", num_gpu_blocks_override=80,
+    replays: dict = {}
+    graphs = _ours(folder, prompts, replays, dtype="float32", num_gpu_blocks_override=80,
                    max_model_len=600, max_num_batched_tokens=128, max_num_seqs=8)
     assert graphs == eager
+    assert replays["mixed"] > 0  # chunked prefills beside decodes ran from mixed graphs
 
 
 def test_torch_backend_on_cuda_matches(folders):

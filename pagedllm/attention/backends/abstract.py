@@ -100,8 +100,8 @@ class AttentionBackend(ABC):
         return False
 
     @staticmethod
-    def supports_verify_cuda_graphs() -> bool:
-        """Whether steps whose requests all have the same query length > 1 (speculation's
+    def supports_mixed_cuda_graphs() -> bool:
+        """Whether steps with query lengths > 1 (mixed prefill + decode steps, speculation's
         verify steps) replay from CUDA graphs: the mixed-batch path reads every per-request
         length from device tensors, its launch depends on the token and request counts."""
         return False

@@ -101,7 +101,7 @@ class TritonAttentionBackend(AttentionBackend):
         return True
 
     @staticmethod
-    def supports_verify_cuda_graphs() -> bool:
+    def supports_mixed_cuda_graphs() -> bool:
         return True
 
     @staticmethod
