@@ -132,11 +132,14 @@ def _matched_unconstrained(llm: Any, prompts: list[dict], outs: list[Any],
     """The same requests again on the same engine, unconstrained, each generating exactly as
     many tokens as it did under its grammar: the grammar's own cost, apart from the shorter
     outputs (constrained requests end when their grammar does, so new requests join a
-    running batch all along instead of in waves)."""
+    running batch all along instead of in waves). The prefix cache is emptied first: the
+    prompts' blocks from the first run would otherwise spare this one its prefills."""
     from pagedllm import SamplingParams
 
     params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, detokenize=False,
                              max_tokens=max(len(o.outputs[0].token_ids), 1)) for o in outs]
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("the prefix cache could not be emptied (requests still running)")
     again, elapsed = _timed_generate(llm, prompts, params, args.device)
     tokens = sum(len(o.outputs[0].token_ids) for o in again)
     return dict(matched_unconstrained_seconds=elapsed,
