@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from pagedllm.attention.backends.abstract import AttentionMetadata
-from pagedllm.worker.cuda_graphs import MIXED, DecodeGraphs, mixed_capture_sizes
+from pagedllm.worker.cuda_graphs import MIXED, StepGraphs, mixed_capture_sizes
 
 
 def _md(query_lens: list[int], cols: int = 4) -> AttentionMetadata:
@@ -22,8 +22,8 @@ def _md(query_lens: list[int], cols: int = 4) -> AttentionMetadata:
         is_decode_only=all(q == 1 for q in query_lens))
 
 
-def _graphs(**kwargs) -> DecodeGraphs:
-    return DecodeGraphs(None, [], torch.device("cpu"), **{
+def _graphs(**kwargs) -> StepGraphs:
+    return StepGraphs(None, [], torch.device("cpu"), **{
         "max_batch_size": 16, "max_blocks_per_seq": 8, **kwargs})
 
 

@@ -42,7 +42,7 @@ class DraftModel:
         self.max_model_len = config.model.max_model_len
         self.device = device
         self.kv_caches: list[torch.Tensor] = []
-        self.graphs: Any = None  # DecodeGraphs (decode and verify shapes) once captured
+        self.graphs: Any = None  # StepGraphs (decode and verify shapes) once captured
         # request id -> q [k, V] of its last sampled proposal (greedy ones: a point mass,
         # not stored).
         self._q: dict[str, torch.Tensor] = {}

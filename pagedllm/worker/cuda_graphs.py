@@ -47,7 +47,7 @@ def mixed_capture_sizes(max_tokens: int) -> list[int]:
     return [s for s in sizes if s < max_tokens] + [max_tokens]
 
 
-class DecodeGraphs:
+class StepGraphs:
     """Static input buffers and one captured graph per (batch size, query length), or per
     (token count, MIXED).
 
@@ -83,7 +83,7 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(reqs, dtype=torch.int32, device=device)
         self.block_table = torch.zeros(reqs, max_blocks_per_seq, dtype=torch.int32,
                                        device=device)
-        # query_start_loc of each query length: 0, q, 2q, ...; of mixed steps: the step's
+        # query_start_loc of each query length: 0, q, 2q, ...; MIXED: each replay's own
         self.query_start_loc = {q: torch.arange(n + 1, dtype=torch.int32, device=device) * q
                                 for q in (1, *self.verify_query_lens)}
         self.query_start_loc[MIXED] = torch.zeros(reqs + 1, dtype=torch.int32, device=device)

@@ -89,7 +89,7 @@ class ModelRunner:
         # The last launched step's sampled ids (device) and request id -> row (async).
         self._last_sampled: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
-        self.graphs: Any = None  # DecodeGraphs once captured
+        self.graphs: Any = None  # StepGraphs once captured
         # Speculative decoding: verification in `execute`; a draft model proposes there.
         self.speculative = config.speculative
         self.drafter: Any = None
@@ -628,12 +628,12 @@ class ModelRunner:
         """Decode graphs up to max_cudagraph_capture_size requests and, where the backend
         allows, mixed-step graphs up to that many tokens (as vLLM's capture sizes count
         tokens) or verify graphs when speculating."""
-        from pagedllm.worker.cuda_graphs import DecodeGraphs
+        from pagedllm.worker.cuda_graphs import StepGraphs
 
         start = time.perf_counter()
         sched = self.config.scheduler
         cap = self.config.device.max_cudagraph_capture_size
-        graphs = DecodeGraphs(
+        graphs = StepGraphs(
             model, kv_caches, self.device,
             max_batch_size=min(sched.max_num_seqs, cap),
             max_blocks_per_seq=cdiv(sched.max_model_len, self.block_size),

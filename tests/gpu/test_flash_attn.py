@@ -152,7 +152,7 @@ def test_decode_with_window_and_long_prefill(window):
 
 def test_decode_graph_replay_matches_eager():
     """A decode step captured once replays right for other lengths, tables and caches
-    written into the same tensors (as DecodeGraphs does)."""
+    written into the same tensors (as StepGraphs does)."""
     from pagedllm.attention.backends.flash_attn import FlashAttentionImpl, select_kernel
 
     if not select_kernel(torch.cuda.current_device()).cuda_graphs:
