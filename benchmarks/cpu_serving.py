@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -177,15 +178,19 @@ def server_command(name: str, args: argparse.Namespace, gguf: str, port: int) ->
             "--threads", threads]
 
 
-def bench_serve(url: str) -> dict[str, float]:
-    """`pagedllm bench serve` with the issue's random workload at 8 clients."""
+def bench_serve(url: str) -> dict[str, Any]:
+    """`pagedllm bench serve` with the issue's random workload at 8 clients ({"error": ...}
+    when it fails against this server)."""
     out = f"/tmp/cpu_serving_bench_{os.getpid()}.json"
     cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "bench", "serve", "--base-url", url,
            "--model", MODEL_NAME, "--tokenizer", MODEL_NAME, "--dataset-name", "random",
            "--random-input-len", "128", "--random-output-len", "64", "--ignore-eos",
            "--extra-body", '{"logit_bias": {"2": -100}}', "--seed", "0", "--num-warmups", "2",
            "--max-concurrency", "8", "--num-prompts", "24", "--save-result", "--result-file", out]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:  # a peer that drops requests: say so, measure the others
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"error": f"bench serve exited {done.returncode}: {' | '.join(tail)}"}
     with open(out) as f:
         data = json.load(f)
     os.unlink(out)
