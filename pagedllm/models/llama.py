@@ -8,7 +8,7 @@ rope), `LlamaDecoderLayer.make_mlp` (dense or MoE), `LlamaForCausalLM.checkpoint
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +51,21 @@ class DecoderBuild:
     max_position: int  # rotary cache length
     sliding_window: int | None  # the engine's window for layers that use the global one
     tp: TensorParallelGroup
+    # Rotary modules by their settings: layers with equal rope share one (one table in
+    # memory, cos / sin gathered once per step; Gemma 3's local and global layers two).
+    _rotary: dict[tuple, RotaryEmbedding] = field(default_factory=dict, compare=False)
+
+    def rotary(self, head_dim: int, rotary_dim: int,
+               params: dict[str, Any] | None) -> RotaryEmbedding:
+        """The rotary embedding of a layer with these settings (`params` None: the
+        config's rope), made once per distinct settings."""
+        key = (head_dim, rotary_dim, None if params is None else repr(sorted(params.items())))
+        module = self._rotary.get(key)
+        if module is None:
+            module = self._rotary[key] = RotaryEmbedding(
+                head_dim, self.max_position, self.config, rotary_dim=rotary_dim,
+                params=params, max_model_len=self.max_model_len)
+        return module
 
 
 @dataclass(frozen=True)
@@ -101,10 +116,8 @@ class LlamaAttention(nn.Module):
                                         attention_bias, tp)
         partial = (rope_parameters(config).get("partial_rotary_factor")
                    or getattr(config, "partial_rotary_factor", None) or 1.0)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, build.max_position, config,
-                                          rotary_dim=int(self.head_dim * partial),
-                                          params=settings.rope_parameters,
-                                          max_model_len=build.max_model_len)
+        self.rotary_emb = build.rotary(self.head_dim, int(self.head_dim * partial),
+                                       settings.rope_parameters)
         if self.qk_norm:
             self.q_norm = self.make_norm(self.head_dim, config.rms_norm_eps)
             self.k_norm = self.make_norm(self.head_dim, config.rms_norm_eps)
@@ -189,7 +202,6 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(
             self.layer_cls(build, i) for i in range(config.num_hidden_layers)
         )
-        _share_rotary_tables(self.layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
@@ -271,23 +283,6 @@ class LlamaForCausalLM(nn.Module):
                 "is it complete and of the architecture config.json names?"
             )
         return loaded
-
-
-def _share_rotary_tables(layers: nn.ModuleList) -> None:
-    """Layers whose rotary tables are equal share one module (one table in memory, cos/sin
-    gathered once per step); layers with their own rope (Gemma 3) keep theirs."""
-    distinct: list[RotaryEmbedding] = []
-    for layer in layers:
-        attn = getattr(layer, "self_attn", None)
-        rotary = getattr(attn, "rotary_emb", None)
-        if not isinstance(rotary, RotaryEmbedding):
-            continue
-        for other in distinct:
-            if other.same_table(rotary):
-                attn.rotary_emb = other
-                break
-        else:
-            distinct.append(rotary)
 
 
 def head_dim_of(config: Any) -> int:

@@ -123,13 +123,6 @@ class RotaryEmbedding(nn.Module):
         # share this module (equal tables) gather them once per step.
         self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def same_table(self, other: RotaryEmbedding) -> bool:
-        """Whether `other` applies exactly the same rotation (so layers may share one)."""
-        return (self.head_dim == other.head_dim and self.rotary_dim == other.rotary_dim
-                and self.cos_cache.shape == other.cos_cache.shape
-                and torch.equal(self.cos_cache, other.cos_cache)
-                and torch.equal(self.sin_cache, other.sin_cache))
-
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
         x = x.view(num_tokens, -1, self.head_dim)
