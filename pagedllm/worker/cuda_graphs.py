@@ -185,41 +185,27 @@ class StepGraphs:
 
     def replay(self, key: tuple[int, int], input_ids: torch.Tensor, positions: torch.Tensor,
                md: AttentionMetadata) -> torch.Tensor:
-        bs, q = key
-        if q == MIXED:
-            return self._replay_mixed(bs, input_ids, positions, md)
-        n = md.num_reqs
-        tokens = n * q
-        self.input_ids[:tokens].copy_(input_ids[:tokens], non_blocking=True)
-        self.positions[:tokens].copy_(positions[:tokens], non_blocking=True)
-        self.slot_mapping[:tokens].copy_(md.slot_mapping[:tokens], non_blocking=True)
-        self.seq_lens[:n].copy_(md.seq_lens, non_blocking=True)
-        cols = md.block_table.shape[1]
-        self.block_table[:n, :cols].copy_(md.block_table, non_blocking=True)
-        if bs > n:  # decode padding (verify batches are exact)
-            self.slot_mapping[n:bs].fill_(-1)
-            self.seq_lens[n:bs].zero_()
-        self.graphs[key].replay()
-        self.verify_replays += q > 1
-        return self.outputs[key][:tokens]
-
-    def _replay_mixed(self, size: int, input_ids: torch.Tensor, positions: torch.Tensor,
-                      md: AttentionMetadata) -> torch.Tensor:
-        """A mixed step of up to `size` tokens: its tokens, then padding tokens (no KV
-        written); its requests, then empty ones up to the graph's request count."""
+        """Copy the step into the static buffers and replay graph `key`: the step's tokens,
+        then padding tokens (no KV written); its requests, then empty ones up to the graph's
+        request count (decode and mixed graphs; verify graphs are exact, never padded)."""
+        size, q = key
         tokens, n = md.num_actual_tokens, md.num_reqs
-        reqs = self._mixed_reqs(size)
+        token_pad, req_pad = (size, self._mixed_reqs(size)) if q == MIXED else (size * q, size)
         self.input_ids[:tokens].copy_(input_ids[:tokens], non_blocking=True)
         self.positions[:tokens].copy_(positions[:tokens], non_blocking=True)
         self.slot_mapping[:tokens].copy_(md.slot_mapping[:tokens], non_blocking=True)
-        self.slot_mapping[tokens:size].fill_(-1)
-        qsl = self.query_start_loc[MIXED]
-        qsl[:n + 1].copy_(md.query_start_loc[:n + 1], non_blocking=True)
-        qsl[n + 1:reqs + 1].fill_(tokens)
         self.seq_lens[:n].copy_(md.seq_lens[:n], non_blocking=True)
-        self.seq_lens[n:reqs].zero_()
         cols = md.block_table.shape[1]
         self.block_table[:n, :cols].copy_(md.block_table[:n], non_blocking=True)
-        self.graphs[size, MIXED].replay()
-        self.mixed_replays += 1
-        return self.outputs[size, MIXED][:tokens]
+        if token_pad > tokens:
+            self.slot_mapping[tokens:token_pad].fill_(-1)
+        if req_pad > n:
+            self.seq_lens[n:req_pad].zero_()
+        if q == MIXED:  # decode and verify graphs keep their fixed 0, q, 2q, ...
+            qsl = self.query_start_loc[MIXED]
+            qsl[:n + 1].copy_(md.query_start_loc[:n + 1], non_blocking=True)
+            qsl[n + 1:req_pad + 1].fill_(tokens)
+        self.graphs[key].replay()
+        self.verify_replays += q > 1
+        self.mixed_replays += q == MIXED
+        return self.outputs[key][:tokens]
