@@ -97,7 +97,7 @@ for part in $parts; do
     so) for f in 0 0.5; do
           timeout 280 python benchmarks/throughput.py --preset llama-3-8b --device cuda \
             --num-prompts 512 --input-len 256 256 --output-len 256 256 --skip-hf \
-            --structured-fraction $f --tokenizer "${TOKENIZER_DIR:?set TOKENIZER_DIR}" \
+            --structured-fraction $f --tokenizer "${TOKENIZER_DIR:?set TOKENIZER_DIR}" --phase-times \
             --json "$OUT/so_8b_$f.json" 2>&1 | tee "$OUT/so_8b_$f.log" | tail -3
         done
         timeout 60 python benchmarks/structured_output.py --batch 256 --steps 50 \

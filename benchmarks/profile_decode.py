@@ -5,6 +5,8 @@ decoding, then profiles `--steps` engine steps and prints the kernel table and t
 per step.
 
     python benchmarks/profile_decode.py --preset qwen2.5-0.5b --num-prompts 256 --input-len 600
+    python benchmarks/profile_decode.py --preset llama-3-8b --num-prompts 1 --input-len 32 \
+        --quantization fp8     # batch-1 decode of the FP8 model
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.benchmarks.presets import preset_folder
+from pagedllm.benchmarks.presets import PRESET_QUANTIZATION, preset_folder
 
 
 def main() -> None:
@@ -29,13 +31,16 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--quantization", help="e.g. fp8 or awq (dummy weights quantized at load)")
     ap.add_argument("--host-profile", action="store_true",
                     help="also print a cProfile of the host side of the profiled steps")
     args = ap.parse_args()
 
-    llm = LLM(preset_folder(args.preset), load_format="dummy", skip_tokenizer_init=True,
-              enforce_eager=args.enforce_eager, max_model_len=args.input_len + 1024,
-              max_num_seqs=max(args.num_prompts, 1))
+    checkpoint_quant = PRESET_QUANTIZATION.get(args.quantization)  # awq / gptq: in config.json
+    llm = LLM(preset_folder(args.preset, quantization=checkpoint_quant), load_format="dummy",
+              skip_tokenizer_init=True, enforce_eager=args.enforce_eager,
+              max_model_len=args.input_len + 1024, max_num_seqs=max(args.num_prompts, 1),
+              quantization=args.quantization)
     engine = llm.engine
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size

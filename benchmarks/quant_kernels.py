@@ -5,7 +5,8 @@ Llama-3-8B shape at M = 1, 8, 64, 256, 4096 rows, for
   fp8-gemv    the Triton weight-only GEMV (fp8_gemv; M = 1), its default
               configuration and a few alternatives (the best is printed);
   int4-old    the W4A16 dequant-GEMM of int4_kernels (both its decode and GEMM configs);
-  int4-gemv   the W4A16 GEMV (int4_gemv; M = 1), default and alternatives.
+  int4-gemv   the W4A16 GEMV (int4_gemv; M = 1), default and alternatives;
+  *-gemv+silu the gate_up GEMVs with SiLU-mul fused (the gated kernels, half the output).
 Prints microseconds per call and the achieved GB/s (weight + activation + output bytes)
 against the HBM ceiling (--peak-gbs, 4800 for an H200), the path each layer's dispatcher
 takes, and an estimate of the linears' time per decoded token at M = 1 (32 layers).
@@ -33,6 +34,7 @@ import triton
 from pagedllm.quantization.fp8 import Fp8Weight, quantize_rows, quantize_tokens, scaled_mm_mode
 from pagedllm.quantization.fp8 import _mm as scaled_mm
 from pagedllm.quantization.fp8_gemv import SMALL_M_MAX, fp8_gemv, fp8_gemv_config
+from pagedllm.quantization.gemv_split import GemvScratch
 from pagedllm.quantization.int4 import Int4Weight
 from pagedllm.quantization.int4_gemv import int4_gemv, int4_gemv_config
 from pagedllm.quantization.int4_kernels import int4_matmul
@@ -45,9 +47,13 @@ LAYERS = 32
 L2_BYTES = 50 * 2**20
 GROUP = 128
 FP8_ALTERNATIVES = ({"BLOCK_N": 4}, {"BLOCK_N": 2, "BLOCK_K": 2048},
-                    {"BLOCK_N": 16, "BLOCK_K": 512}, {"split": 2})
-INT4_ALTERNATIVES = ({"BLOCK_K": 64}, {"BLOCK_N": 128}, {"BLOCK_N": 32}, {"num_warps": 8},
-                     {"split": 2})
+                    {"BLOCK_N": 16, "BLOCK_K": 512}, {"BLOCK_N": 8, "BLOCK_K": 512},
+                    {"num_warps": 8, "BLOCK_K": 2048}, {"num_stages": 2}, {"split": 2})
+INT4_ALTERNATIVES = ({"BLOCK_N": 16, "BLOCK_K": 1024}, {"BLOCK_N": 64, "BLOCK_K": 256},
+                     {"BLOCK_N": 128, "BLOCK_K": 128}, {"BLOCK_N": 32, "BLOCK_K": 256},
+                     {"BLOCK_N": 32, "BLOCK_K": 1024}, {"BLOCK_N": 64, "BLOCK_K": 64},
+                     {"num_warps": 8}, {"num_stages": 3}, {"num_stages": 1},
+                     {"split": 2}, {"split": 8})
 
 
 def _time_graph(calls: list[Callable[[], object]], reps: int) -> float:
@@ -95,8 +101,9 @@ class _Weights:
     """Random weights of one linear in every format, `copies` of each (L2 avoidance)."""
 
     def __init__(self, n: int, k: int, mode: str, dev: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, gated: bool = False) -> None:
         self.n, self.k, self.mode, self.dtype = n, k, mode, dtype
+        self.gated = gated
         dense = torch.randn(n, k, device=dev, dtype=dtype) * 0.02
         codes, scale = quantize_rows(dense)
         self.fp8_layer = Fp8Weight(codes, scale, dtype, mode)
@@ -135,6 +142,11 @@ def _paths(w: _Weights, x: torch.Tensor, m: int, alternatives: bool
         for alt in int4_alts:
             name = "int4-gemv" + (f"/{_label(alt)}" if alt else "")
             paths[name] = ("int4", _int4_call(w, x, {**base, **alt}))
+        if w.n % 2 == 0 and w.gated:  # the gate / up weight: the GEMV with SiLU-mul fused
+            paths["fp8-gemv+silu"] = ("fp8", _fp8_call(
+                w, x, fp8_gemv_config(m, w.n, w.k, _sms(), True), gated=True))
+            paths["int4-gemv+silu"] = ("int4", _int4_call(
+                w, x, int4_gemv_config(m, w.n, w.k, GROUP, _sms(), True), gated=True))
     return paths
 
 
@@ -144,12 +156,21 @@ def _fp8_mm(mode: str, codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor
     return scaled_mm(mode, xq, codes, sx, scale, dtype)
 
 
-def _fp8_call(w: _Weights, x: torch.Tensor, cfg: dict) -> Callable:
-    return lambda i: lambda: fp8_gemv(x, *w.fp8[i], w.dtype, cfg)
+def _fp8_call(w: _Weights, x: torch.Tensor, cfg: dict, gated: bool = False) -> Callable:
+    scratch = _scratch(w, cfg, gated, x.device)
+    return lambda i: lambda: fp8_gemv(x, *w.fp8[i], w.dtype, cfg, gated, scratch)
 
 
-def _int4_call(w: _Weights, x: torch.Tensor, cfg: dict) -> Callable:
-    return lambda i: lambda: int4_gemv(x, *w.int4[i], GROUP, cfg)
+def _int4_call(w: _Weights, x: torch.Tensor, cfg: dict, gated: bool = False) -> Callable:
+    scratch = _scratch(w, cfg, gated, x.device)
+    return lambda i: lambda: int4_gemv(x, *w.int4[i], GROUP, cfg, gated, scratch)
+
+
+def _scratch(w: _Weights, cfg: dict, gated: bool, device: torch.device) -> GemvScratch:
+    """One split scratch per configuration, made before timing (as a model's weight makes
+    its own at load): the timed launches allocate nothing."""
+    tiles = math.ceil((w.n // 2 if gated else w.n) / cfg["BLOCK_N"])
+    return GemvScratch(max(cfg["split"], 1), w.n, tiles, device)
 
 
 def _label(alt: dict) -> str:
@@ -184,7 +205,7 @@ def main() -> None:
     best: dict[tuple[str, int, str], float] = {}
     for name in args.linears:
         n, k = linears[name]
-        w = _Weights(n, k, mode, dev, dtype)
+        w = _Weights(n, k, mode, dev, dtype, gated=name == "gate_up")
         for m in args.m:
             x = torch.randn(m, k, device=dev, dtype=dtype)
             act_bytes = m * k * 2 + m * n * 2

@@ -280,13 +280,20 @@ def test_skinny_gemm_configs_fill_the_sms() -> None:
     assert 1 < cfg["split"] <= 4096 // cfg["BLOCK_K"]
     assert (512 // cfg["BLOCK_N"]) * cfg["split"] >= sms
     assert fp8_gemv_config(1, 16, 64, sms)["split"] <= 1
-    big = int4_gemv_config(1, 28672, 4096, 128, sms)
-    assert big["split"] == 1 and 128 % big["BLOCK_K"] == 0
-    o = int4_gemv_config(1, 4096, 4096, 128, sms)
-    assert o["split"] > 1 and (4096 // o["BLOCK_N"]) * o["split"] >= 3 * sms
-    assert o["split"] <= 4096 // o["BLOCK_K"]
-    g32 = int4_gemv_config(1, 256, 256, 32, sms)
-    assert g32["BLOCK_K"] == 32 and g32["split"] <= 256 // 32
+    for n, k in ((28672, 4096), (14336, 4096), (4096, 14336), (4096, 4096), (256, 256)):
+        for gated in (False, True):
+            cfg = int4_gemv_config(1, n, k, 128, sms, gated)
+            tiles = -(-(n // (2 if gated else 1)) // cfg["BLOCK_N"])
+            block_k = cfg["BLOCK_K"]
+            assert block_k >= 16 and block_k & (block_k - 1) == 0, cfg
+            k_blocks = -(-k // block_k)
+            assert 1 <= cfg["split"] <= k_blocks, (n, k, gated, cfg)
+            assert cfg["split"] in (1, k_blocks) or tiles * cfg["split"] >= 3 * sms, cfg
+            # ~8 KB of packed weight per program and iteration (two tiles when gated)
+            tile_bytes = 4 * (block_k // 8) * cfg["BLOCK_N"] * (2 if gated else 1)
+            assert tile_bytes == 8192 or block_k * (2 if gated else 1) >= k, cfg
+    assert int4_gemv_config(1, 28672, 4096, 128, sms)["split"] == 1
+    assert int4_gemv_config(1, 4096, 4096, 128, sms)["split"] > 1
     with pytest.raises(ValueError, match="at most 1 row"):
         fp8_gemv_config(2, 4096, 4096, sms)
     with pytest.raises(ValueError, match="divisible by 16"):

@@ -87,7 +87,7 @@ class LlamaMLP(nn.Module):
         self.act_fn = act_fn or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj.forward_gated(x, self.act_fn))
 
 
 class LlamaAttention(nn.Module):

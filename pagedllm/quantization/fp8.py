@@ -15,6 +15,8 @@ the same products.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -118,6 +120,7 @@ class Fp8Weight(nn.Module):
                              persistent=False)
         self.register_buffer("input_scale", None if input_scale is None else
                              input_scale.float().reshape(1).contiguous(), persistent=False)
+        self._gemv_plans: Any = None  # gemv_split.GemvPlans, made on the first GEMV
 
     @property
     def nbytes(self) -> int:
@@ -133,15 +136,33 @@ class Fp8Weight(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.path(x2.shape[0], x2.is_cuda) == "gemv":
-            from pagedllm.quantization.fp8_gemv import fp8_gemv, fp8_gemv_config
-
-            cfg = fp8_gemv_config(x2.shape[0], self.out_features, self.in_features,
-                                  self.num_sms)
-            y = fp8_gemv(x2, self.codes, self.scale, self.dtype, cfg)
+            y = self._gemv(x2, gated=False)
         else:
             xq, sx = quantize_tokens(x2, self.input_scale)
             y = _mm(self.mode, xq, self.codes, sx, self.scale, self.dtype)
         return y.view(*lead, self.out_features)
+
+    def gated(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
+        """silu(x W_gate^T) * (x W_up^T) for a fused gate / up weight (gate rows first) in
+        one kernel, or None where that kernel does not serve these rows (the caller then
+        applies the activation itself)."""
+        x2 = x.reshape(-1, self.in_features)
+        if (activation != "silu" or self.out_features % 2
+                or self.path(x2.shape[0], x2.is_cuda) != "gemv"):
+            return None
+        return self._gemv(x2, gated=True).view(*x.shape[:-1], self.out_features // 2)
+
+    def _gemv(self, x2: torch.Tensor, gated: bool) -> torch.Tensor:
+        """The one-row GEMV with this weight's configuration and split scratch."""
+        from pagedllm.quantization.fp8_gemv import fp8_gemv, fp8_gemv_config
+        from pagedllm.quantization.gemv_split import GemvPlans
+
+        if self._gemv_plans is None:
+            self._gemv_plans = GemvPlans(self.out_features, lambda gated: fp8_gemv_config(
+                1, self.out_features, self.in_features, self.num_sms, gated))
+        cfg, scratch = self._gemv_plans.get(gated, x2.device)
+        return fp8_gemv(x2, self.codes, self.scale, self.dtype, cfg, gated=gated,
+                        scratch=scratch)
 
     def dequantized(self) -> torch.Tensor:
         """W as a dense float32 tensor (tests)."""

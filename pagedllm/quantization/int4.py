@@ -20,6 +20,8 @@ in consecutive inputs) and the activations gathered in that order at run time.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -116,6 +118,7 @@ class Int4Weight(nn.Module):
                              persistent=False)
         self.register_buffer("zeros", zeros.t().to(torch.uint8).contiguous(), persistent=False)
         self.register_buffer("perm", perm, persistent=False)
+        self._gemv_plans: Any = None  # gemv_split.GemvPlans, made on the first GEMV
 
     @property
     def nbytes(self) -> int:
@@ -129,11 +132,7 @@ class Int4Weight(nn.Module):
             x2 = x2.index_select(1, self.perm)
         path = self.path(x2.shape[0], x2.is_cuda)
         if path == "gemv":
-            from pagedllm.quantization.int4_gemv import int4_gemv, int4_gemv_config
-
-            cfg = int4_gemv_config(x2.shape[0], self.out_features, self.in_features,
-                                   self.group_size, self.num_sms)
-            y = int4_gemv(x2, self.qweight, self.scales, self.zeros, self.group_size, cfg)
+            y = self._gemv(x2, gated=False)
         elif path == "gemm":
             from pagedllm.quantization.int4_kernels import int4_matmul
 
@@ -141,6 +140,30 @@ class Int4Weight(nn.Module):
         else:
             y = (x2.float() @ self.dequantized_sorted().t()).to(x.dtype)
         return y.view(*lead, self.out_features)
+
+    def gated(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
+        """silu(x W_gate^T) * (x W_up^T) for a fused gate / up weight (gate rows first) in
+        one kernel, or None where that kernel does not serve these rows (the caller then
+        applies the activation itself)."""
+        x2 = x.reshape(-1, self.in_features)
+        if (activation != "silu" or self.out_features % 2
+                or self.path(x2.shape[0], x2.is_cuda) != "gemv"):
+            return None
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        return self._gemv(x2, gated=True).view(*x.shape[:-1], self.out_features // 2)
+
+    def _gemv(self, x2: torch.Tensor, gated: bool) -> torch.Tensor:
+        """The one-row GEMV with this weight's configuration and split scratch."""
+        from pagedllm.quantization.gemv_split import GemvPlans
+        from pagedllm.quantization.int4_gemv import int4_gemv, int4_gemv_config
+
+        if self._gemv_plans is None:
+            self._gemv_plans = GemvPlans(self.out_features, lambda gated: int4_gemv_config(
+                1, self.out_features, self.in_features, self.group_size, self.num_sms, gated))
+        cfg, scratch = self._gemv_plans.get(gated, x2.device)
+        return int4_gemv(x2, self.qweight, self.scales, self.zeros, self.group_size, cfg,
+                         gated=gated, scratch=scratch)
 
     def path(self, m: int, is_cuda: bool) -> str:
         """Which product serves M rows: ``gemv`` (CUDA, M <= GEMV_MAX_M), ``gemm`` (CUDA,

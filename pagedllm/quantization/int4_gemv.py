@@ -1,23 +1,25 @@
 """Triton W4A16 GEMV for decode at batch 1: y [1, N] = x [1, K] @ W^T
 with W 4-bit, grouped along K, in `Int4Weight`'s layout (qweight int32 [K / 8, N], nibble
-j of row i is input 8 i + j; scales fp16 [G, N]; zeros uint8 [G, N]).
+j of row i is input 8 i + j; scales fp16 [G, N]; zeros uint8 [G, N]). Gated (the fused
+gate / up projection of an MLP), the kernel computes silu(x W_gate^T) * (x W_up^T) for the
+two halves of N in one pass.
 
-At decode the product is a weight stream of half a byte per weight: at 4.8 TB/s an H200 SM
-must take ~38 weights per clock out of its 128 lane-operations, so the work per weight
-decides the speed. This kernel spends three operations on one (no tensor cores, whose
-operand layout would need the weights moved through shared memory):
-* a code q becomes the float32 16 + q by bit operations only: its nibble shifted to
-  mantissa bits 19..22, masked and or-ed with the bits of 16.0 (a shift and one LOP3; no
-  integer -> float conversion, which runs at a quarter of the rate);
-* one FMA with its input, into a [BLOCK_K / 8, BLOCK_N] float32 accumulator of
-  partial sums (each packed int32 row p holds inputs 8 p .. 8 p + 7);
-* the zero point and scale leave the inner loop: per group and element,
-  acc += s (sum_j x_j (16 + q_j) - (16 + z) sum_j x_j), and the accumulator is reduced over
+At decode the product is a weight stream of half a byte per weight. Two things decide its
+speed:
+* bytes in flight: an H200 needs a few MB of loads outstanding to reach its bandwidth, so
+  each program loads a [BLOCK_K / 8, BLOCK_N] tile of ~8 KB per iteration (BLOCK_K spans
+  several groups: each packed row p gathers its own group's zero point and scale) and the
+  grid has a few programs per SM (K split where the N tiles alone are too few);
+* the work per weight (an SM takes ~38 weights per clock at 4.8 TB/s out of its 128
+  lane-operations): a code q becomes the float32 16 + q by bit operations only (its
+  nibble shifted to mantissa bits 19..22, masked and or-ed with the bits of 16.0; no
+  integer -> float conversion), one FMA with its input into a float32 tile of partial
+  sums, and the zero point and scale leave the per-weight work: per packed row and
+  channel, acc += s (sum_j x_j (16 + q_j) - (16 + z) sum_j x_j). The tile is reduced over
   K once, at the end.
-Each program owns BLOCK_N output channels (N contiguous: coalesced loads) and a K range; K
-is split (float32 partial sums added atomically) only where the N tiles alone leave SMs
-idle. Configurations come from the shapes only: CUDA-graph capturable. More rows are
-the dequant-GEMM's (`Int4Weight.path`).
+A K split ends in `gemv_split.finish_gemv` (the last program of a tile sums the partials;
+no extra launch). Configurations come from the shapes only: CUDA-graph capturable. More
+rows are the dequant-GEMM's (`Int4Weight.path`).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.quantization.gemv_split import GemvScratch, finish_gemv, split_for
 from pagedllm.quantization.int4 import GEMV_MAX_M
 from pagedllm.quantization.int4_kernels import _num_sms, check_int4_input
 
 SMALL_M_MAX = GEMV_MAX_M  # rows served by this kernel: one
+_TILE_INT32 = 2048  # packed int32 per program and iteration (8 KB)
 
 
 @triton.jit
@@ -43,82 +47,108 @@ def _plus16(packed, J: tl.constexpr):
 
 
 @triton.jit
+def _tile_sum(acc, x_ptr, qw_ptr, s_ptr, z_ptr, k0, offs_p, p_mask, cols, n_mask,
+              stride_qk, stride_sg, stride_zg, GROUP: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc + this K tile's contribution for output channels `cols`."""
+    rows = k0 // 8 + offs_p
+    if EVEN_K:
+        mask = n_mask[None, :]
+    else:
+        mask = p_mask[:, None] & n_mask[None, :]
+    packed = tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qk + cols[None, :],
+                     mask=mask, other=0)
+    g = (k0 + 8 * offs_p) // GROUP
+    z = tl.load(z_ptr + g[:, None] * stride_zg + cols[None, :], mask=mask, other=0)
+    s = tl.load(s_ptr + g[:, None] * stride_sg + cols[None, :], mask=mask, other=0.0)
+    part = tl.zeros(acc.shape, dtype=tl.float32)
+    xsum = tl.zeros([acc.shape[0]], dtype=tl.float32)
+    for j in tl.static_range(8):
+        if EVEN_K:
+            x = tl.load(x_ptr + k0 + j + 8 * offs_p).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + k0 + j + 8 * offs_p, mask=p_mask, other=0.0).to(tl.float32)
+        xsum += x
+        part += _plus16(packed, j) * x[:, None]
+    return acc + (part - xsum[:, None] * (z.to(tl.float32) + 16.0)) * s.to(tl.float32)
+
+
+@triton.jit
 def _int4_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, k_per_split,
+    x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, n_out, K, k_per_split,
     stride_qk, stride_sg, stride_zg,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """Program (n tile, k split); every K tile lies in one group (BLOCK_K divides GROUP)."""
+    """Program (n tile, k split) over its K range; gated, channels n (gate) and
+    n_out + n (up) of the weight."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, BLOCK_K // 8)
-    n_mask = offs_n < N
+    n_mask = offs_n < n_out
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+    gate = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        packed = tl.load(qw_ptr + (k0 // 8 + offs_p)[:, None].to(tl.int64) * stride_qk
-                         + offs_n[None, :], mask=n_mask[None, :], other=0)
-        g = k0 // GROUP
-        z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_mask, other=0).to(tl.float32)
-        s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        part = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-        xsum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
-        for j in tl.static_range(8):
-            x = tl.load(x_ptr + k0 + j + 8 * offs_p).to(tl.float32)
-            xsum += x
-            part += _plus16(packed, j) * x[:, None]
-        acc += (part - xsum[:, None] * (z + 16.0)[None, :]) * s[None, :]
-    out = tl.sum(acc, axis=0)
-    if SPLIT == 1:
-        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.atomic_add(y_ptr + offs_n, out, mask=n_mask, sem="relaxed")
+        p_mask = (k0 + 8 * offs_p) < k_hi
+        gate = _tile_sum(gate, x_ptr, qw_ptr, s_ptr, z_ptr, k0, offs_p, p_mask, offs_n,
+                         n_mask, stride_qk, stride_sg, stride_zg, GROUP, EVEN_K)
+        if GATED:
+            up = _tile_sum(up, x_ptr, qw_ptr, s_ptr, z_ptr, k0, offs_p, p_mask,
+                           n_out + offs_n, n_mask, stride_qk, stride_sg, stride_zg, GROUP,
+                           EVEN_K)
+    finish_gemv(tl.sum(gate, axis=0), tl.sum(up, axis=0), y_ptr, part_ptr, count_ptr,
+                offs_n, n_mask, n_out, pid_n, pid_s, SPLIT, GATED)
 
 
-def int4_gemv_config(m: int, n: int, k: int, group: int, num_sms: int) -> dict[str, int]:
-    """Tile, K split and launch settings for one row (shapes only)."""
+def int4_gemv_config(m: int, n: int, k: int, group: int, num_sms: int,
+                     gated: bool = False) -> dict[str, int]:
+    """Tile, K split and launch settings for one row (shapes only; `n` is the weight's
+    output channels, both halves when gated)."""
     if m > SMALL_M_MAX:
         raise ValueError(f"The 4-bit skinny GEMM serves at most {SMALL_M_MAX} row, got {m}.")
     if group % 16:
         raise ValueError(f"The 4-bit kernel needs a group size divisible by 16, got {group}.")
-    block_n = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
-    # 64 inputs per K tile: 128 measured ~7% faster per linear in isolation on an H200 but
-    # 7% slower end to end at batch 1 (benchmarks/RESULTS.md, fifth GPU session).
-    block_k = next(b for b in (64, 32, 16) if group % b == 0)
-    tiles = triton.cdiv(n, block_n)
-    k_blocks = triton.cdiv(k, block_k)
-    split = 1
-    if tiles < num_sms:
-        split = max(1, min(k_blocks, (4 * num_sms) // tiles))
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, split=split, num_warps=4, num_stages=4)
+    n_out = n // 2 if gated else n
+    block_n = 32 if n_out >= 32 else max(16, triton.next_power_of_2(n_out))
+    block_k = min(8 * _TILE_INT32 // block_n, max(16, triton.next_power_of_2(k)))
+    if gated:
+        block_k = max(16, block_k // 2)  # two tiles per iteration
+    tiles = triton.cdiv(n_out, block_n)
+    split = split_for(tiles, triton.cdiv(k, block_k), num_sms)
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, split=split, num_warps=4, num_stages=2)
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-              zeros: torch.Tensor, group_size: int,
-              config: dict[str, int] | None = None) -> torch.Tensor:
-    """x [1, K] (fp16 / bf16 / fp32) @ W^T -> [1, N] in x's dtype (see the module
-    docstring)."""
+              zeros: torch.Tensor, group_size: int, config: dict[str, int] | None = None,
+              gated: bool = False, scratch: GemvScratch | None = None) -> torch.Tensor:
+    """x [1, K] (fp16 / bf16 / fp32) @ W^T -> [1, N] in x's dtype; gated, silu of the
+    first half of N times the second -> [1, N / 2] (see the module docstring)."""
     x, m, n, k = check_int4_input(x, qweight)
     if m > SMALL_M_MAX:
         raise ValueError(f"The 4-bit skinny GEMM serves at most {SMALL_M_MAX} row, got {m}.")
-    cfg = dict(config or int4_gemv_config(m, n, k, group_size, _num_sms(x.device)))
+    if gated and n % 2:
+        raise ValueError(f"A gated 4-bit GEMV needs an even number of outputs, got {n}.")
+    n_out = n // 2 if gated else n
+    cfg = dict(config or int4_gemv_config(m, n, k, group_size, _num_sms(x.device), gated))
     split = cfg.pop("split")
     block_k = cfg["BLOCK_K"]
-    if group_size % block_k or block_k % 16:
-        raise ValueError(f"BLOCK_K {block_k} does not fit group {group_size}.")
-    per_split = triton.cdiv(triton.cdiv(k, block_k), split) * block_k
+    if block_k % 16 or block_k & (block_k - 1):
+        raise ValueError(f"BLOCK_K must be a power of two of at least 16, got {block_k}.")
+    k_blocks = triton.cdiv(k, block_k)
+    per_split = triton.cdiv(k_blocks, split) * block_k
     split = triton.cdiv(k, per_split)
-    if split == 1:
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    else:
-        y = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
+    y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m:
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-        _int4_gemv_kernel[grid](
-            x, qweight, scales, zeros, y, n, k, per_split,
+        if split > 1:
+            scratch = GemvScratch.for_launch(scratch, split, n, tiles, x.device)
+            part, counts = scratch.partials, scratch.counts
+        else:
+            part = counts = y  # unused
+        _int4_gemv_kernel[(tiles, split)](
+            x, qweight, scales, zeros, y, part, counts, n_out, k, per_split,
             qweight.stride(0), scales.stride(0), zeros.stride(0),
-            GROUP=group_size, SPLIT=split, **cfg)
-    return y if split == 1 else y.to(x.dtype)
+            GROUP=group_size, SPLIT=split, GATED=gated, EVEN_K=k % per_split == 0, **cfg)
+    return y

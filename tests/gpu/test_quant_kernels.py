@@ -88,10 +88,18 @@ def test_int4_act_order_layer_matches_dense() -> None:
     assert _rel_err(layer(x.cuda().bfloat16()).float().cpu(), ref) < 5e-3
 
 
+def _gated_reference(y: torch.Tensor) -> torch.Tensor:
+    """silu of the first half of the outputs times the second (float32)."""
+    d = y.shape[-1] // 2
+    return torch.nn.functional.silu(y[..., :d]) * y[..., d:]
+
+
 def _int4_gemv_case(m: int, n: int, k: int, group: int, dtype: torch.dtype, device: str,
-                    seed: int, **config: int) -> float:
-    """int4_gemv (the shapes' own configuration, `config` overriding it) against
-    dequantize-then-matmul."""
+                    seed: int, gated: bool = False, reps: int = 1, **config: int) -> float:
+    """int4_gemv (the shapes' own configuration, `config` overriding it; gated: silu(gate)
+    * up of the two halves) against dequantize-then-matmul, `reps` launches on one split
+    scratch (its counters must come back to zero)."""
+    from pagedllm.quantization.gemv_split import GemvScratch
     from pagedllm.quantization.int4 import Int4Weight, dequantize
     from pagedllm.quantization.int4_gemv import int4_gemv, int4_gemv_config
 
@@ -100,12 +108,21 @@ def _int4_gemv_case(m: int, n: int, k: int, group: int, dtype: torch.dtype, devi
     zeros = torch.randint(0, 16, (n, k // group), generator=gen, dtype=torch.uint8)
     scales = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).half()
     layer = Int4Weight(codes.to(device), zeros.to(device), scales.to(device), None, dtype)
-    x = torch.randn(m, k, generator=gen)
-    cfg = {**int4_gemv_config(m, n, k, group, 132), **config}
-    y = int4_gemv(x.to(device, dtype), layer.qweight, layer.scales, layer.zeros, group, cfg)
-    assert y.dtype == dtype and y.shape == (m, n)
-    ref = x.to(dtype).float() @ dequantize(codes, zeros, scales).t()
-    return _rel_err(y.float().cpu(), ref)
+    ref = x_ref = None
+    scratch = GemvScratch(64, n, 1024, torch.device(device))
+    for rep in range(reps):
+        x = torch.randn(m, k, generator=gen)
+        cfg = {**int4_gemv_config(m, n, k, group, 132, gated), **config}
+        y = int4_gemv(x.to(device, dtype), layer.qweight, layer.scales, layer.zeros, group,
+                      cfg, gated=gated, scratch=scratch)
+        assert y.dtype == dtype and y.shape == (m, n // 2 if gated else n)
+        x_ref = x.to(dtype).float() @ dequantize(codes, zeros, scales).t()
+        ref = _gated_reference(x_ref) if gated else x_ref
+        err = _rel_err(y.float().cpu(), ref)
+        if rep < reps - 1:
+            assert err < 5e-3, (rep, err)
+    assert int(scratch.counts.abs().sum()) == 0  # every tile's counter reset
+    return err
 
 
 @pytest.mark.parametrize("m", [1])
@@ -117,9 +134,14 @@ def test_int4_gemv_matches_dequantize_then_matmul(m: int, dtype: torch.dtype) ->
                         (4096, 4096, 128)):
         err = _int4_gemv_case(m, n, k, group, dtype, "cuda", seed=m)
         assert err < 5e-3, (m, n, k, group, err)
-    for config in (dict(split=1), dict(split=7), dict(BLOCK_N=128, BLOCK_K=32)):
+    for config in (dict(split=1), dict(split=7), dict(BLOCK_N=128, BLOCK_K=32),
+                   dict(BLOCK_N=16, BLOCK_K=1024, split=2)):
         err = _int4_gemv_case(m, 1024, 2048, 128, dtype, "cuda", m, **config)
         assert err < 5e-3, (m, config, err)
+    for n, k, config in ((28672, 4096, {}), (1024, 2048, dict(split=5)), (200, 384, {})):
+        err = _int4_gemv_case(m, n, k, 128 if k % 128 == 0 else 64, dtype, "cuda", m,
+                              gated=True, reps=3, **config)
+        assert err < 5e-3, ("gated", n, k, config, err)
 
 
 def test_int4_layer_dispatch_by_rows() -> None:
@@ -140,24 +162,67 @@ def test_int4_layer_dispatch_by_rows() -> None:
         assert _rel_err(layer(x.cuda()).float().cpu(), x.float() @ w.t()) < 5e-3, m
 
 
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_gated_layer_fuses_silu_at_one_row(kind: str) -> None:
+    """A gate / up MergedColumnParallelLinear with a quantized weight: at one row
+    forward_gated runs the gated GEMV (silu(gate) * up in one kernel), at more rows the
+    projection and SiluAndMul; both agree with the unfused product."""
+    from pagedllm.models.layers.activation import SiluAndMul
+    from pagedllm.models.layers.linear import MergedColumnParallelLinear
+    from pagedllm.quantization.fp8 import Fp8Weight, quantize_rows, scaled_mm_mode
+    from pagedllm.quantization.int4 import Int4Weight
+
+    if kind == "fp8" and not _fp8_ok():
+        pytest.skip("needs FP8")
+    gen = torch.Generator().manual_seed(7)
+    hidden, inter = 1024, 1536
+    linear = MergedColumnParallelLinear(hidden, [inter, inter])
+    if kind == "int4":
+        codes = torch.randint(0, 16, (2 * inter, hidden), generator=gen, dtype=torch.uint8)
+        zeros = torch.randint(0, 16, (2 * inter, hidden // 128), generator=gen,
+                              dtype=torch.uint8)
+        scales = (torch.rand(2 * inter, hidden // 128, generator=gen) * 0.02 + 0.001).half()
+        weight = Int4Weight(codes.cuda(), zeros.cuda(), scales.cuda(), None, torch.bfloat16)
+    else:
+        codes, scale = quantize_rows(torch.randn(2 * inter, hidden, generator=gen) * 0.05)
+        mode = scaled_mm_mode(torch.device("cuda"), torch.bfloat16)
+        weight = Fp8Weight(codes.cuda(), scale.cuda(), torch.bfloat16, mode)
+    linear.packed = weight
+    act = SiluAndMul()
+    for m in (1, 1, 3):
+        x = torch.randn(m, hidden, generator=gen).bfloat16().cuda()
+        fused = weight.gated(x, "silu")
+        assert (fused is not None) == (m == 1), m
+        got = linear.forward_gated(x, act)
+        ref = _gated_reference(x.float() @ weight.dequantized().t())
+        assert got.shape == (m, inter) and got.dtype == torch.bfloat16
+        assert _rel_err(got.float(), ref) < 2e-2, (kind, m)
+
+
 # ----------------------------------------------------------------------------- fp8 GEMM
 def _fp8_gemv_case(m: int, n: int, k: int, dtype: torch.dtype, device: str, seed: int,
-                   **config: int) -> float:
-    """fp8_gemv (the shapes' own configuration, `config` overriding it) against
-    dequantize-then-matmul: the same products in float32, so only summation order and the
-    output rounding differ."""
+                   gated: bool = False, **config: int) -> float:
+    """fp8_gemv (the shapes' own configuration, `config` overriding it; gated: silu(gate) *
+    up) against dequantize-then-matmul: the same products in float32, so only summation
+    order and the output rounding differ. Run twice on one split scratch."""
     from pagedllm.quantization.fp8 import quantize_rows
     from pagedllm.quantization.fp8_gemv import fp8_gemv, fp8_gemv_config
+    from pagedllm.quantization.gemv_split import GemvScratch
 
     gen = torch.Generator().manual_seed(seed)
     codes, scale = quantize_rows(torch.randn(n, k, generator=gen))
-    x = torch.randn(m, k, generator=gen)
-    cfg = {**fp8_gemv_config(m, n, k, 132), **config}
-    y = fp8_gemv(x.to(device, dtype), codes.to(device), scale.reshape(1, -1).to(device),
-                 dtype, cfg)
-    assert y.dtype == dtype and y.shape == (m, n)
-    ref = x.to(dtype).float() @ (codes.float() * scale[:, None]).t()
-    return _rel_err(y.float().cpu(), ref)
+    scratch = GemvScratch(64, n, 1024, torch.device(device))
+    errors = []
+    for _ in range(2):
+        x = torch.randn(m, k, generator=gen)
+        cfg = {**fp8_gemv_config(m, n, k, 132, gated), **config}
+        y = fp8_gemv(x.to(device, dtype), codes.to(device), scale.reshape(1, -1).to(device),
+                     dtype, cfg, gated=gated, scratch=scratch)
+        assert y.dtype == dtype and y.shape == (m, n // 2 if gated else n)
+        ref = x.to(dtype).float() @ (codes.float() * scale[:, None]).t()
+        errors.append(_rel_err(y.float().cpu(), _gated_reference(ref) if gated else ref))
+    assert int(scratch.counts.abs().sum()) == 0  # every tile's counter reset
+    return max(errors)
 
 
 @gpu_fp8
@@ -170,6 +235,9 @@ def test_fp8_gemv_matches_dequantize_then_matmul(m: int, dtype: torch.dtype) -> 
     for config in (dict(split=1), dict(split=5), dict(BLOCK_N=32, BLOCK_K=64)):
         err = _fp8_gemv_case(m, 512, 4096, dtype, "cuda", m, **config)
         assert err < 5e-3, (m, config, err)
+    for n, k, config in ((28672, 4096, {}), (512, 4096, dict(split=5)), (200, 136, {})):
+        err = _fp8_gemv_case(m, n, k, dtype, "cuda", m, gated=True, **config)
+        assert err < 5e-3, ("gated", n, k, config, err)
 
 
 @gpu_fp8
@@ -331,19 +399,28 @@ def run_interpreter_smoke() -> None:
         err = _int4_case(m, 64, 256, 32, torch.float16, "cpu", m)
         assert err < 5e-3, ("int4", m, err)
     small = dict(BLOCK_N=32, num_stages=1)
-    for n, k, group, dtype, config in (
-            (64, 256, 128, torch.float16, dict(split=1)),
-            (96, 512, 128, torch.float32, dict(split=3, BLOCK_K=32)),
-            (64, 256, 32, torch.float16, dict(split=2, BLOCK_K=16)),
-            (40, 256, 64, torch.float16, dict(split=1, BLOCK_K=64))):
-        err = _int4_gemv_case(1, n, k, group, dtype, "cpu", n, **small, **config)
-        assert err < 5e-3, ("int4 gemv", n, k, group, config, err)
-    for n, k, dtype, config in (
-            (40, 256, torch.float16, dict(split=1)),
-            (48, 200, torch.float32, dict(split=1)),  # K not a multiple of BLOCK_K
-            (32, 1024, torch.float16, dict(split=3)),
-            (20, 96, torch.float16, dict(split=2))):
-        err = _fp8_gemv_case(1, n, k, dtype, "cpu", n, BLOCK_K=64, num_stages=1, **config)
+    for n, k, group, dtype, gated, config in (
+            (64, 256, 128, torch.float16, False, dict(split=1)),
+            (96, 512, 128, torch.float32, False, dict(split=3, BLOCK_K=32)),
+            (64, 256, 32, torch.float16, False, dict(split=2, BLOCK_K=16)),
+            (40, 256, 64, torch.float16, False, dict(split=1, BLOCK_K=64)),
+            (64, 512, 32, torch.float32, False, dict(split=1, BLOCK_K=256)),  # 8 groups a tile
+            (64, 384, 64, torch.float32, False, dict(split=1, BLOCK_K=256)),  # K not a multiple
+            (96, 768, 64, torch.float32, False, dict(split=2, BLOCK_K=256)),  # ... nor a split
+            (128, 512, 128, torch.float32, True, dict(split=1, BLOCK_K=128)),
+            (80, 1024, 64, torch.float16, True, dict(split=3, BLOCK_K=128))):
+        err = _int4_gemv_case(1, n, k, group, dtype, "cpu", n, gated, reps=2, **small,
+                              **config)
+        assert err < (1e-5 if dtype == torch.float32 else 5e-3), ("int4 gemv", n, k, err)
+    for n, k, dtype, gated, config in (
+            (40, 256, torch.float16, False, dict(split=1)),
+            (48, 200, torch.float32, False, dict(split=1)),  # K not a multiple of BLOCK_K
+            (32, 1024, torch.float16, False, dict(split=3)),
+            (20, 96, torch.float16, False, dict(split=2)),
+            (64, 256, torch.float32, True, dict(split=1)),
+            (48, 200, torch.float32, True, dict(split=3))):
+        err = _fp8_gemv_case(1, n, k, dtype, "cpu", n, gated, BLOCK_K=64, num_stages=1,
+                             **config)
         assert err < (1e-5 if dtype == torch.float32 else 1e-3), ("fp8 gemv", n, k, err)
     gen = torch.Generator().manual_seed(0)
     x = _exact_fp8((5, 48), gen)

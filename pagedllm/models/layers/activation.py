@@ -13,6 +13,8 @@ from pagedllm.models.layers import fused_ops
 class SiluAndMul(nn.Module):
     """silu(x[..., :d]) * x[..., d:] for a fused gate/up projection."""
 
+    gated_name = "silu"  # what a packed weight's fused gated GEMV must compute
+
     def __init__(self) -> None:
         super().__init__()
         self.use_fused = fused_ops.enabled()

@@ -83,6 +83,19 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         assert isinstance(shard_id, int)
         return sum(self.shard_sizes[:shard_id]), self.shard_sizes[shard_id]
 
+    def forward_gated(self, x: torch.Tensor, act: nn.Module) -> torch.Tensor:
+        """act(x W^T) for a gate / up pair: one kernel where the packed weight fuses the
+        activation for these rows (`gated`, e.g. the quantized one-row GEMVs), else the
+        projection and then `act`. `act` names what it computes in `gated_name`."""
+        name = getattr(act, "gated_name", None)
+        halves = len(self.shard_sizes) == 2 and self.shard_sizes[0] == self.shard_sizes[1]
+        fused = getattr(self.packed, "gated", None) if self.bias is None and halves else None
+        if name is not None and fused is not None:
+            y = fused(x, name)
+            if y is not None:
+                return y
+        return act(self.forward(x))
+
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection; KV heads are split across ranks, or replicated when fewer."""
