@@ -11,12 +11,16 @@ speed:
   several groups: each packed row p gathers its own group's zero point and scale) and the
   grid has a few programs per SM (K split where the N tiles alone are too few);
 * the work per weight (an SM takes ~38 weights per clock at 4.8 TB/s out of its 128
-  lane-operations): a code q becomes the float32 16 + q by bit operations only (its
-  nibble shifted to mantissa bits 19..22, masked and or-ed with the bits of 16.0; no
-  integer -> float conversion), one FMA with its input into a float32 tile of partial
-  sums, and the zero point and scale leave the per-weight work: per packed row and
-  channel, acc += s (sum_j x_j (16 + q_j) - (16 + z) sum_j x_j). The tile is reduced over
-  K once, at the end.
+  lane-operations): a code q becomes a float32 bias + q by one mask-and-or, no integer ->
+  float conversion. A nibble at position 3 or 4 of a word lies in a float32's mantissa
+  with unit 1 under the exponent of 2048 or 128, so each word is rotated three times (by
+  2, 4 and 6 nibbles) and every nibble is then masked out of one of the four at one of
+  those two positions: 11 operations for 8 codes, plus one FMA each with its input into
+  a float32 tile of partial sums. The biases, the zero point and the scale leave the
+  per-weight work: per packed row and channel, acc += s (sum_j x_j (b_j + q_j) -
+  sum_j b_j x_j - z sum_j x_j). The largest bias, 2048, leaves the float32 partial sums
+  ~2^-13 of their magnitude before the bias is taken off, far below bf16's rounding.
+  The tile is reduced over K once, at the end.
 A K split ends in `gemv_split.finish_gemv` (the last program of a tile sums the partials;
 no extra launch). Configurations come from the shapes only: CUDA-graph capturable. More
 rows are the dequant-GEMM's (`Int4Weight.path`).
@@ -37,13 +41,27 @@ _TILE_INT32 = 2048  # packed int32 per program and iteration (8 KB)
 
 
 @triton.jit
-def _plus16(packed, J: tl.constexpr):
-    """Nibble J of int32 `packed` -> the float32 16 + q, by bit operations."""
-    if J < 5:
-        bits = packed << (19 - 4 * J)
+def _biased(word, POS: tl.constexpr):
+    """The nibble of uint32 `word` at nibble position POS (3 or 4) as the float32
+    bias + q (2048 + q at 3, 128 + q at 4) by one mask-and-or: no shift, no conversion."""
+    if POS == 3:
+        bits = (word & 0x0000F000) | 0x45000000
     else:
-        bits = packed >> (4 * J - 19)
-    return ((bits & 0x00780000) | 0x41800000).to(tl.float32, bitcast=True)
+        bits = (word & 0x000F0000) | 0x43000000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rotl(word, BITS: tl.constexpr):
+    return (word << BITS) | (word >> (32 - BITS))
+
+
+@triton.jit
+def _x(x_ptr, k0, J: tl.constexpr, offs_p, p_mask, EVEN_K: tl.constexpr):
+    """Input J of every packed row of the tile, in float32."""
+    if EVEN_K:
+        return tl.load(x_ptr + k0 + J + 8 * offs_p).to(tl.float32)
+    return tl.load(x_ptr + k0 + J + 8 * offs_p, mask=p_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -56,20 +74,37 @@ def _tile_sum(acc, x_ptr, qw_ptr, s_ptr, z_ptr, k0, offs_p, p_mask, cols, n_mask
     else:
         mask = p_mask[:, None] & n_mask[None, :]
     packed = tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qk + cols[None, :],
-                     mask=mask, other=0)
+                     mask=mask, other=0).to(tl.uint32, bitcast=True)
     g = (k0 + 8 * offs_p) // GROUP
     z = tl.load(z_ptr + g[:, None] * stride_zg + cols[None, :], mask=mask, other=0)
     s = tl.load(s_ptr + g[:, None] * stride_sg + cols[None, :], mask=mask, other=0.0)
-    part = tl.zeros(acc.shape, dtype=tl.float32)
-    xsum = tl.zeros([acc.shape[0]], dtype=tl.float32)
-    for j in tl.static_range(8):
-        if EVEN_K:
-            x = tl.load(x_ptr + k0 + j + 8 * offs_p).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + k0 + j + 8 * offs_p, mask=p_mask, other=0.0).to(tl.float32)
-        xsum += x
-        part += _plus16(packed, j) * x[:, None]
-    return acc + (part - xsum[:, None] * (z.to(tl.float32) + 16.0)) * s.to(tl.float32)
+    x0 = _x(x_ptr, k0, 0, offs_p, p_mask, EVEN_K)
+    x1 = _x(x_ptr, k0, 1, offs_p, p_mask, EVEN_K)
+    x2 = _x(x_ptr, k0, 2, offs_p, p_mask, EVEN_K)
+    x3 = _x(x_ptr, k0, 3, offs_p, p_mask, EVEN_K)
+    x4 = _x(x_ptr, k0, 4, offs_p, p_mask, EVEN_K)
+    x5 = _x(x_ptr, k0, 5, offs_p, p_mask, EVEN_K)
+    x6 = _x(x_ptr, k0, 6, offs_p, p_mask, EVEN_K)
+    x7 = _x(x_ptr, k0, 7, offs_p, p_mask, EVEN_K)
+    # Nibble j sits at position 3 or 4 of the word itself (j = 3, 4) or of one of three
+    # rotations (by 2, 4 and 6 nibbles): odd j at 3 (bias 2048), even j at 4 (bias 128).
+    rot2 = _rotl(packed, 8)
+    rot4 = _rotl(packed, 16)
+    rot6 = _rotl(packed, 24)
+    part = _biased(rot4, 4) * x0[:, None]
+    part += _biased(rot2, 3) * x1[:, None]
+    part += _biased(rot2, 4) * x2[:, None]
+    part += _biased(packed, 3) * x3[:, None]
+    part += _biased(packed, 4) * x4[:, None]
+    part += _biased(rot6, 3) * x5[:, None]
+    part += _biased(rot6, 4) * x6[:, None]
+    part += _biased(rot4, 3) * x7[:, None]
+    odd = x1 + x3 + x5 + x7
+    even = x0 + x2 + x4 + x6
+    bias_sum = 2048.0 * odd + 128.0 * even  # sum_j bias_j x_j, per packed row
+    x_sum = odd + even
+    return acc + (part - bias_sum[:, None] - z.to(tl.float32) * x_sum[:, None]) \
+        * s.to(tl.float32)
 
 
 @triton.jit

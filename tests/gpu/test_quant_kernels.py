@@ -169,6 +169,7 @@ def test_gated_layer_fuses_silu_at_one_row(kind: str) -> None:
     projection and SiluAndMul; both agree with the unfused product."""
     from pagedllm.models.layers.activation import SiluAndMul
     from pagedllm.models.layers.linear import MergedColumnParallelLinear
+    from pagedllm.models.layers.quantized import attach_packed
     from pagedllm.quantization.fp8 import Fp8Weight, quantize_rows, scaled_mm_mode
     from pagedllm.quantization.int4 import Int4Weight
 
@@ -187,7 +188,7 @@ def test_gated_layer_fuses_silu_at_one_row(kind: str) -> None:
         codes, scale = quantize_rows(torch.randn(2 * inter, hidden, generator=gen) * 0.05)
         mode = scaled_mm_mode(torch.device("cuda"), torch.bfloat16)
         weight = Fp8Weight(codes.cuda(), scale.cuda(), torch.bfloat16, mode)
-    linear.packed = weight
+    attach_packed(linear, weight)
     act = SiluAndMul()
     for m in (1, 1, 3):
         x = torch.randn(m, hidden, generator=gen).bfloat16().cuda()
@@ -411,7 +412,8 @@ def run_interpreter_smoke() -> None:
             (80, 1024, 64, torch.float16, True, dict(split=3, BLOCK_K=128))):
         err = _int4_gemv_case(1, n, k, group, dtype, "cpu", n, gated, reps=2, **small,
                               **config)
-        assert err < (1e-5 if dtype == torch.float32 else 5e-3), ("int4 gemv", n, k, err)
+        # float32: the codes' float32 biases (up to 2048) leave ~2^-13 of the partial sums
+        assert err < (1e-4 if dtype == torch.float32 else 5e-3), ("int4 gemv", n, k, err)
     for n, k, dtype, gated, config in (
             (40, 256, torch.float16, False, dict(split=1)),
             (48, 200, torch.float32, False, dict(split=1)),  # K not a multiple of BLOCK_K
