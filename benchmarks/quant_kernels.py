@@ -145,8 +145,17 @@ def _paths(w: _Weights, x: torch.Tensor, m: int, alternatives: bool
         if w.n % 2 == 0 and w.gated:  # the gate / up weight: the GEMV with SiLU-mul fused
             paths["fp8-gemv+silu"] = ("fp8", _fp8_call(
                 w, x, fp8_gemv_config(m, w.n, w.k, _sms(), True), gated=True))
-            paths["int4-gemv+silu"] = ("int4", _int4_call(
-                w, x, int4_gemv_config(m, w.n, w.k, GROUP, _sms(), True), gated=True))
+            gated4 = int4_gemv_config(m, w.n, w.k, GROUP, _sms(), True)
+            paths["int4-gemv+silu"] = ("int4", _int4_call(w, x, gated4, gated=True))
+            for alt in ({"BLOCK_N": 32, "BLOCK_K": 256}, {"BLOCK_N": 16, "BLOCK_K": 1024},
+                        {"BLOCK_N": 8, "BLOCK_K": 1024}, {"num_warps": 8}):
+                paths[f"int4-gemv+silu/{_label(alt)}"] = ("int4", _int4_call(
+                    w, x, {**gated4, **alt}, gated=True))
+            gated8 = fp8_gemv_config(m, w.n, w.k, _sms(), True)
+            for alt in ({"BLOCK_N": 4, "BLOCK_K": 1024}, {"BLOCK_N": 8, "BLOCK_K": 256},
+                        {"num_warps": 8, "BLOCK_K": 1024}):
+                paths[f"fp8-gemv+silu/{_label(alt)}"] = ("fp8", _fp8_call(
+                    w, x, {**gated8, **alt}, gated=True))
     return paths
 
 

@@ -147,6 +147,10 @@ def int4_gemv_config(m: int, n: int, k: int, group: int, num_sms: int,
         raise ValueError(f"The 4-bit kernel needs a group size divisible by 16, got {group}.")
     n_out = n // 2 if gated else n
     block_n = 32 if n_out >= 32 else max(16, triton.next_power_of_2(n_out))
+    if gated or num_sms <= triton.cdiv(n_out, 32) < 2 * num_sms:
+        # under two waves of 32-channel tiles (Llama-3-8B's qkv on an H200: 14.7 us against
+        # 10.6 with 16): twice the tiles rather than a K split; gated: two tiles per iteration
+        block_n = 16
     block_k = min(8 * _TILE_INT32 // block_n, max(16, triton.next_power_of_2(k)))
     if gated:
         block_k = max(16, block_k // 2)  # two tiles per iteration

@@ -74,6 +74,10 @@ def test_mixed_greedy_and_random_rows():
     check_mixed_rows("cuda")
 
 
+def test_vocabulary_split_draws_the_same_tokens():
+    check_split_draws_the_same("cuda", 151936)
+
+
 def test_sampler_uses_fused_path_only_for_plain_rows():
     logits = torch.randn(4, 5000, device="cuda")
     temps = torch.tensor([0.0, 1.0, 1.0, 0.0], device="cuda")
@@ -86,7 +90,22 @@ def test_sampler_uses_fused_path_only_for_plain_rows():
     assert torch.equal(Sampler().sample(logits, md_topk), logits.argmax(dim=-1))
 
 
+def check_split_draws_the_same(device: str, vocab: int) -> None:
+    """The vocabulary split changes no draw: the noise depends on (row, id) only."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, vocab, generator=gen).to(device)
+    logits[2, :] = float("-inf")
+    temps = torch.tensor([0.0, 1.0, 0.5], device=device)
+    draws = {split: triton_sampling.sample(logits, temps, torch.Generator().manual_seed(5),
+                                           split=split).cpu() for split in (1, 2, 8)}
+    assert torch.equal(draws[1], draws[2]) and torch.equal(draws[1], draws[8]), draws
+    assert draws[1][0] == logits[0].argmax().cpu() and draws[1][2] == 0
+    assert triton_sampling.vocab_split(1, 128256, 132) > 1
+    assert triton_sampling.vocab_split(512, 128256, 132) == 1
+
+
 def run_interpreter_smoke() -> int:
+    check_split_draws_the_same("cpu", 20000)
     check_greedy("cpu", torch.float32, 3, 300)
     check_mixed_rows("cpu")
     check_distribution("cpu", 800, 1.0)
