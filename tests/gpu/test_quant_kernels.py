@@ -197,7 +197,9 @@ def test_gated_layer_fuses_silu_at_one_row(kind: str) -> None:
         got = linear.forward_gated(x, act)
         ref = _gated_reference(x.float() @ weight.dequantized().t())
         assert got.shape == (m, inter) and got.dtype == torch.bfloat16
-        assert _rel_err(got.float(), ref) < 2e-2, (kind, m)
+        # FP8 past one row quantizes the activations too (_scaled_mm): e4m3's bound
+        bound = FP8_GEMM_REL_ERROR if kind == "fp8" and m > 1 else 2e-2
+        assert _rel_err(got.float(), ref) < bound, (kind, m)
 
 
 # ----------------------------------------------------------------------------- fp8 GEMM
