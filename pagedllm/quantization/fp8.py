@@ -15,10 +15,13 @@ the same products.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from pagedllm.quantization.gemv_split import GemvPlans
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -120,7 +123,7 @@ class Fp8Weight(nn.Module):
                              persistent=False)
         self.register_buffer("input_scale", None if input_scale is None else
                              input_scale.float().reshape(1).contiguous(), persistent=False)
-        self._gemv_plans: Any = None  # gemv_split.GemvPlans, made on the first GEMV
+        self._gemv_plans: GemvPlans | None = None  # made on the first GEMV
 
     @property
     def nbytes(self) -> int:

@@ -20,10 +20,13 @@ in consecutive inputs) and the activations gathered in that order at run time.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from pagedllm.quantization.gemv_split import GemvPlans
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 # Rows up to which CUDA runs the GEMV (int4_gemv): one, where an H200 measured it faster
@@ -118,7 +121,7 @@ class Int4Weight(nn.Module):
                              persistent=False)
         self.register_buffer("zeros", zeros.t().to(torch.uint8).contiguous(), persistent=False)
         self.register_buffer("perm", perm, persistent=False)
-        self._gemv_plans: Any = None  # gemv_split.GemvPlans, made on the first GEMV
+        self._gemv_plans: GemvPlans | None = None  # made on the first GEMV
 
     @property
     def nbytes(self) -> int:
