@@ -39,14 +39,18 @@ _ACC_ELEMENTS = 8192  # float32 accumulator elements per program (64 registers a
 @triton.jit
 def _fp8_tile_sum(acc, x_ptr, w_rows, k, k_hi, n_mask, EVEN_K: tl.constexpr):
     """acc + the products of this K tile for the weight rows `w_rows`."""
+    # x is loaded as a [BLOCK_N, BLOCK_K] broadcast (every row the same addresses, served
+    # by L1) in the weight tile's own layout: a [BLOCK_K] load would be moved into that
+    # layout through shared memory, with barriers, every iteration.
+    x_rows = x_ptr + k[None, :] + 0 * n_mask[:, None].to(tl.int32)
     if EVEN_K:
         w = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0)
-        x = tl.load(x_ptr + k)
+        x = tl.load(x_rows)
     else:
         k_mask = k < k_hi
         w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        x = tl.load(x_ptr + k, mask=k_mask, other=0.0)
-    return acc + w.to(tl.float32) * x.to(tl.float32)[None, :]
+        x = tl.load(x_rows, mask=k_mask[None, :], other=0.0)
+    return acc + w.to(tl.float32) * x.to(tl.float32)
 
 
 @triton.jit
