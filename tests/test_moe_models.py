@@ -171,18 +171,3 @@ def test_top_k_larger_than_experts_is_refused(tmp_path):
     json.dump(cfg, open(cfg_path, "w"))
     with pytest.raises(ValueError, match="num_experts_per_tok=6"):
         LLM(folder, device="cpu", dtype="float32")
-
-
-def test_decode_moe_gemm_tiles_fill_two_waves() -> None:
-    """Decode-sized MoE GEMMs narrow their N tiles until the blocks in use give two waves
-    of programs (shapes only), never below 16; larger batches keep their tiles."""
-    pytest.importorskip("triton")
-    from pagedllm.models.layers.fused_moe.triton_moe import _config, _narrow_for_decode
-
-    base = _config(8)
-    gate_up = _narrow_for_decode(base, 8, 128, 768, 132)  # Qwen3-30B-A3B, batch 1
-    assert gate_up["BLOCK_N"] == 16 and 8 * (768 // 16) >= 2 * 132
-    assert _narrow_for_decode(base, 8, 128, 2048, 132) == base  # its down GEMM: 512 programs
-    assert _narrow_for_decode(base, 1, 8, 64, 132)["BLOCK_N"] == 16  # the floor
-    big = _config(4096)
-    assert _narrow_for_decode(big, 4096, 128, 768, 132) == big

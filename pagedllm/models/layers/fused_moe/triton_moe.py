@@ -201,27 +201,10 @@ def _config(num_pairs: int) -> dict[str, int]:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _narrow_for_decode(cfg: dict[str, int], num_pairs: int, num_experts: int, n: int,
-                       num_sms: int) -> dict[str, int]:
-    """Decode-sized batches: halve BLOCK_N (down to 16) while the blocks in use (at most one
-    per pair) times the N tiles give under two waves of programs. Qwen3-30B-A3B's gate / up
-    GEMM at batch 1 had 8 x 24 = 192 programs on 132 SMs."""
-    if num_pairs > _SMALL_PAIRS:
-        return cfg
-    blocks = min(num_pairs, num_experts)
-    block_n = cfg["BLOCK_N"]
-    while block_n > 16 and blocks * triton.cdiv(n, block_n) < 2 * num_sms:
-        block_n //= 2
-    return {**cfg, "BLOCK_N": block_n}
-
-
 def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Tensor,
           sorted_ids: torch.Tensor, block_expert: torch.Tensor, total: torch.Tensor,
           max_padded: int, n: int, a_row_div: int, gated: bool, mul_weight: bool,
           cfg: dict[str, int]) -> None:
-    num_sms = (torch.cuda.get_device_properties(a.device).multi_processor_count
-               if a.is_cuda else 132)
-    cfg = _narrow_for_decode(cfg, c.shape[0], b.shape[0], n, num_sms)
     k = a.shape[1]
     grid = (triton.cdiv(max_padded, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _moe_gemm_kernel[grid](
