@@ -298,3 +298,36 @@ def test_skinny_gemm_configs_fill_the_sms() -> None:
         fp8_gemv_config(2, 4096, 4096, sms)
     with pytest.raises(ValueError, match="divisible by 16"):
         int4_gemv_config(1, 256, 240, 24, sms)
+
+
+def test_gated_form_dispatch(monkeypatch) -> None:
+    """`gated` runs the weight's gated GEMV only on its one-row path and for SiLU, on the
+    activations in the kernels' order (act-order: permuted), shaped [..., N / 2]; None
+    elsewhere, so that the caller applies the activation itself."""
+    from pagedllm.quantization.fp8 import Fp8Weight, quantize_rows
+    from pagedllm.quantization.int4 import Int4Weight
+
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (64, 256), generator=gen, dtype=torch.uint8)
+    zeros = torch.full((64, 2), 8, dtype=torch.uint8)
+    g_idx = torch.randperm(256, generator=gen) // 128
+    int4 = Int4Weight(codes, zeros, torch.ones(64, 2).half(), g_idx, torch.bfloat16)
+    fp8 = Fp8Weight(*quantize_rows(torch.randn(64, 256, generator=gen)), torch.bfloat16,
+                    "rowwise")
+    for weight in (int4, fp8):
+        seen = []
+
+        def fake_gemv(x2, gated, seen=seen):
+            seen.append((x2, gated))
+            return torch.zeros(x2.shape[0], 32 if gated else 64)
+
+        monkeypatch.setattr(weight, "_gemv", fake_gemv)
+        x = torch.randn(1, 1, 256, generator=gen)
+        assert weight.gated(x, "silu") is None  # a CPU tensor: the torch path, no GEMV
+        monkeypatch.setattr(weight, "path", lambda m, is_cuda: "gemv" if m == 1 else "gemm")
+        assert weight.gated(x, "gelu") is None and weight.gated(x.expand(2, 1, 256),
+                                                                "silu") is None
+        out = weight.gated(x, "silu")
+        assert out.shape == (1, 1, 32) and len(seen) == 1 and seen[0][1] is True
+        want = x.reshape(1, 256) if weight is fp8 else x.reshape(1, 256)[:, int4.perm]
+        assert torch.equal(seen[0][0], want)

@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+
+from pagedllm.quantization.gated import GatedGemvWeight
 
 if TYPE_CHECKING:
     from pagedllm.quantization.gemv_split import GemvPlans
@@ -101,7 +102,7 @@ def _mm(mode: str, xq: torch.Tensor, wq: torch.Tensor, sx: torch.Tensor, sw: tor
     return (y * sx * sw).to(out_dtype)
 
 
-class Fp8Weight(nn.Module):
+class Fp8Weight(GatedGemvWeight):
     """y = x W^T for W = codes * scale[:, None] (e4m3 codes [N, K], float32 scales [N]); x
     is quantized to e4m3 per token, or with `input_scale` (a checkpoint's static scale)."""
 
@@ -144,16 +145,6 @@ class Fp8Weight(nn.Module):
             xq, sx = quantize_tokens(x2, self.input_scale)
             y = _mm(self.mode, xq, self.codes, sx, self.scale, self.dtype)
         return y.view(*lead, self.out_features)
-
-    def gated(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
-        """silu(x W_gate^T) * (x W_up^T) for a fused gate / up weight (gate rows first) in
-        one kernel, or None where that kernel does not serve these rows (the caller then
-        applies the activation itself)."""
-        x2 = x.reshape(-1, self.in_features)
-        if (activation != "silu" or self.out_features % 2
-                or self.path(x2.shape[0], x2.is_cuda) != "gemv"):
-            return None
-        return self._gemv(x2, gated=True).view(*x.shape[:-1], self.out_features // 2)
 
     def _gemv(self, x2: torch.Tensor, gated: bool) -> torch.Tensor:
         """The one-row GEMV with this weight's configuration and split scratch."""

@@ -23,7 +23,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+
+from pagedllm.quantization.gated import GatedGemvWeight
 
 if TYPE_CHECKING:
     from pagedllm.quantization.gemv_split import GemvPlans
@@ -87,7 +88,7 @@ def pack_kernel_layout(codes: torch.Tensor) -> torch.Tensor:
     return (c << shifts).sum(dim=1, dtype=torch.int32)
 
 
-class Int4Weight(nn.Module):
+class Int4Weight(GatedGemvWeight):
     """y = x W^T for a 4-bit grouped W; x in `dtype` (fp16 / bf16). Triton kernels on CUDA
     (`path`: the GEMV of `int4_gemv` at decode batch 1, the dequant-GEMM of
     `int4_kernels` above); torch elsewhere (tests)."""
@@ -130,9 +131,7 @@ class Int4Weight(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self.perm is not None:
-            x2 = x2.index_select(1, self.perm)
+        x2 = self.kernel_input(x.reshape(-1, self.in_features))
         path = self.path(x2.shape[0], x2.is_cuda)
         if path == "gemv":
             y = self._gemv(x2, gated=False)
@@ -144,17 +143,9 @@ class Int4Weight(nn.Module):
             y = (x2.float() @ self.dequantized_sorted().t()).to(x.dtype)
         return y.view(*lead, self.out_features)
 
-    def gated(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
-        """silu(x W_gate^T) * (x W_up^T) for a fused gate / up weight (gate rows first) in
-        one kernel, or None where that kernel does not serve these rows (the caller then
-        applies the activation itself)."""
-        x2 = x.reshape(-1, self.in_features)
-        if (activation != "silu" or self.out_features % 2
-                or self.path(x2.shape[0], x2.is_cuda) != "gemv"):
-            return None
-        if self.perm is not None:
-            x2 = x2.index_select(1, self.perm)
-        return self._gemv(x2, gated=True).view(*x.shape[:-1], self.out_features // 2)
+    def kernel_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """x [M, K] with its inputs in the kernels' (group-sorted, act-order) order."""
+        return x2 if self.perm is None else x2.index_select(1, self.perm)
 
     def _gemv(self, x2: torch.Tensor, gated: bool) -> torch.Tensor:
         """The one-row GEMV with this weight's configuration and split scratch."""
