@@ -8,7 +8,10 @@ import re
 import socket
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
           "gb": 1000**3, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -67,3 +70,13 @@ def config_dict(value: Any, name: str, flag: str, example: str,
         raise ValueError(f"{name} has unsupported keys {unknown} (unknown keys are "
                          f"refused); pagedllm takes {sorted(known)}.")
     return dict(value)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (kernel grid sizing); 132, an H100's /
+    H200's count, elsewhere (the Triton interpreter on the CPU)."""
+    if device.type != "cuda":
+        return 132
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count

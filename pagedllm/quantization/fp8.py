@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pagedllm.quantization.gated import GatedGemvWeight
+from pagedllm.utils import sm_count
 
 if TYPE_CHECKING:
     from pagedllm.quantization.gemv_split import GemvPlans
@@ -117,8 +118,7 @@ class Fp8Weight(GatedGemvWeight):
         self.out_features, self.in_features = codes.shape
         self.dtype = dtype
         self.mode = mode
-        self.num_sms = (torch.cuda.get_device_properties(codes.device).multi_processor_count
-                        if codes.is_cuda else 0)
+        self.num_sms = sm_count(codes.device)
         self.register_buffer("codes", codes.contiguous(), persistent=False)
         self.register_buffer("scale", scale.float().reshape(1, -1).contiguous(),
                              persistent=False)

@@ -29,8 +29,14 @@ import triton
 import triton.language as tl
 
 from pagedllm.quantization.fp8 import GEMV_MAX_M
-from pagedllm.quantization.gemv_split import GemvScratch, finish_gemv, split_for
-from pagedllm.quantization.int4_kernels import _num_sms
+from pagedllm.quantization.gemv_split import (
+    GemvScratch,
+    finish_gemv,
+    k_ranges,
+    split_buffers,
+    split_for,
+)
+from pagedllm.utils import sm_count
 
 SMALL_M_MAX = GEMV_MAX_M  # rows served by this kernel: one
 _ACC_ELEMENTS = 8192  # float32 accumulator elements per program (64 registers at 4 warps)
@@ -116,21 +122,15 @@ def fp8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
         x = x.contiguous()
     out_dtype = out_dtype or x.dtype
     n_out = n // 2 if gated else n
-    cfg = dict(config or fp8_gemv_config(m, n, k, _num_sms(x.device), gated))
+    cfg = dict(config or fp8_gemv_config(m, n, k, sm_count(x.device), gated))
     split = cfg.pop("split")
     block_k = cfg["BLOCK_K"]
-    k_blocks = triton.cdiv(k, block_k)
-    per_split = triton.cdiv(k_blocks, split) * block_k
-    split = triton.cdiv(k, per_split)
+    per_split, split = k_ranges(k, block_k, split)
     even_k = k % block_k == 0 and per_split % block_k == 0
     tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
     y = torch.empty((m, n_out), dtype=out_dtype, device=x.device)
     if m:
-        if split > 1:
-            scratch = GemvScratch.for_launch(scratch, split, n, tiles, x.device)
-            part, counts = scratch.partials, scratch.counts
-        else:
-            part = counts = y  # unused
+        part, counts = split_buffers(scratch, split, n, tiles, y)
         _fp8_gemv_kernel[(tiles, split)](x, codes, scale.reshape(-1), y, part, counts, n_out,
                                          k, per_split, codes.stride(0), SPLIT=split,
                                          GATED=gated, EVEN_K=even_k, **cfg)

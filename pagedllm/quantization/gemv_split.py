@@ -83,6 +83,22 @@ class GemvScratch:
         return cls(split, width, tiles, device)
 
 
+def k_ranges(k: int, block_k: int, split: int) -> tuple[int, int]:
+    """(inputs per split, a multiple of block_k; the number of splits that leaves)."""
+    per_split = triton.cdiv(triton.cdiv(k, block_k), split) * block_k
+    return per_split, triton.cdiv(k, per_split)
+
+
+def split_buffers(scratch: GemvScratch | None, split: int, width: int, tiles: int,
+                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partials, counters) for a launch of `split` programs per N tile over `width`
+    outputs (`scratch` when it fits); unsplit, the output itself in both places (unused)."""
+    if split == 1:
+        return y, y
+    scratch = GemvScratch.for_launch(scratch, split, width, tiles, y.device)
+    return scratch.partials, scratch.counts
+
+
 def split_for(tiles: int, k_blocks: int, num_sms: int, waves: int = 4) -> int:
     """K split that gives at least `waves` programs per SM where the N tiles alone do
     not fill one wave, never more than the K blocks."""

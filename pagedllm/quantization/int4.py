@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pagedllm.quantization.gated import GatedGemvWeight
+from pagedllm.utils import sm_count
 
 if TYPE_CHECKING:
     from pagedllm.quantization.gemv_split import GemvPlans
@@ -104,8 +105,7 @@ class Int4Weight(GatedGemvWeight):
         self.out_features, self.in_features = n, k
         self.group_size = k // num_groups
         self.dtype = dtype
-        self.num_sms = (torch.cuda.get_device_properties(codes.device).multi_processor_count
-                        if codes.is_cuda else 0)
+        self.num_sms = sm_count(codes.device)
         perm = None
         if g_idx is not None:
             g = g_idx.to(device=codes.device, dtype=torch.long)

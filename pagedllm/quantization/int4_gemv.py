@@ -33,9 +33,16 @@ import triton
 import triton.language as tl
 
 from pagedllm.attention.ops.triton_prefill_attention import interpreting
-from pagedllm.quantization.gemv_split import GemvScratch, finish_gemv, split_for
+from pagedllm.quantization.gemv_split import (
+    GemvScratch,
+    finish_gemv,
+    k_ranges,
+    split_buffers,
+    split_for,
+)
 from pagedllm.quantization.int4 import GEMV_MAX_M
-from pagedllm.quantization.int4_kernels import _num_sms, check_int4_input
+from pagedllm.quantization.int4_kernels import check_int4_input
+from pagedllm.utils import sm_count
 
 SMALL_M_MAX = GEMV_MAX_M  # rows served by this kernel: one
 _TILE_INT32 = 2048  # packed int32 per program and iteration (8 KB)
@@ -183,22 +190,16 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if gated and n % 2:
         raise ValueError(f"A gated 4-bit GEMV needs an even number of outputs, got {n}.")
     n_out = n // 2 if gated else n
-    cfg = dict(config or int4_gemv_config(m, n, k, group_size, _num_sms(x.device), gated))
+    cfg = dict(config or int4_gemv_config(m, n, k, group_size, sm_count(x.device), gated))
     split = cfg.pop("split")
     block_k = cfg["BLOCK_K"]
     if block_k % 16 or block_k & (block_k - 1):
         raise ValueError(f"BLOCK_K must be a power of two of at least 16, got {block_k}.")
-    k_blocks = triton.cdiv(k, block_k)
-    per_split = triton.cdiv(k_blocks, split) * block_k
-    split = triton.cdiv(k, per_split)
+    per_split, split = k_ranges(k, block_k, split)
     tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m:
-        if split > 1:
-            scratch = GemvScratch.for_launch(scratch, split, n, tiles, x.device)
-            part, counts = scratch.partials, scratch.counts
-        else:
-            part = counts = y  # unused
+        part, counts = split_buffers(scratch, split, n, tiles, y)
         _int4_gemv_kernel[(tiles, split)](
             x, qweight, scales, zeros, y, part, counts, n_out, k, per_split,
             qweight.stride(0), scales.stride(0), zeros.stride(0),

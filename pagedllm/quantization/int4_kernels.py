@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.utils import sm_count
+
 _DECODE_MAX_M = 16
 
 
@@ -69,12 +71,6 @@ def _block_k(group: int, k: int) -> int:
     raise ValueError(f"The 4-bit kernel needs a group size divisible by 16, got {group}.")
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
-
-
 def int4_config(m: int, n: int, k: int, group: int, device: torch.device) -> dict[str, int]:
     """Tiles, split and launch settings for an [M, K] x [K, N] product (shapes only)."""
     block_k = _block_k(group, k)
@@ -82,7 +78,7 @@ def int4_config(m: int, n: int, k: int, group: int, device: torch.device) -> dic
         block_n = 64 if n >= 64 else 32
         tiles = triton.cdiv(n, block_n)
         k_tiles = triton.cdiv(k, block_k)
-        split = max(1, min(k_tiles, (4 * _num_sms(device)) // max(tiles, 1)))
+        split = max(1, min(k_tiles, (4 * sm_count(device)) // max(tiles, 1)))
         iters = triton.cdiv(k_tiles, split)
         split = triton.cdiv(k_tiles, iters)
         return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, split=split, iters=iters,

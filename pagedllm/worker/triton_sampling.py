@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.utils import sm_count
+
 
 @triton.jit(do_not_specialize=["stride_row", "seed", "chunk"])  # one variant for all steps
 def _gumbel_argmax_kernel(out_ptr, part_val_ptr, part_idx_ptr, logits_ptr, temperature_ptr,
@@ -95,15 +97,14 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor,
         logits = logits.contiguous()
     seed = int(torch.randint(0, 2**31 - 1 - rows, (1,), generator=generator).item())
     if split is None:
-        num_sms = (torch.cuda.get_device_properties(logits.device).multi_processor_count
-                   if logits.is_cuda else 132)
-        split = vocab_split(rows, vocab, num_sms)
+        split = vocab_split(rows, vocab, sm_count(logits.device))
     if split < 1 or split & (split - 1):
         raise ValueError(f"split must be a power of two, got {split}.")
     chunk = triton.cdiv(triton.cdiv(vocab, split), _BLOCK) * _BLOCK
-    part_val = torch.empty(rows * split if split > 1 else 1, dtype=torch.float32,
-                           device=logits.device)
-    part_idx = torch.empty_like(part_val, dtype=torch.int32)
+    part_val = part_idx = out  # unused by one chunk per row
+    if split > 1:
+        part_val = torch.empty(rows * split, dtype=torch.float32, device=logits.device)
+        part_idx = torch.empty(rows * split, dtype=torch.int32, device=logits.device)
     _gumbel_argmax_kernel[(rows, split)](out, part_val, part_idx, logits, temperature,
                                          logits.stride(0), vocab, seed, chunk, BLOCK=_BLOCK,
                                          SPLIT=split, num_warps=8)

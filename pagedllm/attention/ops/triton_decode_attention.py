@@ -21,6 +21,7 @@ from pagedllm.attention.ops.triton_prefill_attention import (
     interpreting,
     kv_scales,
 )
+from pagedllm.utils import sm_count
 
 MAX_SPLITS = 16
 
@@ -170,11 +171,7 @@ def default_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> i
     programs per SM); otherwise as many splits as keep the grid within one wave. On H100,
     a grid slightly over one wave costs ~10% (tail), so never round up.
     """
-    if device.type == "cuda":
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        num_sms = 132
-    slots = 4 * num_sms
+    slots = 4 * sm_count(device)
     work = max(batch * num_kv_heads, 1)
     if 2 * work > slots:
         return 1
