@@ -18,6 +18,7 @@ from pagedllm.attention.backends.abstract import AttentionImpl, AttentionMetadat
 from pagedllm.distributed.group import SINGLE_PROCESS, TensorParallelGroup
 from pagedllm.models.cpu_decode import CpuDecodePath
 from pagedllm.models.interface import KVCacheSpec
+from pagedllm.models.layers import fused_ops
 from pagedllm.models.layers.activation import SiluAndMul
 from pagedllm.models.layers.attention import Attention
 from pagedllm.models.layers.layernorm import RMSNorm
@@ -118,9 +119,16 @@ class LlamaAttention(nn.Module):
                    or getattr(config, "partial_rotary_factor", None) or 1.0)
         self.rotary_emb = build.rotary(self.head_dim, int(self.head_dim * partial),
                                        settings.rope_parameters)
+        self.fused_qk_norm_rotary = False
         if self.qk_norm:
             self.q_norm = self.make_norm(self.head_dim, config.rms_norm_eps)
             self.k_norm = self.make_norm(self.head_dim, config.rms_norm_eps)
+            # plain RMSNorm heads and a whole-head rotary: one kernel for both on CUDA
+            self.fused_qk_norm_rotary = (
+                fused_ops.enabled() and type(self.q_norm) is RMSNorm
+                and type(self.k_norm) is RMSNorm and self.q_norm.eps == self.k_norm.eps
+                and type(self.rotary_emb) is RotaryEmbedding
+                and self.rotary_emb.rotary_dim == self.head_dim)
         self.attn = Attention(build.attn_impl, self.num_heads, self.head_dim, settings.scale,
                               self.num_kv_heads, settings.sliding_window,
                               settings.logits_soft_cap)
@@ -147,6 +155,12 @@ class LlamaAttention(nn.Module):
                 metadata: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.fused_qk_norm_rotary and fused_ops.usable(q):
+            rotary = self.rotary_emb
+            fused_ops.qk_norm_rotary_inplace(positions, q, k, self.q_norm.weight,
+                                             self.k_norm.weight, self.q_norm.eps,
+                                             rotary.cos_cache, rotary.sin_cache, self.head_dim)
+            return self.o_proj(self.attn(q, k, v, kv_cache, metadata))
         if self.qk_norm:
             n = q.shape[0]
             q = self.q_norm(q.reshape(n, self.num_heads, self.head_dim)).view(n, self.q_size)

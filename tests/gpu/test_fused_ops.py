@@ -1,5 +1,5 @@
-"""Fused Triton layer kernels (residual add + RMSNorm, SiLU-and-mul, rotary) against the torch
-reference in the layer modules.
+"""Fused Triton layer kernels (residual add + RMSNorm, SiLU-and-mul, rotary, q / k head norm
++ rotary) against the torch reference in the layer modules.
 
 Runs on a CUDA device. ``python tests/gpu/test_fused_ops.py`` with ``TRITON_INTERPRET=1``
 runs small cases on the CPU under the Triton interpreter (tests/test_triton_interpreter.py).
@@ -87,6 +87,39 @@ def check_rotary(device: str, dtype: torch.dtype, head_dim: int, num_heads: int,
     _assert_close(k, ref_k, dtype, exact_for=(torch.bfloat16,))
 
 
+def check_qk_norm_rotary(device: str, dtype: torch.dtype, head_dim: int, num_heads: int,
+                         num_kv_heads: int, tokens: int) -> None:
+    """The one-launch q / k head norm + rotary against the norm modules then rotary."""
+    gen = torch.Generator().manual_seed(head_dim * num_heads + tokens + 1)
+    config = SimpleNamespace(rope_theta=1e6, max_position_embeddings=4096, rope_scaling=None)
+    rope = RotaryEmbedding(head_dim, 4096, config).to(device)
+    q_norm = RMSNorm(head_dim, eps=1e-6).to(device=device, dtype=dtype)
+    k_norm = RMSNorm(head_dim, eps=1e-6).to(device=device, dtype=dtype)
+    q_norm.weight.data = (torch.rand(head_dim, generator=gen) + 0.5).to(device, dtype)
+    k_norm.weight.data = (torch.rand(head_dim, generator=gen) + 0.5).to(device, dtype)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = (3 * torch.randn(tokens, q_size + 2 * kv_size, generator=gen)).to(device, dtype)
+    positions = torch.randint(0, 4096, (tokens,), generator=gen).to(device)
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    nq = q_norm.forward_native(q.reshape(tokens, num_heads, head_dim)).reshape(tokens, q_size)
+    nk = k_norm.forward_native(k.reshape(tokens, num_kv_heads, head_dim)).reshape(tokens,
+                                                                                  kv_size)
+    ref_q, ref_k = rope.forward_native(positions, nq, nk)
+    v_before = v.clone()
+    fused_ops.qk_norm_rotary_inplace(positions, q, k, q_norm.weight, k_norm.weight, 1e-6,
+                                     rope.cos_cache, rope.sin_cache, head_dim)
+    _assert_close(q, ref_q, dtype, exact_for=(torch.bfloat16,))
+    _assert_close(k, ref_k, dtype, exact_for=(torch.bfloat16,))
+    assert torch.equal(v, v_before)  # the value slice of the qkv row is untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,heads,kv_heads,tokens", [
+    (128, 32, 4, 1), (128, 16, 8, 300), (64, 9, 3, 7)])
+def test_qk_norm_rotary(dtype, head_dim, heads, kv_heads, tokens):
+    check_qk_norm_rotary("cuda", dtype, head_dim, heads, kv_heads, tokens)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden,tokens", [(576, 1), (896, 256), (4096, 37), (5120, 3)])
 def test_rms_norm(dtype, hidden, tokens):
@@ -128,6 +161,7 @@ def run_interpreter_smoke() -> int:
         check_silu_and_mul("cpu", dtype, 80, 2)
         check_rotary("cpu", dtype, 32, 4, 2, 3)
         check_rotary("cpu", dtype, 32, 6, 3, 2, partial=0.5)
+        check_qk_norm_rotary("cpu", dtype, 32, 6, 2, 3)
     print("FUSED_INTERPRETER_OK")
     return 0
 

@@ -1,8 +1,9 @@
 """Triton kernels that fuse a decoder layer's small element-wise steps on CUDA (reached
 through `fused_ops`, which imports this module on first CUDA use).
 
-Residual add + RMSNorm, SiLU-and-mul, and rotary embedding of q and k each become one
-kernel instead of five to fifteen small torch ops. Every kernel rounds to the model dtype
+Residual add + RMSNorm, SiLU-and-mul, rotary embedding of q and k, and per-head q / k
+RMSNorm followed by rotary (Qwen3) each become one kernel instead of five to fifteen small
+torch ops. Every kernel rounds to the model dtype
 where the torch reference in the layer modules does, so results agree with it to within
 fp32 reduction order. The layer modules call these only for CUDA tensors; on CPU, and where
 triton is missing, the torch code runs.
@@ -100,6 +101,54 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt, stride_kt
                   HEAD_DIM, HALF, IS_BF16)
 
 
+@triton.jit
+def _norm_rotate_heads(base_ptr, w_ptr, offs_h, offs_d, num_heads, c, s, eps,
+                       HEAD_DIM: tl.constexpr, HALF: tl.constexpr, IS_BF16: tl.constexpr):
+    """RMSNorm of each of one token's heads, then its rotate-half rotary, in place; each
+    step rounded to the activations' dtype where the separate kernels round."""
+    ptr = base_ptr + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
+    x1 = tl.load(ptr, mask=mask, other=0.0)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
+    dtype = x1.dtype
+    f1 = x1.to(tl.float32)
+    f2 = x2.to(tl.float32)
+    mean_sq = (tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / HEAD_DIM
+    inv = (1.0 / tl.sqrt(mean_sq + eps))[:, None]
+    dmask = offs_d < HALF
+    w1 = tl.load(w_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(w_ptr + HALF + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    a1 = _round_to(w1 * _round_to(f1 * inv, dtype, IS_BF16), dtype, IS_BF16)
+    a2 = _round_to(w2 * _round_to(f2 * inv, dtype, IS_BF16), dtype, IS_BF16)
+    o1 = _round_to(a1 * c, dtype, IS_BF16) - _round_to(a2 * s, dtype, IS_BF16)
+    o2 = _round_to(a2 * c, dtype, IS_BF16) + _round_to(a1 * s, dtype, IS_BF16)
+    tl.store(ptr, o1.to(dtype), mask=mask)
+    tl.store(ptr + HALF, o2.to(dtype), mask=mask)
+
+
+@triton.jit
+def _qk_norm_rotary_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
+                           stride_qt, stride_kt, stride_cache, num_q_heads, num_k_heads, eps,
+                           HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                           HALF_PAD: tl.constexpr, QH_PAD: tl.constexpr,
+                           KH_PAD: tl.constexpr):
+    """Program (token): per-head RMSNorm of q and k (weights qw / kw), then rotary."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_d = tl.arange(0, HALF_PAD)
+    dmask = offs_d < HALF
+    c = tl.load(cos_ptr + pos * stride_cache + offs_d, mask=dmask, other=0.0)
+    s = tl.load(sin_ptr + pos * stride_cache + offs_d, mask=dmask, other=0.0)
+    dtype = q_ptr.dtype.element_ty
+    IS_BF16: tl.constexpr = dtype == tl.bfloat16
+    c = _round_to(c, dtype, IS_BF16)[None, :]
+    s = _round_to(s, dtype, IS_BF16)[None, :]
+    _norm_rotate_heads(q_ptr + t * stride_qt, qw_ptr, tl.arange(0, QH_PAD), offs_d,
+                       num_q_heads, c, s, eps, HEAD_DIM, HALF, IS_BF16)
+    _norm_rotate_heads(k_ptr + t * stride_kt, kw_ptr, tl.arange(0, KH_PAD), offs_d,
+                       num_k_heads, c, s, eps, HEAD_DIM, HALF, IS_BF16)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None
              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -159,6 +208,27 @@ def rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     _rotary_kernel[(num_tokens,)](
         q, k, cos_cache, sin_cache, positions, q.stride(0), k.stride(0), cos_cache.stride(0),
         num_q_heads, num_k_heads, HEAD_DIM=head_dim, HALF=half,
+        HALF_PAD=triton.next_power_of_2(half), QH_PAD=triton.next_power_of_2(num_q_heads),
+        KH_PAD=triton.next_power_of_2(num_k_heads), num_warps=4)
+
+
+def qk_norm_rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                           cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                           head_dim: int) -> None:
+    """Per-head RMSNorm of flat q [T, Hq * D] and k [T, Hk * D] (Qwen3's q_norm / k_norm),
+    then rotate-half rotary over the whole head, in place, in one launch."""
+    num_tokens = q.shape[0]
+    if not num_tokens:
+        return
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and head_dim % 2 == 0
+    assert cos_cache.stride(-1) == 1 and cos_cache.stride(0) == sin_cache.stride(0)
+    num_q_heads = q.shape[1] // head_dim
+    num_k_heads = k.shape[1] // head_dim
+    half = head_dim // 2
+    _qk_norm_rotary_kernel[(num_tokens,)](
+        q, k, q_weight, k_weight, cos_cache, sin_cache, positions, q.stride(0), k.stride(0),
+        cos_cache.stride(0), num_q_heads, num_k_heads, eps, HEAD_DIM=head_dim, HALF=half,
         HALF_PAD=triton.next_power_of_2(half), QH_PAD=triton.next_power_of_2(num_q_heads),
         KH_PAD=triton.next_power_of_2(num_k_heads), num_warps=4)
 

@@ -1,5 +1,6 @@
 """The fused CUDA kernels of a decoder layer's small element-wise steps, as the layer
-modules reach them: residual add + RMSNorm, SiLU-and-mul, rotary embedding of q and k.
+modules reach them: residual add + RMSNorm, SiLU-and-mul, rotary embedding of q and k,
+and per-head q / k RMSNorm with the rotary after it.
 
 The Triton kernels themselves live in `fused_kernels`, imported on first use, so that a
 CPU engine never imports triton (about 0.2 s of start-up). The layer modules call these
@@ -54,3 +55,15 @@ def rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     from pagedllm.models.layers import fused_kernels
 
     fused_kernels.rotary_inplace(positions, q, k, cos_cache, sin_cache, head_dim, rotary_dim)
+
+
+def qk_norm_rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                           cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                           head_dim: int) -> None:
+    """Per-head RMSNorm of flat q and k, then rotate-half rotary over whole heads, in place
+    and in one launch (the q_norm / k_norm / rotary of Qwen3-style attention)."""
+    from pagedllm.models.layers import fused_kernels
+
+    fused_kernels.qk_norm_rotary_inplace(positions, q, k, q_weight, k_weight, eps, cos_cache,
+                                         sin_cache, head_dim)

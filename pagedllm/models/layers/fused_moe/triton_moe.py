@@ -8,7 +8,7 @@
    pair p; the gate and up tiles are accumulated in the same program and SiLU-mul is its
    epilogue, so the [T*k, 2I] gate-up product never reaches memory.
 3. The same kernel, plain: y[p] = weight[p] * inter[p] W2[e]^T; then the k rows of each
-   token are summed.
+   token are summed (`sum_expert_rows`, one launch).
 
 Each program owns one BLOCK_M x BLOCK_N output tile of one expert and streams that expert's
 weight tile along K; blocks past the padded total exit at once. Block sizes come from
@@ -120,6 +120,31 @@ def _align_small_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr,
     tl.store(total_ptr, tl.sum(padded, axis=0))
 
 
+@triton.jit
+def _sum_rows_kernel(down_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (token, hidden block): out[t] = sum over j of down[t * TOP_K + j], float32
+    in the order j = 0, 1, ..., rounded once."""
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < hidden
+    rows = down_ptr + t.to(tl.int64) * TOP_K * hidden + offs
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(rows + j * hidden, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * hidden + offs, acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def sum_expert_rows(down: torch.Tensor, top_k: int, out: torch.Tensor) -> torch.Tensor:
+    """out [T, H] = the sum of each token's top_k rows of down [T * top_k, H] (contiguous):
+    one launch (torch.sum's reduction took ~4.8 us per layer at decode on an H200)."""
+    tokens, hidden = out.shape
+    block = min(1024, triton.next_power_of_2(hidden))
+    _sum_rows_kernel[(tokens, triton.cdiv(hidden, block))](down, out, hidden, TOP_K=top_k,
+                                                            BLOCK=block, num_warps=4)
+    return out
+
+
 _SMALL_PAIRS = 64  # up to this many (token, expert) pairs align in one program
 
 
@@ -218,4 +243,4 @@ def triton_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
           a_row_div=1, gated=False, mul_weight=True, cfg=cfg)
     if top_k == 1:
         return down
-    return torch.sum(down.view(num_tokens, top_k, hidden), dim=1, out=out)
+    return sum_expert_rows(down, top_k, out)
