@@ -23,23 +23,27 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_t
     e = tl.exp(x - tl.max(x, axis=0))
     e = tl.where(mask, e, 0.0)
     probs = e / tl.sum(e, axis=0)
+    # Candidates: the experts' probabilities; a non-finite one (a NaN router row, e.g. a
+    # padded row of a captured batch) is -1, so that every pick is a real expert (an index
+    # past the experts would fault the alignment), chosen ones -2, padding -3.
+    start = tl.where(mask, tl.where(probs == probs, probs, -1.0), -3.0)
     scale = 1.0
     if RENORMALIZE:  # the sum of the top k, found with the same selection as below
-        left = tl.where(mask, probs, -1.0)
+        left = start
         chosen = 0.0
         for _ in tl.static_range(TOP_K):
             best = tl.max(left, axis=0)
             idx = tl.min(tl.where(left == best, offs, E_PAD), axis=0)
-            chosen += best
-            left = tl.where(offs == idx, -1.0, left)
-        scale = 1.0 / chosen
-    left = tl.where(mask, probs, -1.0)
+            chosen += tl.maximum(best, 0.0)
+            left = tl.where(offs == idx, -2.0, left)
+        scale = 1.0 / tl.maximum(chosen, 1e-30)
+    left = start
     for j in tl.static_range(TOP_K):
         best = tl.max(left, axis=0)
         idx = tl.min(tl.where(left == best, offs, E_PAD), axis=0)  # the lowest index on ties
-        tl.store(weights_ptr + token * TOP_K + j, best * scale)
+        tl.store(weights_ptr + token * TOP_K + j, tl.maximum(best, 0.0) * scale)
         tl.store(ids_ptr + token * TOP_K + j, idx.to(tl.int64))
-        left = tl.where(offs == idx, -1.0, left)
+        left = tl.where(offs == idx, -2.0, left)
 
 
 def triton_select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
