@@ -319,9 +319,11 @@ def test_per_token_quant_kernel_matches_reference() -> None:
 
 # ----------------------------------------------------------------------------- fp8 KV
 def _fp8_kv_case(query_lens: list[int], seq_lens: list[int], decode: bool, dtype: torch.dtype,
-                 device: str, exact: bool, seed: int) -> float:
+                 device: str, exact: bool, seed: int, q_scale: float = 1.0,
+                 **decode_options) -> float:
     """Attention over an FP8 cache (scales k 0.5, v 2) against attention over the K/V it
-    stands for (exact: values e4m3 holds; else the unquantized values)."""
+    stands for (exact: values e4m3 holds; else the unquantized values). q_scale: the
+    queries' magnitude (past fp16's range for bf16 at 1e5)."""
     from pagedllm.attention.ops.triton_decode_attention import decode_attention
     from pagedllm.attention.ops.triton_prefill_attention import prefill_attention
 
@@ -342,16 +344,18 @@ def _fp8_kv_case(query_lens: list[int], seq_lens: list[int], decode: bool, dtype
     ref_cache = cache.to(dtype).to(device)  # what a dtype cache would hold
     table = table.to(device)
     n = sum(query_lens)
-    q = torch.randn(n, hq, d, generator=gen).to(device, dtype)
+    q = (q_scale * torch.randn(n, hq, d, generator=gen)).to(device, dtype)
     sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    scale = d**-0.5 / q_scale  # the same softmax whatever the queries' magnitude
     if decode:
-        out = decode_attention(q, fp8, table, sl, d**-0.5, k_scale=k_scale, v_scale=v_scale)
+        out = decode_attention(q, fp8, table, sl, scale, k_scale=k_scale, v_scale=v_scale,
+                               **decode_options)
     else:
         qsl = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(),
                            dtype=torch.int32, device=device)
-        out = prefill_attention(q, fp8, table, sl, qsl, len(seq_lens), n, d**-0.5,
+        out = prefill_attention(q, fp8, table, sl, qsl, len(seq_lens), n, scale,
                                 k_scale=k_scale, v_scale=v_scale)
-    ref = _reference(q, ref_cache, table, seq_lens, query_lens, d**-0.5, None)
+    ref = _reference(q, ref_cache, table, seq_lens, query_lens, scale, None)
     return _rel_err(out.float().cpu(), ref.float().cpu())
 
 
@@ -393,6 +397,21 @@ def test_fp8_reshape_and_cache() -> None:
 
 
 # ----------------------------------------------------------------------------- interpreter
+@gpu_fp8
+@pytest.mark.parametrize("dtype,q_scale", [(torch.bfloat16, 1.0), (torch.bfloat16, 1e5),
+                                           (torch.float16, 1.0)])
+@pytest.mark.parametrize("fp8_words", [True, False])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fp8_kv_decode_forms(dtype: torch.dtype, q_scale: float, fp8_words: bool,
+                             num_splits: int) -> None:
+    """Both FP8-cache decode forms (V read as 16-bit words of two codes, or byte by byte),
+    split or not, fp16 products for bf16 queries of any magnitude (1e5 is past fp16's
+    range: the kernel divides q by its largest entry first)."""
+    err = _fp8_kv_case([1] * 4, [1, 300, 77, 1000], True, dtype, "cuda", True, 3, q_scale,
+                       fp8_words=fp8_words, num_splits=num_splits)
+    assert err < 2e-2, err
+
+
 def run_interpreter_smoke() -> None:
     """Tiny cases on the CPU; run under TRITON_INTERPRET=1 (set before triton is imported)."""
     from pagedllm.attention.ops.triton_reshape_and_cache import reshape_and_cache
@@ -445,6 +464,10 @@ def run_interpreter_smoke() -> None:
         ql = [1, 1] if decode else [5, 9]
         err = _fp8_kv_case(ql, [12, 30], decode, torch.float32, "cpu", True, 2)
         assert err < 1e-4, ("fp8 kv", decode, err)
+    for splits in (1, 2):  # fp16 products, V as 16-bit words (the interpreter's fallback)
+        err = _fp8_kv_case([1, 1], [12, 70], True, torch.float16, "cpu", True, 4,
+                           fp8_words=True, num_splits=splits, block_n=16)
+        assert err < 2e-3, ("fp8 kv words", splits, err)
     print("QUANT_INTERPRETER_OK")
 
 
