@@ -7,6 +7,7 @@ q read, out written), achieved GB/s and its fraction of a measured device-to-dev
 (bytes read + written).
 
     python benchmarks/kernel_decode.py [--sweep] [--prefill]
+    python benchmarks/kernel_decode.py --forms --batch 256 --ctx 384   # bf16 against FP8 caches
 """
 
 from __future__ import annotations
@@ -107,6 +108,43 @@ def run_decode(args: argparse.Namespace, copy_gbs: float) -> list[tuple[str, flo
     return rows
 
 
+def run_forms(batch: int, ctx: int, copy_gbs: float) -> None:
+    """The decode kernel over a bf16 and an FP8 cache (CUDA-graph replays): FP8 with V read
+    as 16-bit words (default, and a sweep of tiles) or byte by byte. Errors against the
+    bf16 cache's output."""
+    hq, hkv, d, bs = 32, 8, 128, 16
+    nblk = math.ceil(ctx / bs)
+    kv_bf16 = torch.randn(2, batch * nblk, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+    kv_fp8 = kv_bf16.to(torch.float8_e4m3fn)
+    kv_bf16 = kv_fp8.to(torch.bfloat16)  # the same values in both caches
+    table = torch.randperm(batch * nblk, device="cuda").to(torch.int32).view(batch, nblk)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    query = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    ref = decode_attention(query, kv_bf16, table, seq_lens, d**-0.5).float()
+    print(f"\ndecode forms: batch {batch}, ctx {ctx}, 32q/8kv heads, d128, bs16")
+    forms: list[tuple[str, torch.Tensor, dict]] = [
+        ("bf16 cache", kv_bf16, {}), ("fp8 cache, V as words", kv_fp8, {}),
+        ("fp8 cache, V by bytes", kv_fp8, dict(fp8_words=False))]
+    for bn, w, st in [(32, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 2),
+                      (128, 4, 3), (128, 8, 2), (128, 8, 3)]:
+        forms.append((f"fp8 words n{bn} w{w} s{st}", kv_fp8,
+                      dict(block_n=bn, num_warps=w, num_stages=st)))
+    for label, cache, opts in forms:
+        def fn(cache: torch.Tensor = cache, opts: dict = opts) -> torch.Tensor:
+            return decode_attention(query, cache, table, seq_lens, d**-0.5, **opts)
+
+        try:
+            err = rel_err(fn().float(), ref)
+            ms = bench(fn, graph=True)
+        except Exception as exc:
+            print(f"{label} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        nbytes = 2 * batch * ctx * hkv * d * cache.element_size() + 4 * query.numel()
+        gbs = nbytes / ms / 1e6
+        print(f"{label:28s} {ms * 1e3:8.1f} us {gbs:8.0f} GB/s {gbs / copy_gbs:7.1%} of copy"
+              f"  err {err:.1e}")
+
+
 def run_split_sweep(batch: int, ctx: int, copy_gbs: float) -> None:
     """Time the default split count against fixed ones at a small batch."""
     hq, hkv, d, bs, dtype = 32, 8, 128, 16, torch.bfloat16
@@ -187,12 +225,17 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--sweep", action="store_true", help="also time other kernel configs")
     parser.add_argument("--prefill", action="store_true", help="also time the prefill kernel")
+    parser.add_argument("--forms", action="store_true",
+                        help="only time the kernel's forms over bf16 and FP8 caches")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}")
     copy_gbs = copy_bandwidth()
+    if args.forms:
+        run_forms(args.batch, args.ctx, copy_gbs)
+        return
     if args.prefill:
         try:
             run_prefill(args)

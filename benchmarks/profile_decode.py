@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--quantization", help="e.g. fp8 or awq (dummy weights quantized at load)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
+    ap.add_argument("--prefill-profile", action="store_true",
+                    help="also profile the prefill steps that fill the engine (a second table)")
     ap.add_argument("--host-profile", action="store_true",
                     help="also print a cProfile of the host side of the profiled steps")
     args = ap.parse_args()
@@ -40,7 +43,7 @@ def main() -> None:
     llm = LLM(preset_folder(args.preset, quantization=checkpoint_quant), load_format="dummy",
               skip_tokenizer_init=True, enforce_eager=args.enforce_eager,
               max_model_len=args.input_len + 1024, max_num_seqs=max(args.num_prompts, 1),
-              quantization=args.quantization)
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.engine
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size
@@ -49,9 +52,26 @@ def main() -> None:
                                                          for _ in range(args.input_len)]},
                            SamplingParams(temperature=args.temperature, max_tokens=1000,
                                           ignore_eos=True, detokenize=False))
-    while any(r.num_output_tokens == 0 for r in engine.scheduler.running) or \
-            engine.scheduler.waiting:
-        engine.step()
+    def fill() -> int:
+        steps = 0
+        while any(r.num_output_tokens == 0 for r in engine.scheduler.running) or \
+                engine.scheduler.waiting:
+            engine.step()
+            steps += 1
+        return steps
+
+    if args.prefill_profile:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prefill_prof:
+            steps = fill()
+            torch.cuda.synchronize()
+        print(f"prefill: {steps} steps for {args.num_prompts * args.input_len} prompt tokens "
+              f"in {time.perf_counter() - start:.3f} s (profiled)")
+        print(prefill_prof.key_averages().table(sort_by="cuda_time_total",
+                                                row_limit=args.rows, max_name_column_width=60))
+    else:
+        fill()
     for _ in range(5):
         engine.step()
     torch.cuda.synchronize()
