@@ -2,8 +2,9 @@
 Llama-3-8B shape, dummy weights quantized as a real load would quantize them.
 
 Rows (each a fresh `benchmarks/throughput.py` process, pagedllm only):
-  tput-bf16 / tput-fp8 / tput-fp8kv: 1000 requests x 256 in / 256 out (output tok/s; the
-    FP8 KV row: bf16 weights, FP8 cache, and its number of KV blocks);
+  tput-bf16 / tput-fp8 / tput-fp8kv / tput-fp8-fp8kv: 1000 requests x 256 in / 256 out
+    (output tok/s; the FP8 KV row: bf16 weights, FP8 cache, and its number of KV blocks;
+    the last: FP8 weights and an FP8 cache, as FP8 deployments usually run);
   b1-bf16 / b1-fp8 / b1-awq: batch 1 (max_num_seqs 1), 32 in / 256 out: ms per output
     token (TPOT; the 32-token prefill adds under 1%).
 Prints each row and the ratios the issue asks for:
@@ -31,6 +32,7 @@ ROWS = {  # the short batch-1 rows first
     "tput-bf16": TPUT,
     "tput-fp8": TPUT + ["--quantization", "fp8"],
     "tput-fp8kv": TPUT + ["--kv-cache-dtype", "fp8"],
+    "tput-fp8-fp8kv": TPUT + ["--quantization", "fp8", "--kv-cache-dtype", "fp8"],
 }
 
 
@@ -71,6 +73,7 @@ def main() -> None:
     summary = {
         "fp8 throughput / bf16 (>= 1.6)": ratio("tput-fp8", "tput-bf16", "output_tok_s"),
         "fp8 batch-1 TPOT / bf16 (<= 0.6)": ratio("b1-fp8", "b1-bf16", "ms_per_output_token"),
+        "fp8 + fp8 KV throughput / bf16": ratio("tput-fp8-fp8kv", "tput-bf16", "output_tok_s"),
         "fp8 KV blocks / bf16 KV (2)": ratio("tput-fp8kv", "tput-bf16", "num_kv_blocks"),
         "fp8 KV throughput / bf16 KV (>= 1)": ratio("tput-fp8kv", "tput-bf16", "output_tok_s"),
         "W4A16 (awq) batch-1 TPOT / bf16 (<= 0.4)": ratio("b1-awq", "b1-bf16",

@@ -46,9 +46,16 @@ DRY_RUN_LINEARS = {"qkv": (96, 256), "o": (64, 256), "gate_up": (448, 256),
 LAYERS = 32
 L2_BYTES = 50 * 2**20
 GROUP = 128
-FP8_ALTERNATIVES = ({"BLOCK_N": 4}, {"BLOCK_N": 2, "BLOCK_K": 2048},
-                    {"BLOCK_N": 16, "BLOCK_K": 512}, {"BLOCK_N": 8, "BLOCK_K": 512},
-                    {"num_warps": 8, "BLOCK_K": 2048}, {"num_stages": 2}, {"split": 2})
+FP8_ALTERNATIVES = tuple(  # whole tile configurations (VEC, BLOCK_N, BLOCK_K[, warps])
+    dict(VEC=v, BLOCK_N=bn, BLOCK_K=bk, **({"num_warps": w} if w else {}))
+    for v, bn, bk, w in ((1, 8, 1024, 0), (1, 4, 2048, 0), (1, 16, 512, 0), (16, 4, 1024, 0),
+                         (16, 4, 2048, 0), (16, 4, 4096, 0), (16, 2, 2048, 0),
+                         (16, 2, 4096, 0), (16, 4, 2048, 8), (32, 4, 2048, 0),
+                         (16, 8, 2048, 2)))
+FP8_GATED_ALTERNATIVES = tuple(
+    dict(VEC=v, BLOCK_N=bn, BLOCK_K=bk)
+    for v, bn, bk in ((1, 8, 512), (1, 4, 1024), (16, 4, 512), (16, 4, 1024), (16, 4, 2048),
+                      (16, 2, 1024), (16, 2, 2048), (32, 4, 1024)))
 INT4_ALTERNATIVES = ({"BLOCK_N": 16, "BLOCK_K": 1024}, {"BLOCK_N": 64, "BLOCK_K": 256},
                      {"BLOCK_N": 128, "BLOCK_K": 128}, {"BLOCK_N": 32, "BLOCK_K": 256},
                      {"BLOCK_N": 32, "BLOCK_K": 1024}, {"BLOCK_N": 64, "BLOCK_K": 64},
@@ -152,8 +159,7 @@ def _paths(w: _Weights, x: torch.Tensor, m: int, alternatives: bool
                 paths[f"int4-gemv+silu/{_label(alt)}"] = ("int4", _int4_call(
                     w, x, {**gated4, **alt}, gated=True))
             gated8 = fp8_gemv_config(m, w.n, w.k, _sms(), True)
-            for alt in ({"BLOCK_N": 4, "BLOCK_K": 1024}, {"BLOCK_N": 8, "BLOCK_K": 256},
-                        {"num_warps": 8, "BLOCK_K": 1024}):
+            for alt in FP8_GATED_ALTERNATIVES:
                 paths[f"fp8-gemv+silu/{_label(alt)}"] = ("fp8", _fp8_call(
                     w, x, {**gated8, **alt}, gated=True))
     return paths

@@ -8,9 +8,10 @@ and ``_scaled_mm`` adds a per-token quantization launch. So this kernel streams 
 codes [N, K] (K contiguous: 16-byte vector loads), converts them to float32 in registers
 and multiply-adds on the CUDA cores:
 
-* each program owns BLOCK_N output channels and a K range; it keeps a [BLOCK_N, BLOCK_K]
-  float32 tile of elementwise products and reduces it over K once, at the end (no
-  cross-thread reduction in the loop); the per-channel scale is applied once;
+* each program owns BLOCK_N output channels and a K range; its tiles are [BLOCK_N,
+  BLOCK_K / VEC, VEC] codes, each thread sums its VEC products (VEC consecutive inputs of
+  one row) and adds that to a float32 accumulator VEC times smaller than the tile, which is
+  reduced over K once, at the end; the per-channel scale is applied once;
 * at 4.8 TB/s an H200 SM must take ~19 weights per clock; a weight costs a convert and an
   FMA, ~40 of the SM's 128 lane-operations per clock;
 * K is split only where the N tiles alone leave SMs idle (`gemv_split.finish_gemv`: the
@@ -39,49 +40,50 @@ from pagedllm.quantization.gemv_split import (
 from pagedllm.utils import sm_count
 
 SMALL_M_MAX = GEMV_MAX_M  # rows served by this kernel: one
-_ACC_ELEMENTS = 8192  # float32 accumulator elements per program (64 registers at 4 warps)
-
-
-@triton.jit
-def _fp8_tile_sum(acc, x_ptr, w_rows, k, k_hi, n_mask, EVEN_K: tl.constexpr):
-    """acc + the products of this K tile for the weight rows `w_rows`."""
-    # x is loaded as a [BLOCK_N, BLOCK_K] broadcast (every row the same addresses, served
-    # by L1) in the weight tile's own layout: a [BLOCK_K] load would be moved into that
-    # layout through shared memory, with barriers, every iteration.
-    x_rows = x_ptr + k[None, :] + 0 * n_mask[:, None].to(tl.int32)
-    if EVEN_K:
-        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0)
-        x = tl.load(x_rows)
-    else:
-        k_mask = k < k_hi
-        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        x = tl.load(x_rows, mask=k_mask[None, :], other=0.0)
-    return acc + w.to(tl.float32) * x.to(tl.float32)
 
 
 @triton.jit
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, n_out, K, k_per_split, stride_wn,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    GATED: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, SPLIT: tl.constexpr,
+    GATED: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     """Program (n tile, k split): y[n] (+)= scale[n] * sum over its K range of x[k] W[n, k];
-    gated, rows n (gate) and n_out + n (up) together."""
+    gated, rows n (gate) and n_out + n (up) together. EVEN_K / EVEN_N: whole tiles along K /
+    N (the loads need no mask)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < n_out
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    gate_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    up_rows = w_ptr + (n_out + offs_n)[:, None].to(tl.int64) * stride_wn
-    gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    offs_k = (tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None]
+    rows = offs_n[:, None, None]
+    row_mask = n_mask[:, None, None]
+    gate_rows = w_ptr + rows.to(tl.int64) * stride_wn
+    up_rows = w_ptr + (n_out + rows).to(tl.int64) * stride_wn
+    gate = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
+    up = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        gate = _fp8_tile_sum(gate, x_ptr, gate_rows, k0 + offs_k, k_hi, n_mask, EVEN_K)
+        k = k0 + offs_k
+        # x as a broadcast over the tile's rows, in the weight tile's own layout (served by
+        # L1): a [BLOCK_K] load would be moved into that layout through shared memory.
+        x_tile = x_ptr + k + 0 * rows
+        if EVEN_K and EVEN_N:
+            w_gate = tl.load(gate_rows + k)
+            if GATED:
+                w_up = tl.load(up_rows + k)
+            x = tl.load(x_tile)
+        else:
+            mask = row_mask if EVEN_K else row_mask & (k < k_hi)
+            w_gate = tl.load(gate_rows + k, mask=mask, other=0.0)
+            if GATED:
+                w_up = tl.load(up_rows + k, mask=mask, other=0.0)
+            x = tl.load(x_tile, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        gate += tl.sum(w_gate.to(tl.float32) * x, axis=2)
         if GATED:
-            up = _fp8_tile_sum(up, x_ptr, up_rows, k0 + offs_k, k_hi, n_mask, EVEN_K)
+            up += tl.sum(w_up.to(tl.float32) * x, axis=2)
     gate_out = tl.sum(gate, axis=1) * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
     up_out = gate_out
     if GATED:
@@ -92,16 +94,18 @@ def _fp8_gemv_kernel(
 
 def fp8_gemv_config(m: int, n: int, k: int, num_sms: int,
                     gated: bool = False) -> dict[str, int]:
-    """Tile, K split and launch settings for one row (shapes only; see the module
-    docstring for the reasoning; `n` counts both halves when gated)."""
+    """Tile, K split and launch settings for one row (shapes only; `n` counts both halves
+    when gated). 2-row tiles of 2048 inputs (gated: 2 gate and 2 up rows of 1024), 16
+    products summed per thread: the best or within 3% of the best of the forms swept on an
+    H200 at every Llama-3-8B linear (benchmarks/RESULTS.md)."""
     if m > SMALL_M_MAX:
         raise ValueError(f"The FP8 skinny GEMM serves at most {SMALL_M_MAX} row, got {m}.")
-    block_n = 8
-    elements = _ACC_ELEMENTS // 2 if gated else _ACC_ELEMENTS  # gated: two accumulators
-    block_k = max(32, min(elements // block_n, triton.next_power_of_2(k)))
+    block_n, vec = 2, 16
+    block_k = max(vec, min(1024 if gated else 2048, triton.next_power_of_2(k)))
     tiles = triton.cdiv(n // 2 if gated else n, block_n)
     split = split_for(tiles, triton.cdiv(k, block_k), num_sms)
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, split=split, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec, split=split, num_warps=4,
+                num_stages=3)
 
 
 def fp8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
@@ -133,5 +137,6 @@ def fp8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
         part, counts = split_buffers(scratch, split, n, tiles, y)
         _fp8_gemv_kernel[(tiles, split)](x, codes, scale.reshape(-1), y, part, counts, n_out,
                                          k, per_split, codes.stride(0), SPLIT=split,
-                                         GATED=gated, EVEN_K=even_k, **cfg)
+                                         GATED=gated, EVEN_K=even_k,
+                                         EVEN_N=n_out % cfg["BLOCK_N"] == 0, **cfg)
     return y

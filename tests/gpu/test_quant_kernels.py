@@ -235,10 +235,12 @@ def test_fp8_gemv_matches_dequantize_then_matmul(m: int, dtype: torch.dtype) -> 
     for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (200, 136)):
         err = _fp8_gemv_case(m, n, k, dtype, "cuda", m)
         assert err < 5e-3, (m, n, k, err)
-    for config in (dict(split=1), dict(split=5), dict(BLOCK_N=32, BLOCK_K=64)):
+    for config in (dict(split=1), dict(split=5), dict(BLOCK_N=32, BLOCK_K=64), dict(VEC=1),
+                   dict(VEC=8, BLOCK_K=2048), dict(VEC=1, BLOCK_N=32, BLOCK_K=64)):
         err = _fp8_gemv_case(m, 512, 4096, dtype, "cuda", m, **config)
         assert err < 5e-3, (m, config, err)
-    for n, k, config in ((28672, 4096, {}), (512, 4096, dict(split=5)), (200, 136, {})):
+    for n, k, config in ((28672, 4096, {}), (512, 4096, dict(split=5)), (200, 136, {}),
+                         (28672, 4096, dict(VEC=1)), (200, 136, dict(VEC=1, split=3))):
         err = _fp8_gemv_case(m, n, k, dtype, "cuda", m, gated=True, **config)
         assert err < 5e-3, ("gated", n, k, config, err)
 
@@ -441,7 +443,9 @@ def run_interpreter_smoke() -> None:
             (32, 1024, torch.float16, False, dict(split=3)),
             (20, 96, torch.float16, False, dict(split=2)),
             (64, 256, torch.float32, True, dict(split=1)),
-            (48, 200, torch.float32, True, dict(split=3))):
+            (48, 200, torch.float32, True, dict(split=3)),
+            (40, 256, torch.float16, False, dict(split=1, VEC=1)),  # one product per thread
+            (48, 200, torch.float32, True, dict(split=3, VEC=1))):
         err = _fp8_gemv_case(1, n, k, dtype, "cpu", n, gated, BLOCK_K=64, num_stages=1,
                              **config)
         assert err < (1e-5 if dtype == torch.float32 else 1e-3), ("fp8 gemv", n, k, err)
