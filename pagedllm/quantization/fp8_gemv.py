@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.pdl import launch_options, pdl_enabled, pdl_trigger, pdl_wait
 from pagedllm.quantization.fp8 import GEMV_MAX_M
 from pagedllm.quantization.gemv_split import (
     GemvScratch,
@@ -46,11 +47,13 @@ SMALL_M_MAX = GEMV_MAX_M  # rows served by this kernel: one
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, n_out, K, k_per_split, stride_wn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, SPLIT: tl.constexpr,
-    GATED: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    GATED: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (n tile, k split): y[n] (+)= scale[n] * sum over its K range of x[k] W[n, k];
     gated, rows n (gate) and n_out + n (up) together. EVEN_K / EVEN_N: whole tiles along K /
-    N (the loads need no mask)."""
+    N (the loads need no mask). PDL: see pagedllm.pdl."""
+    pdl_wait(PDL)
+    pdl_trigger(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -135,8 +138,10 @@ def fp8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     y = torch.empty((m, n_out), dtype=out_dtype, device=x.device)
     if m:
         part, counts = split_buffers(scratch, split, n, tiles, y)
+        pdl = pdl_enabled(x.device)
         _fp8_gemv_kernel[(tiles, split)](x, codes, scale.reshape(-1), y, part, counts, n_out,
                                          k, per_split, codes.stride(0), SPLIT=split,
                                          GATED=gated, EVEN_K=even_k,
-                                         EVEN_N=n_out % cfg["BLOCK_N"] == 0, **cfg)
+                                         EVEN_N=n_out % cfg["BLOCK_N"] == 0, PDL=pdl,
+                                         **launch_options(pdl), **cfg)
     return y

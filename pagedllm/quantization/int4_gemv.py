@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.attention.ops.triton_prefill_attention import interpreting
+from pagedllm.pdl import launch_options, pdl_enabled, pdl_trigger, pdl_wait
 from pagedllm.quantization.gemv_split import (
     GemvScratch,
     finish_gemv,
@@ -132,10 +133,12 @@ def _int4_gemv_kernel(
     stride_qk, stride_sg, stride_zg,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (n tile, k split) over its K range; gated, channels n (gate) and
-    n_out + n (up) of the weight."""
+    n_out + n (up) of the weight. PDL: see pagedllm.pdl."""
+    pdl_wait(PDL)
+    pdl_trigger(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -200,9 +203,10 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m:
         part, counts = split_buffers(scratch, split, n, tiles, y)
+        pdl = pdl_enabled(x.device)
         _int4_gemv_kernel[(tiles, split)](
             x, qweight, scales, zeros, y, part, counts, n_out, k, per_split,
             qweight.stride(0), scales.stride(0), zeros.stride(0),
             GROUP=group_size, SPLIT=split, GATED=gated, EVEN_K=k % per_split == 0,
-            INTERPRET=interpreting(), **cfg)
+            INTERPRET=interpreting(), PDL=pdl, **launch_options(pdl), **cfg)
     return y

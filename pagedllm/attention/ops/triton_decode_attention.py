@@ -21,6 +21,7 @@ from pagedllm.attention.ops.triton_prefill_attention import (
     interpreting,
     kv_scales,
 )
+from pagedllm.pdl import launch_options, pdl_enabled, pdl_trigger, pdl_wait
 from pagedllm.utils import sm_count
 
 MAX_SPLITS = 16
@@ -146,12 +147,16 @@ def _decode_kernel(
     Q_AS_FP16: tl.constexpr,
     FP8_WORDS: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (request, kv head, split): attention of GROUP heads over one context split.
     KV_FP8: the cache holds k / k_scale and v / v_scale. Q_AS_FP16 (a bf16 query over an FP8
     cache): the products run in fp16, q divided by its largest magnitude into [-1, 1] and
     that factor moved into the score scale, because e4m3 -> fp16 is one conversion per two
-    codes where e4m3 -> bf16 takes three (the bf16 form ran slower than a bf16 cache)."""
+    codes where e4m3 -> bf16 takes three (the bf16 form ran slower than a bf16 cache).
+    PDL: see pagedllm.pdl."""
+    pdl_wait(PDL)
+    pdl_trigger(PDL)
     if KV_FP8:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
     b = tl.program_id(0)
@@ -261,8 +266,11 @@ def _reduce_kernel(
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     S_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (request, head): merge the split partials by their log-sum-exp weights."""
+    pdl_wait(PDL)
+    pdl_trigger(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
@@ -353,6 +361,7 @@ def decode_attention(
     d_pad = triton.next_power_of_2(head_dim)
     window = int(sliding_window) if sliding_window else 0
     kv_fp8, k_scale, v_scale = kv_scales(kv_cache, k_scale, v_scale)
+    pdl = pdl_enabled(query.device)
     words = (kv_fp8 and query.dtype != torch.float32 and d_pad == head_dim and head_dim >= 32
              and (True if fp8_words is None else fp8_words))
     cfg_n, cfg_w, cfg_s = _decode_config(head_dim, query.dtype, words)
@@ -404,8 +413,10 @@ def decode_attention(
         Q_AS_FP16=kv_fp8 and query.dtype == torch.bfloat16,
         FP8_WORDS=words,
         INTERPRET=interpreting(),
+        PDL=pdl,
         num_warps=num_warps or cfg_w,
         num_stages=num_stages or cfg_s,
+        **launch_options(pdl),
     )
     if not direct:
         _reduce_kernel[(batch, num_heads)](
@@ -419,6 +430,8 @@ def decode_attention(
             HEAD_DIM=head_dim,
             D_PAD=d_pad,
             S_PAD=triton.next_power_of_2(num_splits),
+            PDL=pdl,
             num_warps=4,
+            **launch_options(pdl),
         )
     return out

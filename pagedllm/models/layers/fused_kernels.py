@@ -15,11 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.pdl import launch_options, pdl_enabled, pdl_trigger, pdl_wait
+
 
 @triton.jit
 def _rms_norm_kernel(out_ptr, res_out_ptr, x_ptr, res_ptr, w_ptr, stride_x, stride_r,
                      stride_o, stride_ro, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)  # PDL: see pagedllm.pdl
+    pdl_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -167,13 +171,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             res2 = res2.contiguous()
         res_out = torch.empty_like(out)
     if rows:
+        pdl = pdl_enabled(x.device)
         _rms_norm_kernel[(rows,)](
             out, res_out if res_out is not None else out, x2,
             res2 if res2 is not None else x2, weight,
             x2.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0),
             res_out.stride(0) if res_out is not None else 0, n_cols, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols),
-            num_warps=_row_warps(n_cols))
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols), PDL=pdl,
+            num_warps=_row_warps(n_cols), **launch_options(pdl))
     out = out.view(shape)
     return out if residual is None else (out, res_out.view(shape))
 
