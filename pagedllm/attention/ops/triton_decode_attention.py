@@ -21,7 +21,7 @@ from pagedllm.attention.ops.triton_prefill_attention import (
     interpreting,
     kv_scales,
 )
-from pagedllm.pdl import launch_options, pdl_enabled, pdl_trigger, pdl_wait
+from pagedllm.pdl import pdl_enabled, pdl_trigger, pdl_wait
 from pagedllm.utils import sm_count
 
 MAX_SPLITS = 16
@@ -415,8 +415,7 @@ def decode_attention(
         INTERPRET=interpreting(),
         PDL=pdl,
         num_warps=num_warps or cfg_w,
-        num_stages=num_stages or cfg_s,
-        **launch_options(pdl),
+        num_stages=num_stages or cfg_s,  # plain launches: see pagedllm.pdl
     )
     if not direct:
         _reduce_kernel[(batch, num_heads)](
@@ -432,6 +431,5 @@ def decode_attention(
             S_PAD=triton.next_power_of_2(num_splits),
             PDL=pdl,
             num_warps=4,
-            **launch_options(pdl),
         )
     return out

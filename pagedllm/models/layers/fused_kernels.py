@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.pdl import launch_options, pdl_enabled, pdl_trigger, pdl_wait
+from pagedllm.pdl import pdl_enabled, pdl_trigger, pdl_wait
 
 
 @triton.jit
@@ -178,7 +178,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             x2.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0),
             res_out.stride(0) if res_out is not None else 0, n_cols, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols), PDL=pdl,
-            num_warps=_row_warps(n_cols), **launch_options(pdl))
+            num_warps=_row_warps(n_cols))  # plain launch: see pagedllm.pdl
     out = out.view(shape)
     return out if residual is None else (out, res_out.view(shape))
 
