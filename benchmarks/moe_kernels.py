@@ -5,7 +5,8 @@ bf16, several layers' weights in turn so that L2 holds none of them, each varian
 in a CUDA graph (as decode runs) and timed per layer. Prints microseconds per layer and the
 bandwidth of the expert weights read (distinct experts x their bytes / time), for:
   - routing: torch (softmax, topk, renormalize) vs the one-kernel Triton routing;
-  - the experts' grouped GEMM (`triton_moe`) at its default tiles;
+  - the experts' grouped GEMM (`triton_moe`) at its default tiles, and at one token the
+    one-token GEMV path (`moe_gemv`);
   - at --gemm-tokens, the grouped GEMM under each of GEMM_CONFIGS.
 
     python benchmarks/moe_kernels.py [--tokens 1 2 4 8] [--layers 16] [--gemm-tokens 1 8]
@@ -59,10 +60,16 @@ def bench_tokens(T: int, args: argparse.Namespace, w13: list[torch.Tensor],
     mb = distinct * (3 * inter * H) * 2 / 1e6
     torch_us = graph_time_us(lambda i: torch_select_experts(logits[i], k, True), L)
     triton_us = graph_time_us(lambda i: triton_select_experts(logits[i], k, True), L)
-    experts_us = graph_time_us(lambda i: triton_experts(x, w13[i], w2[i], *routes[i]), L)
-    print(f"{T} token(s), {distinct:.1f} distinct experts per layer ({mb:.1f} MB): routing "
-          f"torch {torch_us:.2f} us, Triton {triton_us:.2f} us; experts {experts_us:.2f} us "
-          f"= {mb / experts_us:.2f} TB/s")
+    experts_us = graph_time_us(
+        lambda i: triton_experts(x, w13[i], w2[i], *routes[i], gemv_max_tokens=0), L)
+    line = (f"{T} token(s), {distinct:.1f} distinct experts per layer ({mb:.1f} MB): routing "
+            f"torch {torch_us:.2f} us, Triton {triton_us:.2f} us; experts (grouped GEMM) "
+            f"{experts_us:.2f} us = {mb / experts_us:.2f} TB/s")
+    if T == 1:
+        gemv_us = graph_time_us(
+            lambda i: triton_experts(x, w13[i], w2[i], *routes[i], gemv_max_tokens=1), L)
+        line += f"; experts (one-token GEMV) {gemv_us:.2f} us = {mb / gemv_us:.2f} TB/s"
+    print(line)
 
 
 GEMM_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
@@ -94,8 +101,8 @@ def sweep_grouped_gemm(T: int, args: argparse.Namespace, w13: list[torch.Tensor]
         real = triton_moe._config
         triton_moe._config = lambda n, chosen=chosen: chosen
         try:
-            us = graph_time_us(lambda i: triton_experts(x, w13[i], w2[i], *routes[i]), L,
-                               reps=5)
+            us = graph_time_us(lambda i: triton_experts(x, w13[i], w2[i], *routes[i],
+                                                        gemv_max_tokens=0), L, reps=5)
         except Exception as e:  # a tile the compiler or the SM's memory refuses
             print(f"grouped GEMM T={T} {chosen}: {type(e).__name__}")
             continue

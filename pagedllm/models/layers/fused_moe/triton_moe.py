@@ -10,6 +10,10 @@
 3. The same kernel, plain: y[p] = weight[p] * inter[p] W2[e]^T; then the k rows of each
    token are summed (`sum_expert_rows`, one launch).
 
+One token (decode at batch 1) can instead take `moe_gemv` (up to GEMV_MAX_TOKENS): two
+GEMV launches that read each chosen expert's rows directly, with no alignment, no padded
+blocks and the top-k sum inside the down kernel.
+
 Each program owns one BLOCK_M x BLOCK_N output tile of one expert and streams that expert's
 weight tile along K; blocks past the padded total exit at once. Block sizes come from
 `_config` by the number of pairs: small (decode) batches take BLOCK_M=16 tiles with narrow
@@ -22,6 +26,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from pagedllm.pdl import launch_options, pdl_enabled, pdl_trigger, pdl_wait
 
 
 @triton.jit
@@ -145,7 +151,107 @@ def sum_expert_rows(down: torch.Tensor, top_k: int, out: torch.Tensor) -> torch.
     return out
 
 
+@triton.jit
+def _expert_rows_dot(x_ptr, rows, row_mask, k_hi, offs_k, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, EVEN: tl.constexpr):
+    """[BLOCK_N] float32: the weight rows `rows` ([BLOCK_N, 1, 1] pointers) times x over
+    K in [BLOCK_N, BLOCK_K / VEC, VEC] tiles, each thread summing its VEC products first."""
+    acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
+    for k0 in range(0, k_hi, BLOCK_K):
+        k = k0 + offs_k
+        if EVEN:
+            w = tl.load(rows + k, mask=row_mask, other=0.0)
+            x = tl.load(x_ptr + k)
+        else:
+            w = tl.load(rows + k, mask=row_mask & (k < k_hi), other=0.0)
+            x = tl.load(x_ptr + k, mask=k < k_hi, other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=2)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _moe_gemv_up_kernel(x_ptr, w13_ptr, ids_ptr, act_ptr, inter, K, stride_we, stride_wn,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+                        EVEN: tl.constexpr, PDL: tl.constexpr):
+    """Program (slot j, n tile) of one token: act[j, n] = silu(x W1[e]^T) * (x W3[e]^T)
+    for its expert e = ids[j] (gate rows n, up rows inter + n of w13[e])."""
+    pdl_wait(PDL)
+    pdl_trigger(PDL)
+    j = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < inter
+    offs_k = (tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None]
+    expert = tl.load(ids_ptr + j).to(tl.int64)
+    rows = w13_ptr + expert * stride_we + offs_n[:, None, None].to(tl.int64) * stride_wn
+    row_mask = n_mask[:, None, None]
+    gate = _expert_rows_dot(x_ptr, rows, row_mask, K, offs_k, BLOCK_N, BLOCK_K, VEC, EVEN)
+    up = _expert_rows_dot(x_ptr, rows + inter * stride_wn, row_mask, K, offs_k, BLOCK_N,
+                          BLOCK_K, VEC, EVEN)
+    act = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(act_ptr + j * inter + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _moe_gemv_down_kernel(act_ptr, w2_ptr, ids_ptr, weights_ptr, out_ptr, hidden, inter,
+                          stride_we, stride_wn, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, VEC: tl.constexpr, EVEN: tl.constexpr,
+                          PDL: tl.constexpr):
+    """Program (n tile) of one token: out[n] = sum over slots j of weights[j] * act[j]
+    W2[ids[j]]^T, in float32, rounded once (the top-k sum in the same kernel)."""
+    pdl_wait(PDL)
+    pdl_trigger(PDL)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hidden
+    offs_k = (tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None]
+    row_mask = n_mask[:, None, None]
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        expert = tl.load(ids_ptr + j).to(tl.int64)
+        rows = w2_ptr + expert * stride_we + offs_n[:, None, None].to(tl.int64) * stride_wn
+        dot = _expert_rows_dot(act_ptr + j * inter, rows, row_mask, inter, offs_k, BLOCK_N,
+                               BLOCK_K, VEC, EVEN)
+        out += tl.load(weights_ptr + j) * dot
+    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def _gemv_block_k(k: int, limit: int, vec: int) -> int:
+    """The largest power of two <= limit dividing k (whole tiles), else limit (masked)."""
+    block_k = limit
+    while block_k > vec and k % block_k:
+        block_k //= 2
+    return block_k if k % block_k == 0 else limit
+
+
+def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+             topk_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """One token's experts as two GEMV launches (no alignment, no padded blocks): the gated
+    gate / up product of each of its top-k experts, then their down products weighted and
+    summed in one kernel. x [1, H] contiguous, w13 [E, 2I, H], w2 [E, H, I]."""
+    top_k = topk_ids.shape[1]
+    hidden = x.shape[1]
+    inter = w13.shape[1] // 2
+    ids = topk_ids.reshape(-1)
+    weights = topk_weights.reshape(-1).to(torch.float32)
+    act = torch.empty(top_k, inter, dtype=x.dtype, device=x.device)
+    pdl = pdl_enabled(x.device)
+    block_n, vec = 2, 8
+    up_k = _gemv_block_k(hidden, 512, vec)
+    _moe_gemv_up_kernel[(top_k, triton.cdiv(inter, block_n))](
+        x, w13, ids, act, inter, hidden, w13.stride(0), w13.stride(1),
+        BLOCK_N=block_n, BLOCK_K=up_k, VEC=vec, EVEN=hidden % up_k == 0, PDL=pdl,
+        num_warps=4, **launch_options(pdl))
+    down_k = _gemv_block_k(inter, 1024, vec)
+    _moe_gemv_down_kernel[(triton.cdiv(hidden, block_n),)](
+        act, w2, ids, weights, out, hidden, inter, w2.stride(0), w2.stride(1), TOP_K=top_k,
+        BLOCK_N=block_n, BLOCK_K=down_k, VEC=vec, EVEN=inter % down_k == 0, PDL=pdl,
+        num_warps=4, **launch_options(pdl))
+    return out
+
+
 _SMALL_PAIRS = 64  # up to this many (token, expert) pairs align in one program
+# Tokens served by moe_gemv (at most 1). 0 until it is measured against the grouped GEMM
+# on a GPU (benchmarks/moe_kernels.py prints both); its tests run it explicitly.
+GEMV_MAX_TOKENS = 0
 
 
 def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int
@@ -220,8 +326,10 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Tens
 
 
 def triton_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                   topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """Same contract as reference.torch_experts: x [T, H], w13 [E, 2I, H], w2 [E, H, I]."""
+                   topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                   gemv_max_tokens: int | None = None) -> torch.Tensor:
+    """Same contract as reference.torch_experts: x [T, H], w13 [E, 2I, H], w2 [E, H, I].
+    Up to `gemv_max_tokens` tokens (default GEMV_MAX_TOKENS) take `moe_gemv`."""
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
     num_experts, two_inter, _ = w13.shape
@@ -230,6 +338,9 @@ def triton_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
+    limit = GEMV_MAX_TOKENS if gemv_max_tokens is None else gemv_max_tokens
+    if num_tokens <= min(limit, 1):
+        return moe_gemv(x.contiguous(), w13, w2, topk_weights, topk_ids, out)
     cfg = _config(num_pairs)
     sorted_ids, block_expert, total, max_padded = align_tokens(
         topk_ids, num_experts, cfg["BLOCK_M"])
