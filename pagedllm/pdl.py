@@ -10,11 +10,11 @@ completed and its writes are visible, so a PDL kernel calls `pdl_wait` before it
 global memory access, and calls `pdl_trigger` next so that its own successor can be
 scheduled early. `pdl_wait` is a no-op in a kernel launched without PDL.
 
-Only the one-row GEMVs (FP8, 4-bit) are launched with PDL. The kernels that run before
-them (residual add + RMSNorm, decode attention and its split merge) call `pdl_trigger` but
-are launched plainly: launched with PDL after cuBLAS's GEMMs they made the bf16 decode
-step ~2% slower on an H200 (4.82 against 4.72 ms per token at batch 1), while the GEMVs'
-PDL launches took the FP8 step from 2.88 to 2.77 ms.
+Only the one-row GEMVs (FP8, 4-bit, the one-token MoE path) are launched with PDL. The
+kernels that run before them (residual add + RMSNorm, decode attention and its split
+merge) call `pdl_trigger` but are launched plainly: launched with PDL after cuBLAS's GEMMs
+they made the bf16 decode step ~2% slower on an H200 (4.82 against 4.72 ms per token at
+batch 1). The GEMVs' PDL launches took the FP8 step from 2.88 to 2.81 ms.
 
 Enabled on CUDA devices of compute capability 9.0 and later with a Triton that has grid
 dependency control; PAGEDLLM_PDL=0 turns it off (for measuring against it).
