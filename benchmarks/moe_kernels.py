@@ -5,6 +5,7 @@ bf16, several layers' weights in turn so that L2 holds none of them, each varian
 in a CUDA graph (as decode runs) and timed per layer. Prints microseconds per layer and the
 bandwidth of the expert weights read (distinct experts x their bytes / time), for:
   - routing: torch (softmax, topk, renormalize) vs the one-kernel Triton routing;
+  - above 64 pairs, the alignment's torch ops vs the one-program chunked kernel;
   - the experts' grouped GEMM (`triton_moe`) at its default tiles, and at one token the
     one-token GEMV path (`moe_gemv`);
   - at --gemm-tokens, the grouped GEMM under each of GEMM_CONFIGS.
@@ -23,8 +24,9 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pagedllm.models.layers.fused_moe import triton_moe  # noqa: E402
 from pagedllm.models.layers.fused_moe.routing import torch_select_experts  # noqa: E402
-from pagedllm.models.layers.fused_moe.triton_moe import triton_experts  # noqa: E402
+from pagedllm.models.layers.fused_moe.triton_moe import align_tokens, triton_experts  # noqa: E402
 from pagedllm.models.layers.fused_moe.triton_routing import triton_select_experts  # noqa: E402
 
 
@@ -65,6 +67,11 @@ def bench_tokens(T: int, args: argparse.Namespace, w13: list[torch.Tensor],
     line = (f"{T} token(s), {distinct:.1f} distinct experts per layer ({mb:.1f} MB): routing "
             f"torch {torch_us:.2f} us, Triton {triton_us:.2f} us; experts (grouped GEMM) "
             f"{experts_us:.2f} us = {mb / experts_us:.2f} TB/s")
+    if T * k > triton_moe._SMALL_PAIRS:  # the torch ops' alignment against the one kernel
+        block_m = triton_moe._config(T * k)["BLOCK_M"]
+        ops_us = graph_time_us(lambda i: align_tokens(routes[i][1], E, block_m, 0), L)
+        kernel_us = graph_time_us(lambda i: align_tokens(routes[i][1], E, block_m, 1 << 30), L)
+        line += f"; alignment torch ops {ops_us:.2f} us, chunked kernel {kernel_us:.2f} us"
     if T == 1:
         gemv_us = graph_time_us(
             lambda i: triton_experts(x, w13[i], w2[i], *routes[i], gemv_max_tokens=1), L)
@@ -84,8 +91,6 @@ GEMM_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
 def sweep_grouped_gemm(T: int, args: argparse.Namespace, w13: list[torch.Tensor],
                        w2: list[torch.Tensor]) -> None:
     """The grouped GEMM at T tokens under each of GEMM_CONFIGS (the default's first)."""
-    from pagedllm.models.layers.fused_moe import triton_moe
-
     E, k, H, inter, L = args.experts, args.top_k, args.hidden, args.inter, args.layers
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     routes = [torch_select_experts(torch.randn(T, E, device="cuda"), k, True)
@@ -118,7 +123,7 @@ def sweep_grouped_gemm(T: int, args: argparse.Namespace, w13: list[torch.Tensor]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 64, 256, 1024])
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=8)

@@ -68,10 +68,13 @@ def check_moe_gemv(device: str, dtype: torch.dtype, experts: int, top_k: int, hi
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), (experts, top_k, hidden, err)
 
 
-def check_alignment(device: str, tokens: int, experts: int, top_k: int, block_m: int) -> None:
-    """Every pair appears once, in a block of its own expert; padding only at run ends."""
+def check_alignment(device: str, tokens: int, experts: int, top_k: int, block_m: int,
+                    chunked_max_pairs: int | None = None) -> None:
+    """Every pair appears once, in a block of its own expert; padding only at run ends.
+    chunked_max_pairs: as align_tokens' (the one-program chunked kernel up to it)."""
     _, _, _, _, ids = _case(device, torch.float32, tokens, experts, top_k, 16, 16)
-    sorted_ids, block_expert, total, max_padded = align_tokens(ids, experts, block_m)
+    sorted_ids, block_expert, total, max_padded = align_tokens(ids, experts, block_m,
+                                                               chunked_max_pairs)
     flat = ids.reshape(-1).cpu()
     num_pairs = flat.numel()
     s = sorted_ids.cpu()[: int(total.item())]
@@ -81,6 +84,11 @@ def check_alignment(device: str, tokens: int, experts: int, top_k: int, block_m:
     be = block_expert.cpu()
     assert (be[block_of[s < num_pairs]] == flat[real]).all()
     assert int(total.item()) <= max_padded and (be[int(total.item()) // block_m:] == -1).all()
+    if chunked_max_pairs:  # the same blocks as the torch ops' (the order inside may differ)
+        want_ids, want_be, want_total, _ = align_tokens(ids, experts, block_m, 0)
+        assert torch.equal(total.cpu(), want_total.cpu()) and torch.equal(be, want_be.cpu())
+        got = sorted_ids.cpu().view(-1, block_m).sort(dim=1).values
+        assert torch.equal(got, want_ids.cpu().view(-1, block_m).sort(dim=1).values)
 
 
 @pytest.mark.parametrize("experts,top_k", [(8, 1), (8, 2), (16, 4), (64, 6), (128, 8), (8, 8)])
@@ -182,6 +190,21 @@ def test_alignment(tokens, experts, top_k, block_m):
     check_alignment("cuda", tokens, experts, top_k, block_m)
 
 
+@pytest.mark.parametrize("tokens,experts,top_k,block_m", [
+    (9, 8, 8, 16), (300, 60, 4, 64), (1000, 128, 8, 64), (2048, 128, 8, 16),
+    (4096, 256, 8, 128)])
+def test_chunked_alignment_kernel(tokens, experts, top_k, block_m):
+    check_alignment("cuda", tokens, experts, top_k, block_m, chunked_max_pairs=1 << 30)
+
+
+@pytest.mark.parametrize("tokens", [100, 1000])
+def test_fused_moe_with_chunked_alignment(monkeypatch, tokens):
+    from pagedllm.models.layers.fused_moe import triton_moe
+
+    monkeypatch.setattr(triton_moe, "CHUNKED_ALIGN_MAX_PAIRS", 1 << 30)
+    check_experts("cuda", torch.bfloat16, tokens, 128, 8)
+
+
 @pytest.mark.parametrize("tokens", [1, 8])
 def test_fused_moe_in_cuda_graph(tokens):
     """Routing, sorting and both GEMMs replay from a captured graph with new inputs."""
@@ -254,6 +277,8 @@ def run_interpreter_smoke() -> int:
     check_alignment("cpu", 1, 128, 8, 16)
     check_alignment("cpu", 8, 60, 8, 16)
     check_alignment("cpu", 3, 8, 2, 16)
+    check_alignment("cpu", 37, 16, 4, 16, chunked_max_pairs=1 << 30)
+    check_alignment("cpu", 300, 128, 8, 64, chunked_max_pairs=1 << 30)
     for dtype in (torch.float32, torch.float16):
         check_experts("cpu", dtype, 1, 8, 2, hidden=32, inter=16)
         check_experts("cpu", dtype, 20, 8, 8, hidden=48, inter=32)

@@ -3,7 +3,8 @@
 1. `align_tokens`: the T*k (token, expert) pairs sorted by expert, each expert's run padded
    to a multiple of BLOCK_M, and the expert of every BLOCK_M block. No host sync, so it runs
    inside captured CUDA graphs: fixed-size torch ops, or for decode-sized batches (<= 64
-   pairs) one single-program Triton kernel.
+   pairs) one single-program Triton kernel (a chunked one-program kernel for any count is
+   there too, off until measured: CHUNKED_ALIGN_MAX_PAIRS).
 2. `_moe_gemm_kernel`, gated: inter[p] = silu(x[tok] W1[e]^T) * (x[tok] W3[e]^T) for every
    pair p; the gate and up tiles are accumulated in the same program and SiLU-mul is its
    epilogue, so the [T*k, 2I] gate-up product never reaches memory.
@@ -248,13 +249,55 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
     return out
 
 
+@triton.jit
+def _align_chunked_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, cursor_ptr,
+                          num_pairs, num_experts, max_padded,
+                          BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                          BLOCKS_CHUNK: tl.constexpr):
+    """align_tokens in one program for any number of pairs, CHUNK at a time: a histogram
+    of the experts, their padded runs' starts, then every pair placed by an atomic cursor
+    per expert (the order inside a run varies; each row's result does not depend on it)."""
+    offs_e = tl.arange(0, E_PAD)
+    offs_c = tl.arange(0, CHUNK)
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for c0 in range(0, num_pairs, CHUNK):
+        m = c0 + offs_c < num_pairs
+        e = tl.load(ids_ptr + c0 + offs_c, mask=m, other=0).to(tl.int32)
+        counts += tl.histogram(tl.where(m, e, num_experts), E_PAD)  # bin E: padding
+    counts = tl.where(offs_e < num_experts, counts, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    tl.store(cursor_ptr + offs_e, ends - padded)
+    tl.store(total_ptr, tl.sum(padded, axis=0))
+    for s0 in range(0, max_padded, CHUNK):
+        tl.store(sorted_ids_ptr + s0 + offs_c, tl.zeros([CHUNK], dtype=tl.int32) + num_pairs,
+                 mask=s0 + offs_c < max_padded)
+    end_blocks = ends // BLOCK_M
+    for b0 in range(0, max_padded // BLOCK_M, BLOCKS_CHUNK):
+        offs_b = b0 + tl.arange(0, BLOCKS_CHUNK)
+        done = (end_blocks[None, :] <= offs_b[:, None]) & (offs_e[None, :] < num_experts)
+        expert = tl.sum(done.to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + offs_b, tl.where(expert < num_experts, expert, -1),
+                 mask=offs_b < max_padded // BLOCK_M)
+    tl.debug_barrier()  # the fill and the cursors visible to every thread of the program
+    for c0 in range(0, num_pairs, CHUNK):
+        m = c0 + offs_c < num_pairs
+        e = tl.load(ids_ptr + c0 + offs_c, mask=m, other=0).to(tl.int32)
+        slot = tl.atomic_add(cursor_ptr + e, 1, mask=m, sem="relaxed", scope="cta")
+        tl.store(sorted_ids_ptr + slot, c0 + offs_c, mask=m)
+
+
 _SMALL_PAIRS = 64  # up to this many (token, expert) pairs align in one program
+# Pairs aligned by _align_chunked_kernel above _SMALL_PAIRS (else the torch ops). 0 until
+# it is measured against them on a GPU (benchmarks/moe_kernels.py prints both).
+CHUNKED_ALIGN_MAX_PAIRS = 0
 # Tokens served by moe_gemv (at most 1). 0 until it is measured against the grouped GEMM
 # on a GPU (benchmarks/moe_kernels.py prints both); its tests run it explicitly.
 GEMV_MAX_TOKENS = 0
 
 
-def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int
+def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+                 chunked_max_pairs: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Sort the (token, expert) pairs by expert and pad each expert's run to block_m.
 
@@ -275,6 +318,18 @@ def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int
             E_PAD=max(16, triton.next_power_of_2(num_experts)),
             S_PAD=triton.next_power_of_2(max_padded),
             NB_PAD=max(16, triton.next_power_of_2(max_padded // block_m)), num_warps=4)
+        return sorted_ids, block_expert, total, max_padded
+    limit = CHUNKED_ALIGN_MAX_PAIRS if chunked_max_pairs is None else chunked_max_pairs
+    if num_pairs <= limit:
+        sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
+        block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
+        total = torch.empty(1, dtype=torch.int32, device=device)
+        e_pad = max(16, triton.next_power_of_2(num_experts + 1))
+        cursor = torch.empty(e_pad, dtype=torch.int32, device=device)
+        _align_chunked_kernel[(1,)](
+            flat, sorted_ids, block_expert, total, cursor, num_pairs, num_experts, max_padded,
+            BLOCK_M=block_m, E_PAD=e_pad, CHUNK=1024, BLOCKS_CHUNK=max(16, 8192 // e_pad),
+            num_warps=8)
         return sorted_ids, block_expert, total, max_padded
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
