@@ -99,7 +99,7 @@ def fp8_gemv_config(m: int, n: int, k: int, num_sms: int,
                     gated: bool = False) -> dict[str, int]:
     """Tile, K split and launch settings for one row (shapes only; `n` counts both halves
     when gated). 2-row tiles of 2048 inputs (gated: 2 gate and 2 up rows of 1024), 16
-    products summed per thread: the best or within 3% of the best of the forms swept on an
+    products summed per thread: the best or within 3.5% of the best of the forms swept on an
     H200 at every Llama-3-8B linear (benchmarks/RESULTS.md)."""
     if m > SMALL_M_MAX:
         raise ValueError(f"The FP8 skinny GEMM serves at most {SMALL_M_MAX} row, got {m}.")
