@@ -67,10 +67,12 @@ def _round_to(x, dtype, IS_BF16: tl.constexpr):
     return x.to(dtype).to(tl.float32)
 
 @triton.jit
-def _rotate_heads(base_ptr, offs_h, offs_d, num_heads, c, s,
-                  HEAD_DIM: tl.constexpr, HALF: tl.constexpr, IS_BF16: tl.constexpr):
+def _rotate_heads(base_ptr, w_ptr, offs_h, offs_d, num_heads, c, s, eps,
+                  HEAD_DIM: tl.constexpr, HALF: tl.constexpr, IS_BF16: tl.constexpr,
+                  NORM: tl.constexpr):
     """Rotate-half rotary of one token's heads, in place, rounding each product to the
-    activations' dtype as torch does."""
+    activations' dtype as torch does. NORM: each head's RMSNorm (weight w) first, rounded
+    where the separate kernels round (HALF is then half the head)."""
     ptr = base_ptr + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
     mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
     x1 = tl.load(ptr, mask=mask, other=0.0)
@@ -78,16 +80,27 @@ def _rotate_heads(base_ptr, offs_h, offs_d, num_heads, c, s,
     dtype = x1.dtype
     a1 = x1.to(tl.float32)
     a2 = x2.to(tl.float32)
+    if NORM:
+        mean_sq = (tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / HEAD_DIM
+        inv = (1.0 / tl.sqrt(mean_sq + eps))[:, None]
+        dmask = offs_d < HALF
+        w1 = tl.load(w_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + HALF + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        a1 = _round_to(w1 * _round_to(a1 * inv, dtype, IS_BF16), dtype, IS_BF16)
+        a2 = _round_to(w2 * _round_to(a2 * inv, dtype, IS_BF16), dtype, IS_BF16)
     o1 = _round_to(a1 * c, dtype, IS_BF16) - _round_to(a2 * s, dtype, IS_BF16)
     o2 = _round_to(a2 * c, dtype, IS_BF16) + _round_to(a1 * s, dtype, IS_BF16)
     tl.store(ptr, o1.to(dtype), mask=mask)
     tl.store(ptr + HALF, o2.to(dtype), mask=mask)
 
+
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt, stride_kt,
-                   stride_cache, num_q_heads, num_k_heads,
+def _rotary_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt,
+                   stride_kt, stride_cache, num_q_heads, num_k_heads, eps,
                    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                   QH_PAD: tl.constexpr, KH_PAD: tl.constexpr):
+                   QH_PAD: tl.constexpr, KH_PAD: tl.constexpr, NORM: tl.constexpr):
+    """Program (token): rotary of its q and k heads (NORM: per-head RMSNorm first, weights
+    qw / kw; unused otherwise)."""
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs_d = tl.arange(0, HALF_PAD)
@@ -99,58 +112,10 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt, stride_kt
     IS_BF16: tl.constexpr = dtype == tl.bfloat16
     c = _round_to(c, dtype, IS_BF16)[None, :]
     s = _round_to(s, dtype, IS_BF16)[None, :]
-    _rotate_heads(q_ptr + t * stride_qt, tl.arange(0, QH_PAD), offs_d, num_q_heads, c, s,
-                  HEAD_DIM, HALF, IS_BF16)
-    _rotate_heads(k_ptr + t * stride_kt, tl.arange(0, KH_PAD), offs_d, num_k_heads, c, s,
-                  HEAD_DIM, HALF, IS_BF16)
-
-
-@triton.jit
-def _norm_rotate_heads(base_ptr, w_ptr, offs_h, offs_d, num_heads, c, s, eps,
-                       HEAD_DIM: tl.constexpr, HALF: tl.constexpr, IS_BF16: tl.constexpr):
-    """RMSNorm of each of one token's heads, then its rotate-half rotary, in place; each
-    step rounded to the activations' dtype where the separate kernels round."""
-    ptr = base_ptr + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
-    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
-    x1 = tl.load(ptr, mask=mask, other=0.0)
-    x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
-    dtype = x1.dtype
-    f1 = x1.to(tl.float32)
-    f2 = x2.to(tl.float32)
-    mean_sq = (tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / HEAD_DIM
-    inv = (1.0 / tl.sqrt(mean_sq + eps))[:, None]
-    dmask = offs_d < HALF
-    w1 = tl.load(w_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    w2 = tl.load(w_ptr + HALF + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    a1 = _round_to(w1 * _round_to(f1 * inv, dtype, IS_BF16), dtype, IS_BF16)
-    a2 = _round_to(w2 * _round_to(f2 * inv, dtype, IS_BF16), dtype, IS_BF16)
-    o1 = _round_to(a1 * c, dtype, IS_BF16) - _round_to(a2 * s, dtype, IS_BF16)
-    o2 = _round_to(a2 * c, dtype, IS_BF16) + _round_to(a1 * s, dtype, IS_BF16)
-    tl.store(ptr, o1.to(dtype), mask=mask)
-    tl.store(ptr + HALF, o2.to(dtype), mask=mask)
-
-
-@triton.jit
-def _qk_norm_rotary_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
-                           stride_qt, stride_kt, stride_cache, num_q_heads, num_k_heads, eps,
-                           HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                           HALF_PAD: tl.constexpr, QH_PAD: tl.constexpr,
-                           KH_PAD: tl.constexpr):
-    """Program (token): per-head RMSNorm of q and k (weights qw / kw), then rotary."""
-    t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    offs_d = tl.arange(0, HALF_PAD)
-    dmask = offs_d < HALF
-    c = tl.load(cos_ptr + pos * stride_cache + offs_d, mask=dmask, other=0.0)
-    s = tl.load(sin_ptr + pos * stride_cache + offs_d, mask=dmask, other=0.0)
-    dtype = q_ptr.dtype.element_ty
-    IS_BF16: tl.constexpr = dtype == tl.bfloat16
-    c = _round_to(c, dtype, IS_BF16)[None, :]
-    s = _round_to(s, dtype, IS_BF16)[None, :]
-    _norm_rotate_heads(q_ptr + t * stride_qt, qw_ptr, tl.arange(0, QH_PAD), offs_d,
-                       num_q_heads, c, s, eps, HEAD_DIM, HALF, IS_BF16)
-    _norm_rotate_heads(k_ptr + t * stride_kt, kw_ptr, tl.arange(0, KH_PAD), offs_d,
-                       num_k_heads, c, s, eps, HEAD_DIM, HALF, IS_BF16)
+    _rotate_heads(q_ptr + t * stride_qt, qw_ptr, tl.arange(0, QH_PAD), offs_d, num_q_heads,
+                  c, s, eps, HEAD_DIM, HALF, IS_BF16, NORM)
+    _rotate_heads(k_ptr + t * stride_kt, kw_ptr, tl.arange(0, KH_PAD), offs_d, num_k_heads,
+                  c, s, eps, HEAD_DIM, HALF, IS_BF16, NORM)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -202,19 +167,7 @@ def rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                    rotary_dim: int) -> None:
     """Rotate-half rotary embedding of flat q [T, Hq * D] and k [T, Hk * D], in place
     (rows may be strided views, e.g. slices of a fused qkv output)."""
-    num_tokens = q.shape[0]
-    if not num_tokens:
-        return
-    assert q.stride(-1) == 1 and k.stride(-1) == 1
-    assert cos_cache.stride(-1) == 1 and cos_cache.stride(0) == sin_cache.stride(0)
-    num_q_heads = q.shape[1] // head_dim
-    num_k_heads = k.shape[1] // head_dim
-    half = rotary_dim // 2
-    _rotary_kernel[(num_tokens,)](
-        q, k, cos_cache, sin_cache, positions, q.stride(0), k.stride(0), cos_cache.stride(0),
-        num_q_heads, num_k_heads, HEAD_DIM=head_dim, HALF=half,
-        HALF_PAD=triton.next_power_of_2(half), QH_PAD=triton.next_power_of_2(num_q_heads),
-        KH_PAD=triton.next_power_of_2(num_k_heads), num_warps=4)
+    _launch_rotary(positions, q, k, cos_cache, sin_cache, head_dim, rotary_dim)
 
 
 def qk_norm_rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -223,19 +176,30 @@ def qk_norm_rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Te
                            head_dim: int) -> None:
     """Per-head RMSNorm of flat q [T, Hq * D] and k [T, Hk * D] (Qwen3's q_norm / k_norm),
     then rotate-half rotary over the whole head, in place, in one launch."""
+    assert head_dim % 2 == 0
+    _launch_rotary(positions, q, k, cos_cache, sin_cache, head_dim, head_dim,
+                   (q_weight, k_weight, eps))
+
+
+def _launch_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                   cos_cache: torch.Tensor, sin_cache: torch.Tensor, head_dim: int,
+                   rotary_dim: int,
+                   norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> None:
+    """One `_rotary_kernel` launch; `norm` (q weight, k weight, eps) fuses the head norms."""
     num_tokens = q.shape[0]
     if not num_tokens:
         return
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and head_dim % 2 == 0
+    assert q.stride(-1) == 1 and k.stride(-1) == 1
     assert cos_cache.stride(-1) == 1 and cos_cache.stride(0) == sin_cache.stride(0)
     num_q_heads = q.shape[1] // head_dim
     num_k_heads = k.shape[1] // head_dim
-    half = head_dim // 2
-    _qk_norm_rotary_kernel[(num_tokens,)](
+    half = rotary_dim // 2
+    q_weight, k_weight, eps = norm if norm is not None else (q, k, 0.0)
+    _rotary_kernel[(num_tokens,)](
         q, k, q_weight, k_weight, cos_cache, sin_cache, positions, q.stride(0), k.stride(0),
         cos_cache.stride(0), num_q_heads, num_k_heads, eps, HEAD_DIM=head_dim, HALF=half,
         HALF_PAD=triton.next_power_of_2(half), QH_PAD=triton.next_power_of_2(num_q_heads),
-        KH_PAD=triton.next_power_of_2(num_k_heads), num_warps=4)
+        KH_PAD=triton.next_power_of_2(num_k_heads), NORM=norm is not None, num_warps=4)
 
 
 def _row_warps(n_cols: int) -> int:
