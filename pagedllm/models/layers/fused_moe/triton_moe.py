@@ -308,28 +308,26 @@ def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     num_pairs = flat.numel()
     device = flat.device
     max_padded = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
-    if num_pairs <= _SMALL_PAIRS and num_experts <= 256:
-        sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
-        block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
-        total = torch.empty(1, dtype=torch.int32, device=device)
-        _align_small_kernel[(1,)](
-            flat, sorted_ids, block_expert, total, num_pairs, num_experts, max_padded,
-            BLOCK_M=block_m, P_PAD=max(16, triton.next_power_of_2(num_pairs)),
-            E_PAD=max(16, triton.next_power_of_2(num_experts)),
-            S_PAD=triton.next_power_of_2(max_padded),
-            NB_PAD=max(16, triton.next_power_of_2(max_padded // block_m)), num_warps=4)
-        return sorted_ids, block_expert, total, max_padded
+    small = num_pairs <= _SMALL_PAIRS and num_experts <= 256
     limit = CHUNKED_ALIGN_MAX_PAIRS if chunked_max_pairs is None else chunked_max_pairs
-    if num_pairs <= limit:
+    if small or num_pairs <= limit:  # one Triton program
         sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
         block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
         total = torch.empty(1, dtype=torch.int32, device=device)
-        e_pad = max(16, triton.next_power_of_2(num_experts + 1))
-        cursor = torch.empty(e_pad, dtype=torch.int32, device=device)
-        _align_chunked_kernel[(1,)](
-            flat, sorted_ids, block_expert, total, cursor, num_pairs, num_experts, max_padded,
-            BLOCK_M=block_m, E_PAD=e_pad, CHUNK=1024, BLOCKS_CHUNK=max(16, 8192 // e_pad),
-            num_warps=8)
+        if small:
+            _align_small_kernel[(1,)](
+                flat, sorted_ids, block_expert, total, num_pairs, num_experts, max_padded,
+                BLOCK_M=block_m, P_PAD=max(16, triton.next_power_of_2(num_pairs)),
+                E_PAD=max(16, triton.next_power_of_2(num_experts)),
+                S_PAD=triton.next_power_of_2(max_padded),
+                NB_PAD=max(16, triton.next_power_of_2(max_padded // block_m)), num_warps=4)
+        else:
+            e_pad = max(16, triton.next_power_of_2(num_experts + 1))
+            cursor = torch.empty(e_pad, dtype=torch.int32, device=device)
+            _align_chunked_kernel[(1,)](
+                flat, sorted_ids, block_expert, total, cursor, num_pairs, num_experts,
+                max_padded, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=1024,
+                BLOCKS_CHUNK=max(16, 8192 // e_pad), num_warps=8)
         return sorted_ids, block_expert, total, max_padded
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
