@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--quantization", help="e.g. fp8 or awq (dummy weights quantized at load)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
+    ap.add_argument("--max-cudagraph-capture-size", type=int,
+                    help="largest batch captured in a CUDA graph (default: the engine's)")
     ap.add_argument("--prefill-profile", action="store_true",
                     help="also profile the prefill steps that fill the engine (a second table)")
     ap.add_argument("--host-profile", action="store_true",
@@ -43,7 +45,9 @@ def main() -> None:
     llm = LLM(preset_folder(args.preset, quantization=checkpoint_quant), load_format="dummy",
               skip_tokenizer_init=True, enforce_eager=args.enforce_eager,
               max_model_len=args.input_len + 1024, max_num_seqs=max(args.num_prompts, 1),
-              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+              **({} if args.max_cudagraph_capture_size is None else
+                 {"max_cudagraph_capture_size": args.max_cudagraph_capture_size}))
     engine = llm.engine
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size

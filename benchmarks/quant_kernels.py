@@ -2,6 +2,8 @@
 Llama-3-8B shape at M = 1, 8, 64, 256, 4096 rows, for
   bf16        torch (cuBLAS) x @ W^T;
   fp8-mm      per-token quantization + torch._scaled_mm (Fp8Weight's large-M path);
+  fp8-mm-fast the same with use_fast_accum; fp8-mm-only: _scaled_mm alone (x quantized
+              beforehand);
   fp8-gemv    the Triton weight-only GEMV (fp8_gemv; M = 1), its default
               configuration and a few alternatives (the best is printed);
   int4-old    the W4A16 dequant-GEMM of int4_kernels (both its decode and GEMM configs);
@@ -136,6 +138,8 @@ def _paths(w: _Weights, x: torch.Tensor, m: int, alternatives: bool
     paths: dict[str, tuple[str, Callable]] = {
         "bf16": ("bf16", lambda i: lambda: torch.matmul(x, w.bf16[i].t())),
         "fp8-mm": ("fp8", lambda i: lambda: _fp8_mm(w.mode, *w.fp8[i], x, w.dtype)),
+        "fp8-mm-fast": ("fp8", lambda i: lambda: _fp8_mm(w.mode, *w.fp8[i], x, w.dtype, True)),
+        "fp8-mm-only": ("fp8", _fp8_mm_only(w, x)),
         "int4-old": ("int4", lambda i: lambda: int4_matmul(x, *w.int4[i], GROUP)),
     }
     if m <= SMALL_M_MAX:
@@ -166,9 +170,16 @@ def _paths(w: _Weights, x: torch.Tensor, m: int, alternatives: bool
 
 
 def _fp8_mm(mode: str, codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
-            dtype: torch.dtype) -> torch.Tensor:
+            dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
     xq, sx = quantize_tokens(x)
-    return scaled_mm(mode, xq, codes, sx, scale, dtype)
+    return scaled_mm(mode, xq, codes, sx, scale, dtype, fast_accum)
+
+
+def _fp8_mm_only(w: _Weights, x: torch.Tensor) -> Callable:
+    """_scaled_mm on activations quantized once beforehand: the GEMM without the
+    quantization launch (what fusing it into the norm before would leave)."""
+    xq, sx = quantize_tokens(x)
+    return lambda i: lambda: scaled_mm(w.mode, xq, w.fp8[i][0], sx, w.fp8[i][1], w.dtype)
 
 
 def _fp8_call(w: _Weights, x: torch.Tensor, cfg: dict, gated: bool = False) -> Callable:

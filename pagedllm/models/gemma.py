@@ -111,6 +111,12 @@ class Gemma2DecoderLayer(LlamaDecoderLayer):
         return LlamaMLP(config.hidden_size, config.intermediate_size, False, build.tp,
                         act_fn=GeluAndMul(_ACTIVATIONS[act]))
 
+    def fp8_input_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """The norm before the MLP is `pre_feedforward_layernorm` (`GemmaRMSNorm`s have
+        no FP8 output either way)."""
+        return [(self.input_layernorm, self.self_attn.qkv_proj),
+                (self.pre_feedforward_layernorm, self.mlp.gate_up_proj)]
+
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,6 +90,11 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj.forward_gated(x, self.act_fn))
 
+    def fp8_input_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(producer, linear) pairs where the linear reads that output and nothing else
+        does: an FP8 linear may take it quantized (`quantization.loader`)."""
+        return [(self.act_fn, self.down_proj)]
+
 
 class LlamaAttention(nn.Module):
     qkv_bias: bool | None = None  # None: read config.attention_bias
@@ -185,6 +190,15 @@ class LlamaDecoderLayer(nn.Module):
         config = build.config
         return LlamaMLP(config.hidden_size, config.intermediate_size,
                         bool(getattr(config, "mlp_bias", False)), build.tp)
+
+    def fp8_input_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """As `LlamaMLP.fp8_input_pairs`: each norm feeds one projection (the MoE block's
+        router reads the second norm too, so that pair is a dense MLP's only)."""
+        pairs: list[tuple[nn.Module, nn.Module]] = [
+            (self.input_layernorm, self.self_attn.qkv_proj)]
+        if isinstance(self.mlp, LlamaMLP):
+            pairs.append((self.post_attention_layernorm, self.mlp.gate_up_proj))
+        return pairs
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None, kv_cache: torch.Tensor,

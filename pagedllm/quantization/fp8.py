@@ -15,7 +15,7 @@ the same products.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -32,6 +32,16 @@ SCALED_MM_MODES = ("rowwise", "rowwise-bf16", "tensor")
 # Rows up to which CUDA runs the weight-only GEMV (fp8_gemv): one, where an H200 measured it
 # faster than per-token quantization + _scaled_mm (benchmarks/RESULTS.md).
 GEMV_MAX_M = 1
+
+
+class Fp8Activation(NamedTuple):
+    """Activations already quantized for an FP8 linear: e4m3 codes [..., K] and float32
+    per-row scales [..., 1] (x ~ codes * scales). The kernel before the linear (RMSNorm,
+    SiLU-and-mul) makes them in place of its model-dtype output, with the same rounding as
+    `quantize_tokens` of that output, so the linear skips its own quantization pass."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,15 +101,19 @@ def scaled_mm_mode(device: torch.device, out_dtype: torch.dtype) -> str:
 
 
 def _mm(mode: str, xq: torch.Tensor, wq: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
-        out_dtype: torch.dtype) -> torch.Tensor:
-    """xq [M, K] e4m3 @ wq [N, K]^T with scales sx [M, 1] and sw [1, N] (float32)."""
+        out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+    """xq [M, K] e4m3 @ wq [N, K]^T with scales sx [M, 1] and sw [1, N] (float32).
+    fast_accum: the tensor cores' own accumulator throughout (no periodic float32
+    promotion), `_scaled_mm`'s use_fast_accum."""
     if mode == "rowwise":
-        return torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw, out_dtype=out_dtype)
+        return torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw, out_dtype=out_dtype,
+                                use_fast_accum=fast_accum)
     if mode == "rowwise-bf16":
-        return torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw,
-                                out_dtype=torch.bfloat16).to(out_dtype)
+        return torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16,
+                                use_fast_accum=fast_accum).to(out_dtype)
     one = torch.ones((), device=xq.device)
-    y = torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    y = torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.float32,
+                         use_fast_accum=fast_accum)
     return (y * sx * sw).to(out_dtype)
 
 
@@ -136,7 +150,18 @@ class Fp8Weight(GatedGemvWeight):
         input scale is not used by ``gemv`` (its activations are not quantized)."""
         return "gemv" if is_cuda and 0 < m <= GEMV_MAX_M else "scaled_mm"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def takes_quantized(self, m: int) -> bool:
+        """Whether M rows reach this weight's GEMM quantized per token, so that the kernel
+        before it may hand them over as an `Fp8Activation` (not with a static input scale,
+        nor on the GEMV path, whose activations stay in the model dtype)."""
+        return self.input_scale is None and self.path(m, True) == "scaled_mm"
+
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        if isinstance(x, Fp8Activation):
+            lead = x.codes.shape[:-1]
+            y = _mm(self.mode, x.codes.reshape(-1, self.in_features), self.codes,
+                    x.scales.reshape(-1, 1), self.scale, self.dtype)
+            return y.view(*lead, self.out_features)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.path(x2.shape[0], x2.is_cuda) == "gemv":

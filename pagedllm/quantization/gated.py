@@ -31,7 +31,10 @@ class GatedGemvWeight(nn.Module):
     def gated(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
         """silu(x W_gate^T) * (x W_up^T) for a fused gate / up weight (gate rows first) in
         one kernel, or None where that kernel does not serve these rows (the caller then
-        applies the activation itself)."""
+        applies the activation itself). Activations already quantized (`Fp8Activation`)
+        go to the GEMM, never here."""
+        if not isinstance(x, torch.Tensor):
+            return None
         x2 = x.reshape(-1, self.in_features)
         if (activation != "silu" or self.out_features % 2
                 or self.path(x2.shape[0], x2.is_cuda) != "gemv"):

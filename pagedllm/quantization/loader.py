@@ -22,6 +22,7 @@ expert stacks, which stay in the model dtype):
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,7 @@ _SUFFIXES = {
 }
 _ALL_QUANT_SUFFIXES = {"weight_scale", "input_scale", "qweight", "qzeros", "scales", "g_idx",
                        "weight_scale_inv"}
+FUSED_INPUT_QUANT_ENV = "PAGEDLLM_FP8_FUSED_INPUT"  # "0": each FP8 linear quantizes its input
 _STACK_NAMES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
                 "gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -176,6 +178,11 @@ class QuantizedLoader:
         how = "dequantized at load to " + str(self.dtype).removeprefix("torch.") \
             if self.spec.dequantize else "kept quantized"
         logger.info("Quantization %s: %d linear layers %s", self.spec.label, self.built, how)
+        if self.kind == "fp8" and not self.spec.dequantize:
+            linked = link_fp8_inputs(self.model)
+            if linked:
+                logger.info("FP8: %d norms / activations quantize the rows they hand to "
+                            "their linear", linked)
 
     def init_dummy(self, seed: int) -> None:
         """Random weights in the quantized form (benchmarks), as a real load would leave them."""
@@ -315,3 +322,22 @@ class QuantizedLoader:
         attach_packed(layer.module, Fp8Weight(codes, scale, self.dtype, self.mode))
         del self.layers[name]
         self.built += 1
+
+
+def link_fp8_inputs(model: nn.Module) -> int:
+    """Let each kernel that feeds one FP8 linear with dynamic activation scales (the model's
+    `fp8_input_pairs`: RMSNorm before q/k/v and gate/up, SiLU-and-mul before down) hand it
+    the rows already quantized, saving a pass over them per linear. Off with
+    PAGEDLLM_FP8_FUSED_INPUT=0. Returns how many producers were linked."""
+    if os.environ.get(FUSED_INPUT_QUANT_ENV, "1") == "0":
+        return 0
+    linked = 0
+    for module in model.modules():
+        pairs = getattr(module, "fp8_input_pairs", None)
+        for producer, linear in pairs() if callable(pairs) else ():
+            packed = getattr(linear, "packed", None)
+            if (isinstance(packed, Fp8Weight) and packed.input_scale is None
+                    and hasattr(producer, "fp8_output_for")):
+                producer.fp8_output_for = packed.takes_quantized
+                linked += 1
+    return linked

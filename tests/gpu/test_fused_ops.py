@@ -67,6 +67,39 @@ def check_silu_and_mul(device: str, dtype: torch.dtype, d: int, tokens: int) -> 
     _assert_close(fused_ops.silu_and_mul(x), SiluAndMul().forward_native(x), dtype)
 
 
+def _assert_same_fp8(fused, ref_rows: torch.Tensor) -> None:
+    """An `Fp8Activation` from a fused kernel against the separate quantization kernel of
+    that kernel's model-dtype output: the same codes and scales, bit for bit."""
+    from pagedllm.quantization.fp8_kernels import quantize_fp8
+
+    codes, scales = quantize_fp8(ref_rows.reshape(-1, ref_rows.shape[-1]))
+    assert fused.codes.shape == ref_rows.shape and fused.scales.shape[-1] == 1
+    assert torch.equal(fused.scales.reshape(-1, 1), scales)
+    assert torch.equal(fused.codes.reshape(codes.shape).view(torch.uint8),
+                       codes.view(torch.uint8))
+
+
+def check_fp8_outputs(device: str, dtype: torch.dtype, hidden: int, d: int,
+                      tokens: int) -> None:
+    """RMSNorm (with and without the residual) and SiLU-and-mul handing an FP8 linear its
+    rows quantized: what quantizing their ordinary output gives, and the same residual."""
+    gen = torch.Generator().manual_seed(hidden + d + tokens)
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(device, dtype)
+    x = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
+    x[0] = 0.0  # a row of zeros keeps a finite scale
+    residual = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
+    residual[0] = 0.0
+    _assert_same_fp8(fused_ops.rms_norm(x, weight, 1e-6, fp8_output=True),
+                     fused_ops.rms_norm(x, weight, 1e-6))
+    fused, fused_res = fused_ops.rms_norm(x, weight, 1e-6, residual, fp8_output=True)
+    ref, ref_res = fused_ops.rms_norm(x, weight, 1e-6, residual)
+    _assert_same_fp8(fused, ref)
+    assert torch.equal(fused_res, ref_res)
+    gate_up = (3 * torch.randn(tokens, 2 * d, generator=gen)).to(device, dtype)
+    _assert_same_fp8(fused_ops.silu_and_mul(gate_up, fp8_output=True),
+                     fused_ops.silu_and_mul(gate_up))
+
+
 def check_rotary(device: str, dtype: torch.dtype, head_dim: int, num_heads: int,
                  num_kv_heads: int, tokens: int, partial: float = 1.0,
                  rope_scaling: dict | None = None) -> None:
@@ -132,6 +165,12 @@ def test_silu_and_mul(dtype, d, tokens):
     check_silu_and_mul("cuda", dtype, d, tokens)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden,d,tokens", [(4096, 14336, 256), (896, 4864, 3), (2048, 768, 37)])
+def test_fp8_outputs_match_separate_quantization(dtype, hidden, d, tokens):
+    check_fp8_outputs("cuda", dtype, hidden, d, tokens)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,heads,kv_heads,partial", [
     (64, 14, 2, 1.0), (128, 32, 8, 1.0), (64, 9, 3, 1.0), (128, 28, 4, 0.5), (64, 4, 4, 1.0),
@@ -162,6 +201,8 @@ def run_interpreter_smoke() -> int:
         check_rotary("cpu", dtype, 32, 4, 2, 3)
         check_rotary("cpu", dtype, 32, 6, 3, 2, partial=0.5)
         check_qk_norm_rotary("cpu", dtype, 32, 6, 2, 3)
+    check_fp8_outputs("cpu", torch.float16, 96, 80, 3)
+    check_fp8_outputs("cpu", torch.bfloat16, 64, 2100, 2)  # SiLU rows of two blocks
     print("FUSED_INTERPRETER_OK")
     return 0
 

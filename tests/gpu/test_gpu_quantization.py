@@ -75,6 +75,31 @@ def test_fp8_at_load_against_bf16(folder, eager: bool) -> None:
 
 
 @fp8_gpu
+def test_fp8_inputs_quantized_by_the_kernels_before(folder, monkeypatch) -> None:
+    """RMSNorm and SiLU-and-mul handing the FP8 linears their rows quantized give the
+    same tokens and log-probabilities as each linear quantizing its own input."""
+    from pagedllm import SamplingParams
+    from pagedllm.quantization.loader import FUSED_INPUT_QUANT_ENV
+
+    fused = _llm(folder, False, quantization="fp8")
+    layer = fused.engine.executor.runner.model.layers[0]
+    assert layer.input_layernorm.fp8_output_for is not None
+    assert layer.mlp.act_fn.fp8_output_for is not None
+    monkeypatch.setenv(FUSED_INPUT_QUANT_ENV, "0")
+    plain = _llm(folder, False, quantization="fp8")
+    assert plain.engine.executor.runner.model.layers[0].input_layernorm.fp8_output_for is None
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1)
+    reqs = [{"prompt_token_ids": p} for p in _prompts(folder)]
+    a = fused.generate(reqs, sp, use_tqdm=False)
+    b = plain.generate(reqs, sp, use_tqdm=False)
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        lx = [d[t].logprob for d, t in zip(x.outputs[0].logprobs, x.outputs[0].token_ids)]
+        ly = [d[t].logprob for d, t in zip(y.outputs[0].logprobs, y.outputs[0].token_ids)]
+        assert lx == ly
+
+
+@fp8_gpu
 @pytest.mark.parametrize("eager", [True, False])
 def test_fp8_kv_cache(folder, eager: bool) -> None:
     from quant_utils import compare_first_tokens

@@ -1,7 +1,8 @@
 """Triton kernels that fuse a decoder layer's small element-wise steps on CUDA (reached
 through `fused_ops`, which imports this module on first CUDA use).
 
-Residual add + RMSNorm, SiLU-and-mul, rotary embedding of q and k, and per-head q / k
+Residual add + RMSNorm, SiLU-and-mul (either may hand its rows to an FP8 linear already
+quantized per row, `Fp8Activation`), rotary embedding of q and k, and per-head q / k
 RMSNorm followed by rotary (Qwen3) each become one kernel instead of five to fifteen small
 torch ops. Every kernel rounds to the model dtype
 where the torch reference in the layer modules does, so results agree with it to within
@@ -16,12 +17,29 @@ import triton
 import triton.language as tl
 
 from pagedllm.pdl import pdl_enabled, pdl_trigger, pdl_wait
+from pagedllm.quantization.fp8 import _MIN_SCALE, FP8_DTYPE, FP8_MAX, Fp8Activation
+
+Normed = torch.Tensor | Fp8Activation  # a norm's output: model dtype, or e4m3 for FP8 linears
 
 
 @triton.jit
-def _rms_norm_kernel(out_ptr, res_out_ptr, x_ptr, res_ptr, w_ptr, stride_x, stride_r,
-                     stride_o, stride_ro, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _quantize_row(out_ptr, scale_ptr, row, y, cols, mask, FP8_MAX: tl.constexpr,
+                  MIN_SCALE: tl.constexpr):
+    """One row y (float32 values of the model dtype) -> e4m3 codes and its scale, as
+    `quantization.fp8_kernels` quantizes a stored row."""
+    scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), 0) / FP8_MAX, MIN_SCALE)
+    tl.store(scale_ptr + row, scale)
+    q = tl.clamp(y / scale, -FP8_MAX, FP8_MAX)
+    tl.store(out_ptr + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_kernel(out_ptr, res_out_ptr, x_ptr, res_ptr, w_ptr, scale_ptr, stride_x,
+                     stride_r, stride_o, stride_ro, n_cols, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+                     FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """One row. FP8_OUT: the normed row (rounded to the model dtype) quantized to e4m3
+    codes with one scale (scale_ptr) instead of stored in the model dtype."""
     pdl_wait(PDL)  # PDL: see pagedllm.pdl
     pdl_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -38,7 +56,11 @@ def _rms_norm_kernel(out_ptr, res_out_ptr, x_ptr, res_ptr, w_ptr, stride_x, stri
     normed = (xf * (1.0 / tl.sqrt(mean_sq + eps))).to(dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if FP8_OUT:
+        _quantize_row(out_ptr + row * stride_o, scale_ptr, row, out.to(dtype).to(tl.float32),
+                      cols, mask, FP8_MAX, MIN_SCALE)
+    else:
+        tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 @triton.jit
 def _silu_and_mul_kernel(out_ptr, x_ptr, d, stride_x, stride_o, BLOCK: tl.constexpr):
@@ -51,6 +73,40 @@ def _silu_and_mul_kernel(out_ptr, x_ptr, d, stride_x, stride_o, BLOCK: tl.conste
     act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
     out = act.to(tl.float32) * up.to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _silu_and_mul_fp8_kernel(out_ptr, scale_ptr, x_ptr, d, stride_x, stride_o,
+                             BLOCK: tl.constexpr, FP8_MAX: tl.constexpr,
+                             MIN_SCALE: tl.constexpr):
+    """One row: silu(gate) * up rounded to the model dtype, as e4m3 codes with one scale.
+    Two passes over the row (its largest magnitude, then the codes); the second reads
+    what the first brought into the cache."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for c0 in range(0, d, BLOCK):
+        y = _silu_mul_block(x_row, d, c0 + tl.arange(0, BLOCK))
+        amax = tl.maximum(amax, tl.abs(y))
+    scale = tl.maximum(tl.max(amax, 0) / FP8_MAX, MIN_SCALE)
+    tl.store(scale_ptr + row, scale)
+    for c0 in range(0, d, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        q = tl.clamp(_silu_mul_block(x_row, d, cols) / scale, -FP8_MAX, FP8_MAX)
+        tl.store(out_ptr + row * stride_o + cols, q.to(out_ptr.dtype.element_ty),
+                 mask=cols < d)
+
+
+@triton.jit
+def _silu_mul_block(x_row, d, cols):
+    """silu(gate) * up at `cols` of one row, rounded to the model dtype (0 past d), as
+    float32 (the rounding of `_silu_and_mul_kernel`)."""
+    mask = cols < d
+    gate = tl.load(x_row + cols, mask=mask, other=0.0)
+    up = tl.load(x_row + d + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
+
 
 @triton.jit
 def _round_bf16(x):
@@ -119,45 +175,61 @@ def _rotary_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, stri
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None
-             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm over the last dim; with a residual, (norm(x + residual), x + residual)."""
+             residual: torch.Tensor | None = None, fp8_output: bool = False
+             ) -> Normed | tuple[Normed, torch.Tensor]:
+    """RMSNorm over the last dim; with a residual, (norm(x + residual), x + residual).
+    fp8_output: the normed rows as an `Fp8Activation` (per-row e4m3) instead."""
     shape = x.shape
     n_cols = shape[-1]
     x2 = x.reshape(-1, n_cols)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    out = torch.empty((rows, n_cols), dtype=x.dtype, device=x.device)
+    out = torch.empty((rows, n_cols), dtype=FP8_DTYPE if fp8_output else x.dtype,
+                      device=x.device)
+    scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device) if fp8_output \
+        else None
     res_out = res2 = None
     if residual is not None:
         res2 = residual.reshape(-1, n_cols)
         if res2.stride(-1) != 1:
             res2 = res2.contiguous()
-        res_out = torch.empty_like(out)
+        res_out = torch.empty_like(x2)
     if rows:
         pdl = pdl_enabled(x.device)
         _rms_norm_kernel[(rows,)](
             out, res_out if res_out is not None else out, x2,
-            res2 if res2 is not None else x2, weight,
+            res2 if res2 is not None else x2, weight, scales if fp8_output else out,
             x2.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0),
             res_out.stride(0) if res_out is not None else 0, n_cols, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols), PDL=pdl,
+            FP8_OUT=fp8_output, FP8_MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE,
             num_warps=_row_warps(n_cols))  # plain launch: see pagedllm.pdl
-    out = out.view(shape)
-    return out if residual is None else (out, res_out.view(shape))
+    normed = (Fp8Activation(out.view(shape), scales.view(*shape[:-1], 1)) if fp8_output
+              else out.view(shape))
+    return normed if residual is None else (normed, res_out.view(shape))
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """silu(x[..., :d]) * x[..., d:] for a 2-D x of shape [tokens, 2 * d]."""
+def silu_and_mul(x: torch.Tensor, fp8_output: bool = False) -> torch.Tensor | Fp8Activation:
+    """silu(x[..., :d]) * x[..., d:] for a 2-D x of shape [tokens, 2 * d]; fp8_output: as
+    an `Fp8Activation` (per-row e4m3, one program per row) instead."""
     d = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
-    if x2.shape[0]:
+    rows = x2.shape[0]
+    out = torch.empty((rows, d), dtype=FP8_DTYPE if fp8_output else x.dtype, device=x.device)
+    if fp8_output:
+        scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+        if rows:
+            block = min(2048, triton.next_power_of_2(d))
+            _silu_and_mul_fp8_kernel[(rows,)](
+                out, scales, x2, d, x2.stride(0), out.stride(0), BLOCK=block,
+                FP8_MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=8 if block >= 2048 else 4)
+        return Fp8Activation(out.view(*x.shape[:-1], d), scales.view(*x.shape[:-1], 1))
+    if rows:
         block = min(1024, triton.next_power_of_2(d))
-        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
+        _silu_and_mul_kernel[(rows, triton.cdiv(d, block))](
             out, x2, d, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4)
     return out.view(*x.shape[:-1], d)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from functools import cache
+from typing import Any
 
 import torch
 
@@ -32,19 +33,20 @@ def usable(x: torch.Tensor) -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None
-             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm over the last dim; with a residual, (norm(x + residual), x + residual)."""
+             residual: torch.Tensor | None = None, fp8_output: bool = False) -> Any:
+    """RMSNorm over the last dim; with a residual, (norm(x + residual), x + residual).
+    fp8_output: the normed rows as a `quantization.fp8.Fp8Activation`."""
     from pagedllm.models.layers import fused_kernels
 
-    return fused_kernels.rms_norm(x, weight, eps, residual)
+    return fused_kernels.rms_norm(x, weight, eps, residual, fp8_output)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """silu(x[..., :d]) * x[..., d:] for a 2-D x of shape [tokens, 2 * d]."""
+def silu_and_mul(x: torch.Tensor, fp8_output: bool = False) -> Any:
+    """silu(x[..., :d]) * x[..., d:] for a 2-D x of shape [tokens, 2 * d]; fp8_output: as
+    a `quantization.fp8.Fp8Activation`."""
     from pagedllm.models.layers import fused_kernels
 
-    return fused_kernels.silu_and_mul(x)
+    return fused_kernels.silu_and_mul(x, fp8_output)
 
 
 def rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

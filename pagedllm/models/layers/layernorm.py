@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,18 +14,23 @@ from pagedllm.models.layers import fused_ops
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm; `fp8_output_for` (set at load when an FP8 linear with dynamic activation
+    scales reads this norm's output): given the row count, whether the fused CUDA kernel
+    hands that linear its rows already quantized (`quantization.fp8.Fp8Activation`)."""
+
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.eps = eps
         self.use_fused = fused_ops.enabled()
+        self.fp8_output_for: Callable[[int], bool] | None = None
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
         """Normalize x; with a residual, add it first and return (normed, new residual)."""
         if self.use_fused and fused_ops.usable(x):
-            return fused_ops.rms_norm(x, self.weight, self.eps, residual)
+            fp8 = self.fp8_output_for is not None and self.fp8_output_for(
+                x.numel() // x.shape[-1])
+            return fused_ops.rms_norm(x, self.weight, self.eps, residual, fp8)
         if x.dtype == self.weight.dtype and not x.is_cuda:
             if (x.dim() == 2 and cpu_ops.usable(x)
                     and (residual is None or (residual.shape == x.shape
