@@ -84,11 +84,20 @@ def check_alignment(device: str, tokens: int, experts: int, top_k: int, block_m:
     be = block_expert.cpu()
     assert (be[block_of[s < num_pairs]] == flat[real]).all()
     assert int(total.item()) <= max_padded and (be[int(total.item()) // block_m:] == -1).all()
-    if chunked_max_pairs:  # the same blocks as the torch ops' (the order inside may differ)
+    if chunked_max_pairs:
+        # The same blocks as the torch ops', and each expert's run holds the same pairs
+        # with its padding at the end; the order inside a run may differ (atomic cursors),
+        # also across the blocks of a run longer than one block.
         want_ids, want_be, want_total, _ = align_tokens(ids, experts, block_m, 0)
         assert torch.equal(total.cpu(), want_total.cpu()) and torch.equal(be, want_be.cpu())
-        got = sorted_ids.cpu().view(-1, block_m).sort(dim=1).values
-        assert torch.equal(got, want_ids.cpu().view(-1, block_m).sort(dim=1).values)
+        want = want_ids.cpu()
+        got_all = sorted_ids.cpu()
+        for e in range(experts):
+            run = (be == e).repeat_interleave(block_m)
+            got_run, want_run = got_all[run], want[run]
+            assert torch.equal(got_run.sort().values, want_run.sort().values), e
+            real_count = int((got_run < num_pairs).sum())
+            assert (got_run[:real_count] < num_pairs).all(), e  # padding only at the end
 
 
 @pytest.mark.parametrize("experts,top_k", [(8, 1), (8, 2), (16, 4), (64, 6), (128, 8), (8, 8)])
@@ -279,6 +288,7 @@ def run_interpreter_smoke() -> int:
     check_alignment("cpu", 3, 8, 2, 16)
     check_alignment("cpu", 37, 16, 4, 16, chunked_max_pairs=1 << 30)
     check_alignment("cpu", 300, 128, 8, 64, chunked_max_pairs=1 << 30)
+    check_alignment("cpu", 300, 8, 2, 16, chunked_max_pairs=1 << 30)  # runs of 5 blocks
     for dtype in (torch.float32, torch.float16):
         check_experts("cpu", dtype, 1, 8, 2, hidden=32, inter=16)
         check_experts("cpu", dtype, 20, 8, 8, hidden=48, inter=32)

@@ -202,7 +202,8 @@ def run_interpreter_smoke() -> int:
         check_rotary("cpu", dtype, 32, 6, 3, 2, partial=0.5)
         check_qk_norm_rotary("cpu", dtype, 32, 6, 2, 3)
     check_fp8_outputs("cpu", torch.float16, 96, 80, 3)
-    check_fp8_outputs("cpu", torch.bfloat16, 64, 2100, 2)  # SiLU rows of two blocks
+    # fp16 only: the interpreter truncates fp32 -> bf16 stores instead of rounding them
+    check_fp8_outputs("cpu", torch.float16, 64, 2100, 2)  # SiLU rows of two blocks
     print("FUSED_INTERPRETER_OK")
     return 0
 

@@ -56,9 +56,10 @@ def _rms_norm_kernel(out_ptr, res_out_ptr, x_ptr, res_ptr, w_ptr, scale_ptr, str
     normed = (xf * (1.0 / tl.sqrt(mean_sq + eps))).to(dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
-    if FP8_OUT:
-        _quantize_row(out_ptr + row * stride_o, scale_ptr, row, out.to(dtype).to(tl.float32),
-                      cols, mask, FP8_MAX, MIN_SCALE)
+    if FP8_OUT:  # the value the model-dtype store holds (a cast round trip would fold)
+        _quantize_row(out_ptr + row * stride_o, scale_ptr, row,
+                      _round_to(out, dtype, dtype == tl.bfloat16), cols, mask, FP8_MAX,
+                      MIN_SCALE)
     else:
         tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -105,7 +106,8 @@ def _silu_mul_block(x_row, d, cols):
     up = tl.load(x_row + d + cols, mask=mask, other=0.0)
     g = gate.to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
-    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
+    return _round_to(act.to(tl.float32) * up.to(tl.float32), gate.dtype,
+                     gate.dtype == tl.bfloat16)
 
 
 @triton.jit
