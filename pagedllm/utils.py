@@ -80,3 +80,21 @@ def sm_count(device: torch.device) -> int:
     import torch
 
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def to_device_async(values: Any, device: torch.device) -> torch.Tensor:
+    """A host array (numpy or a CPU tensor) on `device` without waiting for the device.
+
+    A copy from pageable memory may wait for the work already queued on the stream (the
+    driver stages it through its own pinned buffer), so the host could not prepare the next
+    step while the device runs this one. On CUDA the values are staged in pinned memory
+    from torch's caching host allocator, which keeps that block until the copy is done."""
+    import numpy as np
+    import torch
+
+    host = torch.from_numpy(values) if isinstance(values, np.ndarray) else values
+    if device.type != "cuda":
+        return host.to(device)
+    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    pinned.copy_(host)
+    return pinned.to(device, non_blocking=True)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from pagedllm.structured_output.config import backend_available
+from pagedllm.utils import to_device_async
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -48,10 +49,7 @@ def _device_index(rows: list[int], device: torch.device) -> torch.Tensor:
     ``torch.tensor(rows, device=...)`` copies synchronously, which waits for the step's
     forward to finish (the torch unpack did so; so does xgrammar's native CUDA kernel when
     given a list): the host could then not launch the sampler ahead of the device."""
-    host = torch.tensor(rows, dtype=torch.int32)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+    return to_device_async(torch.tensor(rows, dtype=torch.int32), device)
 
 
 def _apply_torch(logits: torch.Tensor, bitmask: torch.Tensor, vocab: int,

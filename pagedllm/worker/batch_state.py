@@ -16,6 +16,7 @@ import torch
 
 from pagedllm.engine.scheduler import NewRequestData
 from pagedllm.sampling_params import SamplingParams, SamplingType
+from pagedllm.utils import to_device_async
 from pagedllm.worker.sampler import SamplingMetadata
 
 _EPS = 1e-5
@@ -122,8 +123,7 @@ class BatchState:
             top_k[i] = p.top_k if p.top_k > 0 else self.vocab_size
 
         def to_device(values: np.ndarray) -> torch.Tensor:
-            # Asynchronous copy: a blocking one would wait for the GPU's queued work.
-            return torch.from_numpy(values).to(device, non_blocking=True)
+            return to_device_async(values, device)
 
         return SamplingMetadata(
             to_device(temperature),

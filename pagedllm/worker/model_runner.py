@@ -22,7 +22,7 @@ from pagedllm.quantization.kv_cache import check_kv_cache_scales, kv_cache_torch
 from pagedllm.sampling_params import SamplingParams, SamplingType
 from pagedllm.spec_decode.positions import position_states
 from pagedllm.spec_decode.rejection_sampler import rejection_sample
-from pagedllm.utils import cdiv, parse_bytes
+from pagedllm.utils import cdiv, parse_bytes, to_device_async
 from pagedllm.worker.batch_state import BatchState, RequestState, seeded
 from pagedllm.worker.cpu_memory import zeros_untouched
 from pagedllm.worker.cpu_threads import ThreadTuner
@@ -195,10 +195,10 @@ class ModelRunner:
             num_reqs=len(seq_lens),
             max_query_len=int(q_lens.max()) if len(q_lens) else 0,
             max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0,
-            query_start_loc=qsl_t.to(dev, non_blocking=True),
-            seq_lens=seq_t.to(dev, non_blocking=True),
-            block_table=torch.from_numpy(table).to(dev, non_blocking=True),
-            slot_mapping=torch.from_numpy(slots.astype(np.int64)).to(dev, non_blocking=True),
+            query_start_loc=to_device_async(qsl_t, dev),
+            seq_lens=to_device_async(seq_t, dev),
+            block_table=to_device_async(table, dev),
+            slot_mapping=to_device_async(slots.astype(np.int64), dev),
             query_start_loc_cpu=qsl_t,
             seq_lens_cpu=seq_t,
             is_decode_only=bool(len(q_lens)) and bool((q_lens == 1).all()),
@@ -283,8 +283,8 @@ class ModelRunner:
         """input_ids, positions and attention metadata on the device, and the sampled rows."""
         md = self._metadata(step.query_start_loc, step.seq_lens, step.block_table,
                             step.slot_mapping, step.num_tokens)
-        input_ids = torch.from_numpy(step.token_ids).to(self.device, non_blocking=True)
-        pos = torch.from_numpy(step.positions).to(self.device, non_blocking=True)
+        input_ids = to_device_async(step.token_ids, self.device)
+        pos = to_device_async(step.positions, self.device)
         return input_ids, pos, md, step.sample_rows
 
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -367,7 +367,7 @@ class ModelRunner:
         self._prompt_logprobs(out, hidden, md, lp)
         logits = None
         if sample_rows:
-            rows = torch.tensor(sample_rows).to(self.device, non_blocking=True)
+            rows = to_device_async(torch.tensor(sample_rows), self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
         grammar = before_sample() if before_sample is not None else None
         if logits is None:
@@ -507,7 +507,7 @@ class ModelRunner:
     def _fill_pending(self, input_ids: torch.Tensor, dst: list[int], src: list[int]) -> None:
         """Write the previous step's sampled ids (still on the device) into input rows."""
         if dst:
-            index = torch.tensor([dst, src]).to(self.device, non_blocking=True)
+            index = to_device_async(torch.tensor([dst, src]), self.device)
             input_ids[index[0]] = self._last_sampled[index[1]]
 
     def fetch(self, pending: PendingStep) -> ModelRunnerOutput:
