@@ -37,8 +37,9 @@ GEMV_MAX_M = 1
 class Fp8Activation(NamedTuple):
     """Activations already quantized for an FP8 linear: e4m3 codes [..., K] and float32
     per-row scales [..., 1] (x ~ codes * scales). The kernel before the linear (RMSNorm,
-    SiLU-and-mul) makes them in place of its model-dtype output, with the same rounding as
-    `quantize_tokens` of that output, so the linear skips its own quantization pass."""
+    SiLU-and-mul) makes them in place of its model-dtype output, as `quantize_tokens`
+    quantizes that output (the same scales; a rare code one e4m3 step away, where the
+    quotient's last bit differs), so the linear skips its own quantization pass."""
 
     codes: torch.Tensor
     scales: torch.Tensor

@@ -77,7 +77,8 @@ def test_fp8_at_load_against_bf16(folder, eager: bool) -> None:
 @fp8_gpu
 def test_fp8_inputs_quantized_by_the_kernels_before(folder, monkeypatch) -> None:
     """RMSNorm and SiLU-and-mul handing the FP8 linears their rows quantized give the
-    same tokens and log-probabilities as each linear quantizing its own input."""
+    same tokens and log-probabilities (within 1e-3; a code may differ by one e4m3 step, see
+    test_fused_ops) as each linear quantizing its own input."""
     from pagedllm import SamplingParams
     from pagedllm.quantization.loader import FUSED_INPUT_QUANT_ENV
 
@@ -96,7 +97,7 @@ def test_fp8_inputs_quantized_by_the_kernels_before(folder, monkeypatch) -> None
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
         lx = [d[t].logprob for d, t in zip(x.outputs[0].logprobs, x.outputs[0].token_ids)]
         ly = [d[t].logprob for d, t in zip(y.outputs[0].logprobs, y.outputs[0].token_ids)]
-        assert lx == ly
+        assert max(abs(u - v) for u, v in zip(lx, ly)) <= 1e-3
 
 
 @fp8_gpu
