@@ -11,6 +11,17 @@ from pagedllm.quantization.fp8 import _MIN_SCALE, FP8_DTYPE, FP8_MAX
 
 
 @triton.jit
+def quantize_row(out_ptr, scale_ptr, row, y, cols, mask, FP8_MAX: tl.constexpr,
+                 MIN_SCALE: tl.constexpr):
+    """One row y (float32) held in registers -> its e4m3 codes at out_ptr + cols and its
+    dynamic scale max |y| / 448 at scale_ptr + row (also the fused norm / SiLU kernels')."""
+    scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), 0) / FP8_MAX, MIN_SCALE)
+    tl.store(scale_ptr + row, scale)
+    q = tl.clamp(y / scale, -FP8_MAX, FP8_MAX)
+    tl.store(out_ptr + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, stride_q,
     FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr, STATIC: tl.constexpr,
@@ -21,22 +32,19 @@ def _quantize_rows_kernel(
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
-    if STATIC:
-        scale = tl.load(static_ptr)
-    elif ONE_TILE:
-        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX_C, MIN_SCALE)
-    else:
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, 0) / FP8_MAX_C, MIN_SCALE)
-    tl.store(s_ptr + row, scale)
     if ONE_TILE and not STATIC:
-        q = tl.clamp(x / scale, -FP8_MAX_C, FP8_MAX_C)
-        tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        quantize_row(q_row, s_ptr, row, x, offs, offs < K, FP8_MAX_C, MIN_SCALE)
     else:
+        if STATIC:
+            scale = tl.load(static_ptr)
+        else:
+            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(x))
+            scale = tl.maximum(tl.max(amax, 0) / FP8_MAX_C, MIN_SCALE)
+        tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             q = tl.clamp(x / scale, -FP8_MAX_C, FP8_MAX_C)

@@ -18,19 +18,9 @@ import triton.language as tl
 
 from pagedllm.pdl import pdl_enabled, pdl_trigger, pdl_wait
 from pagedllm.quantization.fp8 import _MIN_SCALE, FP8_DTYPE, FP8_MAX, Fp8Activation
+from pagedllm.quantization.fp8_kernels import quantize_row
 
 Normed = torch.Tensor | Fp8Activation  # a norm's output: model dtype, or e4m3 for FP8 linears
-
-
-@triton.jit
-def _quantize_row(out_ptr, scale_ptr, row, y, cols, mask, FP8_MAX: tl.constexpr,
-                  MIN_SCALE: tl.constexpr):
-    """One row y (float32 values of the model dtype) -> e4m3 codes and its scale, as
-    `quantization.fp8_kernels` quantizes a stored row."""
-    scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), 0) / FP8_MAX, MIN_SCALE)
-    tl.store(scale_ptr + row, scale)
-    q = tl.clamp(y / scale, -FP8_MAX, FP8_MAX)
-    tl.store(out_ptr + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -57,9 +47,9 @@ def _rms_norm_kernel(out_ptr, res_out_ptr, x_ptr, res_ptr, w_ptr, scale_ptr, str
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
     if FP8_OUT:  # the value the model-dtype store holds (a cast round trip would fold)
-        _quantize_row(out_ptr + row * stride_o, scale_ptr, row,
-                      _round_to(out, dtype, dtype == tl.bfloat16), cols, mask, FP8_MAX,
-                      MIN_SCALE)
+        quantize_row(out_ptr + row * stride_o, scale_ptr, row,
+                     _round_to(out, dtype, dtype == tl.bfloat16), cols, mask, FP8_MAX,
+                     MIN_SCALE)
     else:
         tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -67,13 +57,8 @@ def _rms_norm_kernel(out_ptr, res_out_ptr, x_ptr, res_ptr, w_ptr, scale_ptr, str
 def _silu_and_mul_kernel(out_ptr, x_ptr, d, stride_x, stride_o, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < d
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
-    out = act.to(tl.float32) * up.to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    out = _silu_mul_block(x_ptr + row * stride_x, d, cols)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=cols < d)
 
 @triton.jit
 def _silu_and_mul_fp8_kernel(out_ptr, scale_ptr, x_ptr, d, stride_x, stride_o,
@@ -100,7 +85,7 @@ def _silu_and_mul_fp8_kernel(out_ptr, scale_ptr, x_ptr, d, stride_x, stride_o,
 @triton.jit
 def _silu_mul_block(x_row, d, cols):
     """silu(gate) * up at `cols` of one row, rounded to the model dtype (0 past d), as
-    float32 (the rounding of `_silu_and_mul_kernel`)."""
+    float32: the values both SiLU-and-mul kernels store or quantize."""
     mask = cols < d
     gate = tl.load(x_row + cols, mask=mask, other=0.0)
     up = tl.load(x_row + d + cols, mask=mask, other=0.0)
