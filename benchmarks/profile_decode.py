@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.benchmarks.phases import allocator_counts, allocator_delta
 from pagedllm.benchmarks.presets import PRESET_QUANTIZATION, preset_folder
 
 
@@ -38,7 +39,8 @@ def main() -> None:
     ap.add_argument("--prefill-profile", action="store_true",
                     help="also profile the prefill steps that fill the engine (a second table)")
     ap.add_argument("--host-profile", action="store_true",
-                    help="also print a cProfile of the host side of the profiled steps")
+                    help="also print a cProfile of the host side of the profiled steps "
+                    "(and of the prefill steps, without --prefill-profile)")
     args = ap.parse_args()
 
     checkpoint_quant = PRESET_QUANTIZATION.get(args.quantization)  # awq / gptq: in config.json
@@ -66,14 +68,35 @@ def main() -> None:
 
     if args.prefill_profile:
         torch.cuda.synchronize()
+        before = allocator_counts()
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prefill_prof:
             steps = fill()
             torch.cuda.synchronize()
         print(f"prefill: {steps} steps for {args.num_prompts * args.input_len} prompt tokens "
-              f"in {time.perf_counter() - start:.3f} s (profiled)")
-        print(prefill_prof.key_averages().table(sort_by="cuda_time_total",
-                                                row_limit=args.rows, max_name_column_width=60))
+              f"in {time.perf_counter() - start:.3f} s (profiled); allocator during them: "
+              f"{allocator_delta(before)}")
+        table = prefill_prof.key_averages()
+        print(table.table(sort_by="cuda_time_total", row_limit=args.rows,
+                          max_name_column_width=60))
+        print("prefill steps by host (self CPU) time:")
+        print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows,
+                          max_name_column_width=60))
+    elif args.host_profile:  # the host side of the prefill steps
+        import cProfile
+        import pstats
+
+        before = allocator_counts()
+        host = cProfile.Profile()
+        start = time.perf_counter()
+        host.enable()
+        steps = fill()
+        torch.cuda.synchronize()
+        host.disable()
+        print(f"prefill: {steps} steps in {time.perf_counter() - start:.3f} s (cProfile); "
+              f"allocator during them: {allocator_delta(before)}")
+        pstats.Stats(host).sort_stats("tottime").print_stats(args.rows)
+        pstats.Stats(host).sort_stats("cumulative").print_stats(args.rows)
     else:
         fill()
     for _ in range(5):

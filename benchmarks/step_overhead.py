@@ -77,7 +77,7 @@ def main() -> None:
     for i, (prompt, sp) in enumerate(zip(prompts, params)):
         engine.add_request(str(i), prompt, sp)
 
-    totals = instrument(llm)
+    times = instrument(llm)
     profiler = cProfile.Profile() if args.profile else None
     steps = 0
     start = time.perf_counter()
@@ -92,7 +92,7 @@ def main() -> None:
     out_tokens = sum(o for _, o in reqs)
     print(f"{steps} steps in {elapsed:.2f} s: {1e3 * elapsed / steps:.2f} ms per step, "
           f"{out_tokens / elapsed:.0f} output tok/s ceiling from host work alone")
-    print(report(totals))
+    print(report(times))
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 

@@ -5,16 +5,26 @@ milliseconds per step for each. "launch" is `execute` (inputs, forward, sampler 
 a grammar or penalties also collecting the previous step), "wait" is `fetch`, waiting for the
 device; "forward_launch", "logits_pipeline" and "grammar_fill" (the bitmask rows, host side)
 are parts of "launch".
+
+On CUDA, `instrument` also records two events per step on the device's stream, at the start
+and at the end of `execute`: `timeline_report(...)` splits the device's time into each step
+kind's span (start to end, the step's work plus any wait for its own launches) and the gaps
+between steps (the device idle until the host launched the next step), and names what the
+host did during the longest gaps (the timed phases and garbage collections in that window).
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
+HostCall = tuple[str, float, float]  # (phase or "gc gen N", start, end), perf_counter seconds
 
-def _wrap(obj: Any, name: str, key: str, totals: Counter) -> None:
+
+def _wrap(obj: Any, name: str, key: str, totals: Counter,
+          calls: list[HostCall] | None = None) -> None:
     inner = getattr(obj, name)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
@@ -22,36 +32,183 @@ def _wrap(obj: Any, name: str, key: str, totals: Counter) -> None:
         try:
             return inner(*args, **kwargs)
         finally:
-            totals[key] += time.perf_counter() - start
+            now = time.perf_counter()
+            totals[key] += now - start
             if key == "schedule":
                 totals["steps"] += 1
+            if calls is not None:
+                calls.append((key, start, now))
 
     setattr(obj, name, timed)
 
 
-def instrument(llm: Any) -> Counter:
-    """Start timing the engine's phases; returns the running totals (seconds)."""
-    totals: Counter = Counter()
+@dataclass
+class StepTimeline:
+    """Per launched step: its kind, number of requests, host interval of `execute` and its
+    two device events; and every timed host call and garbage collection, to name what the
+    host was doing while the device waited."""
+    kinds: list[str] = field(default_factory=list)
+    batch: list[int] = field(default_factory=list)
+    host_begin: list[float] = field(default_factory=list)
+    host_end: list[float] = field(default_factory=list)
+    events: list[tuple[Any, Any]] = field(default_factory=list)
+    host_calls: list[HostCall] = field(default_factory=list)
+
+
+def _step_kind(out: Any) -> str:
+    """"decode" when every request computes one token, else "prefill" (mixed steps too)."""
+    tokens = getattr(out, "num_scheduled_tokens", None) or []
+    return "decode" if tokens and max(tokens) == 1 else "prefill"
+
+
+def _wrap_timeline(executor: Any, timeline: StepTimeline) -> None:
+    import torch
+
+    inner = executor.execute
+
+    def timed(out: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(out, "is_empty", False):
+            return inner(out, *args, **kwargs)
+        begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        timeline.host_begin.append(time.perf_counter())
+        begin.record()
+        try:
+            return inner(out, *args, **kwargs)
+        finally:
+            end.record()
+            timeline.host_end.append(time.perf_counter())
+            timeline.kinds.append(_step_kind(out))
+            timeline.batch.append(len(getattr(out, "num_scheduled_tokens", None) or []))
+            timeline.events.append((begin, end))
+
+    executor.execute = timed
+
+
+def _time_collections(calls: list[HostCall]) -> None:
+    import gc
+
+    started: list[float] = []
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            calls.append((f"gc gen {info['generation']}", started.pop(), time.perf_counter()))
+
+    gc.callbacks.append(callback)
+
+
+@dataclass
+class PhaseTimes:
+    """Running totals (seconds, and "steps") and, on CUDA, the per-step device timeline and
+    the caching allocator's counts when timing began."""
+    totals: Counter = field(default_factory=Counter)
+    timeline: StepTimeline | None = None
+    allocator_start: dict[str, int] | None = None
+
+
+_ALLOCATOR_KEYS = ("num_alloc_retries", "num_device_alloc", "num_device_free")
+
+
+def allocator_counts() -> dict[str, int]:
+    """The CUDA caching allocator's retries (each frees its cache, a device sync), device
+    mallocs and frees so far."""
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    return {key: stats.get(key, 0) for key in _ALLOCATOR_KEYS}
+
+
+def allocator_delta(before: dict[str, int]) -> str:
+    """The allocator's counts since `before`, as text."""
+    now = allocator_counts()
+    return ", ".join(f"{key} +{now[key] - before[key]}" for key in _ALLOCATOR_KEYS)
+
+
+def instrument(llm: Any) -> PhaseTimes:
+    """Start timing the engine's phases; the returned object fills as the engine runs."""
+    times = PhaseTimes()
+    totals = times.totals
     engine = llm.engine
     runner = getattr(engine.executor, "runner", None)
-    _wrap(engine.scheduler, "schedule", "schedule", totals)
+    calls = None
+    if runner is not None and getattr(runner, "device", None) is not None \
+            and runner.device.type == "cuda":
+        times.timeline = StepTimeline()
+        times.allocator_start = allocator_counts()
+        calls = times.timeline.host_calls
+        _time_collections(calls)
+    _wrap(engine.scheduler, "schedule", "schedule", totals, calls)
     _wrap(engine.executor, "execute", "launch", totals)
-    _wrap(engine.executor, "fetch", "wait", totals)
+    _wrap(engine.executor, "fetch", "wait", totals, calls)
     if runner is not None:
         _wrap(runner, "prepare_host_inputs", "prepare_host_inputs", totals)
         _wrap(runner, "run_model", "forward_launch", totals)
         _wrap(runner, "_logits_pipeline", "logits_pipeline", totals)
         _wrap(runner, "_sampling_metadata", "sampling_metadata", totals)
+    if times.timeline is not None:
+        _wrap_timeline(engine.executor, times.timeline)
     core = getattr(engine, "core", None)
     if hasattr(core, "_grammar_output"):
         _wrap(core, "_grammar_output", "grammar_fill", totals)
-    _wrap(engine.scheduler, "update", "update", totals)
-    _wrap(engine.output_processor, "process", "output_processing", totals)
-    return totals
+    _wrap(engine.scheduler, "update", "update", totals, calls)
+    _wrap(engine.output_processor, "process", "output_processing", totals, calls)
+    return times
 
 
-def report(totals: Counter) -> str:
+def report(times: PhaseTimes) -> str:
+    """Milliseconds per step of each phase, then the device timeline when there is one (the
+    device must be synchronized first)."""
+    totals = times.totals
     steps = max(totals.get("steps", 0), 1)
     parts = [f"{key} {1e3 * value / steps:.3f}" for key, value in totals.items()
              if key != "steps"]
-    return f"ms per step over {steps} steps: " + ", ".join(parts)
+    text = f"ms per step over {steps} steps: " + ", ".join(parts)
+    if times.timeline is not None and times.timeline.events:
+        text += "\n" + timeline_report(times.timeline)
+    if times.allocator_start is not None:
+        text += "\nallocator: " + allocator_delta(times.allocator_start)
+    return text
+
+
+def timeline_report(timeline: StepTimeline, worst: int = 5) -> str:
+    """Device seconds per step kind (spans) and between steps (gaps), from the events, and
+    the `worst` gaps with what the host did meanwhile; the device must be idle
+    (synchronized) when it is called."""
+    spans: Counter = Counter()
+    host: Counter = Counter()
+    gaps: dict[str, list[float]] = {}
+    counts: Counter = Counter()
+    each_gap: list[tuple[float, int]] = []
+    for i, (kind, (begin, end)) in enumerate(zip(timeline.kinds, timeline.events)):
+        counts[kind] += 1
+        spans[kind] += begin.elapsed_time(end) / 1e3
+        host[kind] += timeline.host_end[i] - timeline.host_begin[i]
+        if i:
+            gap = timeline.events[i - 1][1].elapsed_time(begin) / 1e3
+            gaps.setdefault(kind, []).append(gap)
+            each_gap.append((gap, i))
+    lines = ["device timeline (s): kind, steps, span (launch to end on the device), gap before "
+             "(device idle), host execute"]
+    for kind in sorted(counts):
+        before = sorted(gaps.get(kind, [0.0]))
+        long = [g for g in before if g > 2e-3]
+        lines.append(f"  {kind}: {counts[kind]} steps, span {spans[kind]:.3f}, gap "
+                     f"{sum(before):.3f} (median {1e3 * before[len(before) // 2]:.2f} ms, "
+                     f"max {1e3 * before[-1]:.1f} ms, {len(long)} over 2 ms: {sum(long):.3f}), "
+                     f"host {host[kind]:.3f}")
+    all_gaps = sum(gap for gap, _ in each_gap)
+    lines.append(f"  all: span {sum(spans.values()):.3f} + gaps {all_gaps:.3f} "
+                 f"= {sum(spans.values()) + all_gaps:.3f}")
+    for gap, i in sorted(each_gap, reverse=True)[:worst]:
+        if gap <= 2e-3:
+            break
+        w0, w1 = timeline.host_end[i - 1], timeline.host_begin[i]
+        busy = sorted(((min(end, w1) - max(start, w0), name)
+                       for name, start, end in timeline.host_calls
+                       if start < w1 and end > w0), reverse=True)[:4]
+        doing = ", ".join(f"{name} {1e3 * d:.1f}" for d, name in busy)
+        lines.append(f"  gap {1e3 * gap:.1f} ms before step {i} ({timeline.kinds[i]}, "
+                     f"{timeline.batch[i]} requests); host between the launches "
+                     f"{1e3 * (w1 - w0):.1f} ms: {doing}")
+    return "\n".join(lines)

@@ -79,15 +79,15 @@ def run_pagedllm(model: str, requests: Requests, args: argparse.Namespace) -> di
     llm.generate(prompts[:2], warm, use_tqdm=False)
     if args.device == "cuda":
         torch.cuda.synchronize()
-    phase_totals = instrument(llm) if args.phase_times else None
+    phase_times = instrument(llm) if args.phase_times else None
     outs, elapsed = _timed_generate(llm, prompts, params, args.device)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     if not constrained and out_tokens != sum(o for _, o in requests):
         raise RuntimeError("a request stopped before its output length despite ignore_eos")
     in_tokens = sum(len(p) for p, _ in requests)
     num_blocks = llm.engine.num_blocks  # the core in this process or its own
-    if phase_totals is not None:
-        print(phase_report(phase_totals))
+    if phase_times is not None:
+        print(phase_report(phase_times))
     matched = _matched_unconstrained(llm, prompts, outs, args) if constrained else {}
     if constrained:
         matched["new_schema_first_token_s"] = _new_schema_first_token(llm, prompts[0], args)
