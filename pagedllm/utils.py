@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import re
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -37,6 +38,23 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+@contextlib.contextmanager
+def heap_frozen() -> Iterator[None]:
+    """Keep the objects alive on entry out of the garbage collector's view while the block
+    runs (`gc.freeze`, then `gc.unfreeze` on exit), for an offline run's step loop: a full
+    collection there scans the whole heap (torch, the model, the caller's objects) and stalls
+    the device between two steps (0.2-0.3 s each, about ten per 1,000-request run). Nothing
+    is done when objects are frozen already (a server, or the caller's own `gc.freeze`)."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def random_uuid() -> str:

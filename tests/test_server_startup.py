@@ -95,3 +95,34 @@ def test_freeze_startup_heap_takes_what_is_alive_now_out_of_gc_scans():
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0
+
+
+def test_offline_step_loop_runs_with_the_heap_frozen(tiny_llama):
+    """`LLM.generate` freezes the heap alive at its start for its step loop (a full
+    collection there would scan torch and the model between two device steps) and gives it
+    back afterwards; a heap frozen by the caller stays frozen and is not unfrozen."""
+    import gc
+
+    from pagedllm import LLM, SamplingParams
+
+    llm = LLM(tiny_llama, device="cpu", skip_tokenizer_init=True, max_model_len=64)
+    inner = llm.engine.step
+    seen: list[int] = []
+
+    def step():
+        seen.append(gc.get_freeze_count())
+        return inner()
+
+    llm.engine.step = step
+    params = SamplingParams(max_tokens=3, ignore_eos=True, detokenize=False)
+    llm.generate([{"prompt_token_ids": [1, 2, 3]}], params, use_tqdm=False)
+    assert seen and all(count > 0 for count in seen)
+    assert gc.get_freeze_count() == 0
+    try:
+        gc.freeze()
+        seen.clear()
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], params, use_tqdm=False)
+        assert seen and all(count > 0 for count in seen)
+        assert gc.get_freeze_count() > 0  # the caller's freeze is left in place
+    finally:
+        gc.unfreeze()

@@ -15,6 +15,7 @@ from pagedllm.config import EngineArgs
 from pagedllm.engine.input_processor import PromptType, read_chat_template
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.utils import heap_frozen
 
 ChatMessage = dict[str, Any]
 
@@ -121,11 +122,12 @@ class LLM:
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
                    dynamic_ncols=True)
         try:
-            while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    if out.finished:
-                        results[out.request_id] = out
-                        bar.update(1)
+            with heap_frozen():
+                while self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.finished:
+                            results[out.request_id] = out
+                            bar.update(1)
         except BaseException:
             self.engine.abort_request([rid for rid in ids if rid not in results])
             raise
@@ -178,7 +180,8 @@ class LLM:
                 "encode()/embed() need a pooling model; load it with runner='pooling' (or an "
                 "embedding model such as a sentence-transformers folder)."
             )
-        return self.engine.encode(prompts, pooling_params, use_tqdm=use_tqdm)
+        with heap_frozen():
+            return self.engine.encode(prompts, pooling_params, use_tqdm=use_tqdm)
 
     def embed(self, prompts: PromptType | Sequence[PromptType], pooling_params: Any = None,
               use_tqdm: bool = True) -> list[Any]:
