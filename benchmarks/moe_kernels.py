@@ -5,7 +5,7 @@ bf16, several layers' weights in turn so that L2 holds none of them, each varian
 in a CUDA graph (as decode runs) and timed per layer. Prints microseconds per layer and the
 bandwidth of the expert weights read (distinct experts x their bytes / time), for:
   - routing: torch (softmax, topk, renormalize) vs the one-kernel Triton routing;
-  - above 64 pairs, the alignment's torch ops vs the one-program chunked kernel;
+  - above 64 pairs, the alignment's torch ops (the reference) vs its three Triton kernels;
   - the experts' grouped GEMM (`triton_moe`) at its default tiles, and at one token the
     one-token GEMV path (`moe_gemv`);
   - at --gemm-tokens, the grouped GEMM under each of GEMM_CONFIGS.
@@ -25,6 +25,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pagedllm.models.layers.fused_moe import triton_moe  # noqa: E402
+from pagedllm.models.layers.fused_moe.reference import torch_align_tokens  # noqa: E402
 from pagedllm.models.layers.fused_moe.routing import torch_select_experts  # noqa: E402
 from pagedllm.models.layers.fused_moe.triton_moe import align_tokens, triton_experts  # noqa: E402
 from pagedllm.models.layers.fused_moe.triton_routing import triton_select_experts  # noqa: E402
@@ -67,11 +68,11 @@ def bench_tokens(T: int, args: argparse.Namespace, w13: list[torch.Tensor],
     line = (f"{T} token(s), {distinct:.1f} distinct experts per layer ({mb:.1f} MB): routing "
             f"torch {torch_us:.2f} us, Triton {triton_us:.2f} us; experts (grouped GEMM) "
             f"{experts_us:.2f} us = {mb / experts_us:.2f} TB/s")
-    if T * k > triton_moe._SMALL_PAIRS:  # the torch ops' alignment against the one kernel
+    if T * k > triton_moe._SMALL_PAIRS:  # the torch ops' alignment against the kernels'
         block_m = triton_moe._config(T * k)["BLOCK_M"]
-        ops_us = graph_time_us(lambda i: align_tokens(routes[i][1], E, block_m, 0), L)
-        kernel_us = graph_time_us(lambda i: align_tokens(routes[i][1], E, block_m, 1 << 30), L)
-        line += f"; alignment torch ops {ops_us:.2f} us, chunked kernel {kernel_us:.2f} us"
+        ops_us = graph_time_us(lambda i: torch_align_tokens(routes[i][1], E, block_m), L)
+        kernel_us = graph_time_us(lambda i: align_tokens(routes[i][1], E, block_m), L)
+        line += f"; alignment torch ops {ops_us:.2f} us, three kernels {kernel_us:.2f} us"
     if T == 1:
         gemv_us = graph_time_us(
             lambda i: triton_experts(x, w13[i], w2[i], *routes[i], gemv_max_tokens=1), L)

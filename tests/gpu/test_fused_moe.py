@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("triton")
 
 from pagedllm.models.layers.fused_moe import select_experts, torch_experts  # noqa: E402
+from pagedllm.models.layers.fused_moe.reference import torch_align_tokens  # noqa: E402
 from pagedllm.models.layers.fused_moe.routing import torch_select_experts  # noqa: E402
 from pagedllm.models.layers.fused_moe.triton_moe import (  # noqa: E402
     align_tokens,
@@ -68,13 +69,12 @@ def check_moe_gemv(device: str, dtype: torch.dtype, experts: int, top_k: int, hi
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), (experts, top_k, hidden, err)
 
 
-def check_alignment(device: str, tokens: int, experts: int, top_k: int, block_m: int,
-                    chunked_max_pairs: int | None = None) -> None:
-    """Every pair appears once, in a block of its own expert; padding only at run ends.
-    chunked_max_pairs: as align_tokens' (the one-program chunked kernel up to it)."""
+def check_alignment(device: str, tokens: int, experts: int, top_k: int, block_m: int) -> None:
+    """Every pair appears once, in a block of its own expert; the blocks, the total and each
+    expert's run (its pairs, padding only at its end) equal the torch reference's; the order
+    inside a run may differ (atomic cursors), also across the blocks of a long run."""
     _, _, _, _, ids = _case(device, torch.float32, tokens, experts, top_k, 16, 16)
-    sorted_ids, block_expert, total, max_padded = align_tokens(ids, experts, block_m,
-                                                               chunked_max_pairs)
+    sorted_ids, block_expert, total, max_padded = align_tokens(ids, experts, block_m)
     flat = ids.reshape(-1).cpu()
     num_pairs = flat.numel()
     s = sorted_ids.cpu()[: int(total.item())]
@@ -84,20 +84,17 @@ def check_alignment(device: str, tokens: int, experts: int, top_k: int, block_m:
     be = block_expert.cpu()
     assert (be[block_of[s < num_pairs]] == flat[real]).all()
     assert int(total.item()) <= max_padded and (be[int(total.item()) // block_m:] == -1).all()
-    if chunked_max_pairs:
-        # The same blocks as the torch ops', and each expert's run holds the same pairs
-        # with its padding at the end; the order inside a run may differ (atomic cursors),
-        # also across the blocks of a run longer than one block.
-        want_ids, want_be, want_total, _ = align_tokens(ids, experts, block_m, 0)
-        assert torch.equal(total.cpu(), want_total.cpu()) and torch.equal(be, want_be.cpu())
-        want = want_ids.cpu()
-        got_all = sorted_ids.cpu()
-        for e in range(experts):
-            run = (be == e).repeat_interleave(block_m)
-            got_run, want_run = got_all[run], want[run]
-            assert torch.equal(got_run.sort().values, want_run.sort().values), e
-            real_count = int((got_run < num_pairs).sum())
-            assert (got_run[:real_count] < num_pairs).all(), e  # padding only at the end
+    want_ids, want_be, want_total, want_max = torch_align_tokens(ids, experts, block_m)
+    assert max_padded == want_max
+    assert torch.equal(total.cpu(), want_total.cpu()) and torch.equal(be, want_be.cpu())
+    want = want_ids.cpu()
+    got_all = sorted_ids.cpu()
+    for e in range(experts):
+        run = (be == e).repeat_interleave(block_m)
+        got_run, want_run = got_all[run], want[run]
+        assert torch.equal(got_run.sort().values, want_run.sort().values), e
+        real_count = int((got_run < num_pairs).sum())
+        assert (got_run[:real_count] < num_pairs).all(), e  # padding only at the end
 
 
 @pytest.mark.parametrize("experts,top_k", [(8, 1), (8, 2), (16, 4), (64, 6), (128, 8), (8, 8)])
@@ -194,24 +191,10 @@ def test_fused_moe_float32(tokens):
 
 @pytest.mark.parametrize("tokens,experts,top_k,block_m", [
     (1, 8, 1, 16), (1, 128, 8, 16), (8, 128, 8, 16), (5, 60, 4, 16),  # one-program path
-    (37, 16, 4, 16), (1000, 128, 8, 64)])
+    (9, 8, 8, 16), (37, 16, 4, 16), (300, 60, 4, 64), (1000, 128, 8, 64), (2048, 128, 8, 16),
+    (4096, 256, 8, 128), (16384, 128, 8, 128), (3000, 384, 8, 64)])
 def test_alignment(tokens, experts, top_k, block_m):
     check_alignment("cuda", tokens, experts, top_k, block_m)
-
-
-@pytest.mark.parametrize("tokens,experts,top_k,block_m", [
-    (9, 8, 8, 16), (300, 60, 4, 64), (1000, 128, 8, 64), (2048, 128, 8, 16),
-    (4096, 256, 8, 128)])
-def test_chunked_alignment_kernel(tokens, experts, top_k, block_m):
-    check_alignment("cuda", tokens, experts, top_k, block_m, chunked_max_pairs=1 << 30)
-
-
-@pytest.mark.parametrize("tokens", [100, 1000])
-def test_fused_moe_with_chunked_alignment(monkeypatch, tokens):
-    from pagedllm.models.layers.fused_moe import triton_moe
-
-    monkeypatch.setattr(triton_moe, "CHUNKED_ALIGN_MAX_PAIRS", 1 << 30)
-    check_experts("cuda", torch.bfloat16, tokens, 128, 8)
 
 
 @pytest.mark.parametrize("tokens", [1, 8])
@@ -286,9 +269,9 @@ def run_interpreter_smoke() -> int:
     check_alignment("cpu", 1, 128, 8, 16)
     check_alignment("cpu", 8, 60, 8, 16)
     check_alignment("cpu", 3, 8, 2, 16)
-    check_alignment("cpu", 37, 16, 4, 16, chunked_max_pairs=1 << 30)
-    check_alignment("cpu", 300, 128, 8, 64, chunked_max_pairs=1 << 30)
-    check_alignment("cpu", 300, 8, 2, 16, chunked_max_pairs=1 << 30)  # runs of 5 blocks
+    check_alignment("cpu", 300, 128, 8, 64)  # 3 programs of the three-launch path
+    check_alignment("cpu", 300, 8, 2, 16)  # runs of 5 blocks
+    check_alignment("cpu", 1500, 16, 2, 16)  # a run over several chunks
     for dtype in (torch.float32, torch.float16):
         check_experts("cpu", dtype, 1, 8, 2, hidden=32, inter=16)
         check_experts("cpu", dtype, 20, 8, 8, hidden=48, inter=32)

@@ -2,9 +2,10 @@
 
 1. `align_tokens`: the T*k (token, expert) pairs sorted by expert, each expert's run padded
    to a multiple of BLOCK_M, and the expert of every BLOCK_M block. No host sync, so it runs
-   inside captured CUDA graphs: fixed-size torch ops, or for decode-sized batches (<= 64
-   pairs) one single-program Triton kernel (a chunked one-program kernel for any count is
-   there too, off until measured: CHUNKED_ALIGN_MAX_PAIRS).
+   inside captured CUDA graphs: for decode-sized batches (<= 64 pairs) one single-program
+   Triton kernel, else three launches (per-chunk histograms; the runs' starts and each
+   chunk's offsets; the placement), whatever the count: an eager prefill step of a MoE
+   model is launch-bound, and sorting with torch ops took some 45 launches per layer.
 2. `_moe_gemm_kernel`, gated: inter[p] = silu(x[tok] W1[e]^T) * (x[tok] W3[e]^T) for every
    pair p; the gate and up tiles are accumulated in the same program and SiLU-mul is its
    epilogue, so the [T*k, 2I] gate-up product never reaches memory.
@@ -250,28 +251,47 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
 
 
 @triton.jit
-def _align_chunked_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, cursor_ptr,
-                          num_pairs, num_experts, max_padded,
-                          BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                          BLOCKS_CHUNK: tl.constexpr):
-    """align_tokens in one program for any number of pairs, CHUNK at a time: a histogram
-    of the experts, their padded runs' starts, then every pair placed by an atomic cursor
-    per expert (the order inside a run varies; each row's result does not depend on it)."""
+def _align_count_kernel(ids_ptr, sorted_ids_ptr, hist_ptr, num_pairs, num_experts, max_padded,
+                        E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """Alignment, launch 1 of 3, one program per CHUNK slots of sorted_ids: fill its slots
+    with the padding value and write its pairs' expert histogram (bin num_experts: lanes
+    past the pairs) as row `program` of hist."""
+    pid = tl.program_id(0)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    tl.store(sorted_ids_ptr + offs, tl.zeros([CHUNK], dtype=tl.int32) + num_pairs,
+             mask=offs < max_padded)
+    m = offs < num_pairs
+    e = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int32)
+    tl.store(hist_ptr + pid * E_PAD + tl.arange(0, E_PAD),
+             tl.histogram(tl.where(m, e, num_experts), E_PAD))
+
+
+@triton.jit
+def _align_offsets_kernel(hist_ptr, block_expert_ptr, total_ptr, num_programs, num_experts,
+                          max_padded, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+                          P_TILE: tl.constexpr, BLOCKS_CHUNK: tl.constexpr):
+    """Alignment, launch 2 of 3, one program: the experts' counts from the histograms, their
+    padded runs, the expert of every block and the total; each histogram row becomes that
+    program's first slot per expert (its run's start plus the pairs of earlier programs)."""
     offs_e = tl.arange(0, E_PAD)
-    offs_c = tl.arange(0, CHUNK)
+    offs_t = tl.arange(0, P_TILE)
     counts = tl.zeros([E_PAD], dtype=tl.int32)
-    for c0 in range(0, num_pairs, CHUNK):
-        m = c0 + offs_c < num_pairs
-        e = tl.load(ids_ptr + c0 + offs_c, mask=m, other=0).to(tl.int32)
-        counts += tl.histogram(tl.where(m, e, num_experts), E_PAD)  # bin E: padding
+    for p0 in range(0, num_programs, P_TILE):
+        rows = p0 + offs_t
+        counts += tl.sum(tl.load(hist_ptr + rows[:, None] * E_PAD + offs_e[None, :],
+                                 mask=rows[:, None] < num_programs, other=0), axis=0)
     counts = tl.where(offs_e < num_experts, counts, 0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
-    tl.store(cursor_ptr + offs_e, ends - padded)
     tl.store(total_ptr, tl.sum(padded, axis=0))
-    for s0 in range(0, max_padded, CHUNK):
-        tl.store(sorted_ids_ptr + s0 + offs_c, tl.zeros([CHUNK], dtype=tl.int32) + num_pairs,
-                 mask=s0 + offs_c < max_padded)
+    running = ends - padded
+    for p0 in range(0, num_programs, P_TILE):
+        rows = p0 + offs_t
+        ptrs = hist_ptr + rows[:, None] * E_PAD + offs_e[None, :]
+        m = rows[:, None] < num_programs
+        h = tl.load(ptrs, mask=m, other=0)
+        tl.store(ptrs, running[None, :] + tl.cumsum(h, axis=0) - h, mask=m)
+        running += tl.sum(h, axis=0)
     end_blocks = ends // BLOCK_M
     for b0 in range(0, max_padded // BLOCK_M, BLOCKS_CHUNK):
         offs_b = b0 + tl.arange(0, BLOCKS_CHUNK)
@@ -279,73 +299,64 @@ def _align_chunked_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, 
         expert = tl.sum(done.to(tl.int32), axis=1)
         tl.store(block_expert_ptr + offs_b, tl.where(expert < num_experts, expert, -1),
                  mask=offs_b < max_padded // BLOCK_M)
-    tl.debug_barrier()  # the fill and the cursors visible to every thread of the program
-    for c0 in range(0, num_pairs, CHUNK):
-        m = c0 + offs_c < num_pairs
-        e = tl.load(ids_ptr + c0 + offs_c, mask=m, other=0).to(tl.int32)
-        slot = tl.atomic_add(cursor_ptr + e, 1, mask=m, sem="relaxed", scope="cta")
-        tl.store(sorted_ids_ptr + slot, c0 + offs_c, mask=m)
+
+
+@triton.jit
+def _align_place_kernel(ids_ptr, sorted_ids_ptr, offsets_ptr, num_pairs,
+                        E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """Alignment, launch 3 of 3, one program per CHUNK pairs: each pair takes the next slot
+    of its expert from the program's row of offsets (an atomic cursor, so the order inside
+    a run varies; each row's result does not depend on it)."""
+    pid = tl.program_id(0)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    m = offs < num_pairs
+    e = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int32)
+    slot = tl.atomic_add(offsets_ptr + pid * E_PAD + e, 1, mask=m, sem="relaxed", scope="cta")
+    tl.store(sorted_ids_ptr + slot, offs, mask=m)
 
 
 _SMALL_PAIRS = 64  # up to this many (token, expert) pairs align in one program
-# Pairs aligned by _align_chunked_kernel above _SMALL_PAIRS, else the torch ops (an H200,
-# benchmarks/moe_kernels.py, 128 experts, top-8: 12 against 85 us at 2,048 pairs, 54
-# against 134 us at 16,384, 206 against 141 us at 65,536).
-CHUNKED_ALIGN_MAX_PAIRS = 32768
+_ALIGN_CHUNK = 1024  # pairs (and sorted_ids slots) per program of the three-launch path
 # Tokens served by moe_gemv (at most 1). 0 until it is measured against the grouped GEMM
 # on a GPU (benchmarks/moe_kernels.py prints both); its tests run it explicitly.
 GEMV_MAX_TOKENS = 0
 
 
-def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int,
-                 chunked_max_pairs: int | None = None
+def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Sort the (token, expert) pairs by expert and pad each expert's run to block_m.
 
     Returns sorted_ids [max_padded] int32 (pair index t * k + j; num_pairs = padding),
     block_expert [max_padded / block_m] int32 (-1 past the end), total [1] int32 (padded
-    pairs in use) and max_padded (a bound from the shapes alone)."""
-    flat = topk_ids.reshape(-1).to(torch.int64)
+    pairs in use) and max_padded (a bound from the shapes alone). `torch_align_tokens` is
+    the reference; inside an expert's run the pairs may come in another order."""
+    flat = topk_ids.reshape(-1)
     num_pairs = flat.numel()
     device = flat.device
     max_padded = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
-    small = num_pairs <= _SMALL_PAIRS and num_experts <= 256
-    limit = CHUNKED_ALIGN_MAX_PAIRS if chunked_max_pairs is None else chunked_max_pairs
-    if small or num_pairs <= limit:  # one Triton program
-        sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
-        block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
-        total = torch.empty(1, dtype=torch.int32, device=device)
-        if small:
-            _align_small_kernel[(1,)](
-                flat, sorted_ids, block_expert, total, num_pairs, num_experts, max_padded,
-                BLOCK_M=block_m, P_PAD=max(16, triton.next_power_of_2(num_pairs)),
-                E_PAD=max(16, triton.next_power_of_2(num_experts)),
-                S_PAD=triton.next_power_of_2(max_padded),
-                NB_PAD=max(16, triton.next_power_of_2(max_padded // block_m)), num_warps=4)
-        else:
-            e_pad = max(16, triton.next_power_of_2(num_experts + 1))
-            cursor = torch.empty(e_pad, dtype=torch.int32, device=device)
-            _align_chunked_kernel[(1,)](
-                flat, sorted_ids, block_expert, total, cursor, num_pairs, num_experts,
-                max_padded, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=1024,
-                BLOCKS_CHUNK=max(16, 8192 // e_pad), num_warps=8)
+    sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
+    block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
+    total = torch.empty(1, dtype=torch.int32, device=device)
+    if num_pairs <= _SMALL_PAIRS and num_experts <= 256:  # decode: one program
+        _align_small_kernel[(1,)](
+            flat, sorted_ids, block_expert, total, num_pairs, num_experts, max_padded,
+            BLOCK_M=block_m, P_PAD=max(16, triton.next_power_of_2(num_pairs)),
+            E_PAD=max(16, triton.next_power_of_2(num_experts)),
+            S_PAD=triton.next_power_of_2(max_padded),
+            NB_PAD=max(16, triton.next_power_of_2(max_padded // block_m)), num_warps=4)
         return sorted_ids, block_expert, total, max_padded
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = torch.cumsum(padded, 0)
-    padded_start = padded_end - padded
-    order = torch.argsort(flat, stable=True)
-    sorted_experts = flat[order]
-    first_in_sorted = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(num_pairs, device=device) - first_in_sorted[sorted_experts]
-    dest = padded_start[sorted_experts] + rank
-    sorted_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))
-    blocks = torch.arange(max_padded // block_m, device=device)
-    block_expert = torch.searchsorted(padded_end // block_m, blocks, right=True)
-    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
-    total = padded_end[-1:].to(torch.int32)
+    # Three launches: histograms per chunk, run starts and offsets, then the placement.
+    e_pad = max(16, triton.next_power_of_2(num_experts + 1))  # one bin for padding lanes
+    programs = triton.cdiv(max_padded, _ALIGN_CHUNK)
+    offsets = torch.empty(programs, e_pad, dtype=torch.int32, device=device)
+    _align_count_kernel[(programs,)](flat, sorted_ids, offsets, num_pairs, num_experts,
+                                     max_padded, E_PAD=e_pad, CHUNK=_ALIGN_CHUNK, num_warps=4)
+    _align_offsets_kernel[(1,)](offsets, block_expert, total, programs, num_experts,
+                                max_padded, BLOCK_M=block_m, E_PAD=e_pad,
+                                P_TILE=max(2, 4096 // e_pad),
+                                BLOCKS_CHUNK=max(16, 8192 // e_pad), num_warps=8)
+    _align_place_kernel[(triton.cdiv(num_pairs, _ALIGN_CHUNK),)](
+        flat, sorted_ids, offsets, num_pairs, E_PAD=e_pad, CHUNK=_ALIGN_CHUNK, num_warps=4)
     return sorted_ids, block_expert, total, max_padded
 
 
