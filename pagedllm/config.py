@@ -170,6 +170,29 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+USAGES = ("offline", "server")
+LARGE_GPU_BYTES = 70 << 30  # vLLM's bound for its larger batch defaults (H100, H200, ...)
+
+
+def batch_defaults(device: str, usage: str) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) for unset values, as vLLM picks them: on a
+    GPU of at least 70 GiB other than an A100, 1,024 sequences and 16,384 tokens offline
+    (8,192 for a server, whose step time is every stream's inter-token latency); on other
+    GPUs 256 and 8,192; on the CPU 128 and 2,048."""
+    if device == "cpu":
+        return 128, 2048
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    if props.total_memory >= LARGE_GPU_BYTES and "a100" not in props.name.lower():
+        return 1024, (16384 if usage == "offline" else 8192)
+    return 256, 8192
+
+
+def default_capture_size(max_num_seqs: int) -> int:
+    """max_cudagraph_capture_size when unset: 512, or up to 1,024 for larger max_num_seqs
+    (eager decode steps of a MoE model are launch-bound)."""
+    return max(512, min(max_num_seqs, 1024))
+
+
 @dataclass
 class EngineArgs:
     """All user-facing engine knobs, named as in vLLM. `create_engine_config` validates them."""
@@ -259,12 +282,18 @@ class EngineArgs:
                        help="Fix the number of KV cache blocks (testing).")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=True, help="Reuse KV blocks of shared prompt prefixes.")
-        g.add_argument("--max-num-seqs", type=int, help="Most requests in one step.")
-        g.add_argument("--max-num-batched-tokens", type=int, help="Most tokens in one step.")
+        g.add_argument("--max-num-seqs", type=int,
+                       help="Most requests in one step (default 1024 on a GPU of 70 GiB or "
+                            "more other than an A100, else 256; 128 on the CPU).")
+        g.add_argument("--max-num-batched-tokens", type=int,
+                       help="Most tokens in one step (default 8192, and 16384 for the "
+                            "offline LLM on a GPU of 70 GiB or more other than an A100; "
+                            "2048 on the CPU).")
         g.add_argument("--enforce-eager", action="store_true", help="Disable CUDA graphs.")
         g.add_argument("--max-cudagraph-capture-size", type=int, default=None,
                        help="Capture decode CUDA graphs for batches up to this many requests "
-                            "(default 512, and never past --max-num-seqs); larger decode "
+                            "(default 512, or --max-num-seqs up to 1024 when that is larger; "
+                            "never past --max-num-seqs); larger decode "
                             "batches run eagerly. More graphs take longer to capture and "
                             "hold more memory.")
         g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
@@ -310,8 +339,12 @@ class EngineArgs:
         return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
 
     # ------------------------------------------------------------- config
-    def create_engine_config(self) -> EngineConfig:
-        """Validate every knob once and resolve the model; raises ValueError with a fix."""
+    def create_engine_config(self, usage: str = "offline") -> EngineConfig:
+        """Validate every knob once and resolve the model; raises ValueError with a fix.
+        `usage` ("offline" for `LLM`, "server") picks the batch defaults
+        (`batch_defaults`)."""
+        if usage not in USAGES:
+            raise ValueError(f"usage must be one of {', '.join(USAGES)} (got {usage!r}).")
         from pagedllm.attention.selector import check_attention_config
         from pagedllm.distributed.checks import resolve_tensor_parallel
         from pagedllm.models.loader.resolve import resolve_model
@@ -404,8 +437,9 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching,
             kv_cache_dtype=kv_cache_dtype,
         )
-        max_num_seqs = self.max_num_seqs or (256 if device != "cpu" else 128)
-        max_batched = self.max_num_batched_tokens or (8192 if device != "cpu" else 2048)
+        default_seqs, default_tokens = batch_defaults(device, usage)
+        max_num_seqs = self.max_num_seqs or default_seqs
+        max_batched = self.max_num_batched_tokens or max(default_tokens, max_num_seqs)
         if max_batched < max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({max_batched}) must be >= max_num_seqs "
@@ -436,7 +470,8 @@ class EngineArgs:
             device=device,
             attention_backend=attention_backend,
             enforce_eager=self.enforce_eager,
-            max_cudagraph_capture_size=capture if capture is not None else 512,
+            max_cudagraph_capture_size=(capture if capture is not None
+                                        else default_capture_size(max_num_seqs)),
             cpu_threads=self._resolve_cpu_threads(device),
             cpu_threads_adaptive=self._cpu_threads_adaptive(device),
         )

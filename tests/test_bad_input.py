@@ -151,3 +151,36 @@ def test_max_cudagraph_capture_size_reaches_the_device_config(tiny_llama):
     assert config.device.max_cudagraph_capture_size == 1024
     default = EngineArgs(model=tiny_llama, device="cpu").create_engine_config()
     assert default.device.max_cudagraph_capture_size == 512
+
+
+@pytest.mark.parametrize("memory_gib,name,usage,want", [
+    (141, "NVIDIA H200", "offline", (1024, 16384, 1024)),
+    (141, "NVIDIA H200", "server", (1024, 8192, 1024)),
+    (80, "NVIDIA A100-SXM4-80GB", "offline", (256, 8192, 512)),
+    (24, "NVIDIA L4", "server", (256, 8192, 512)),
+])
+def test_batch_defaults_follow_the_gpu(monkeypatch, memory_gib, name, usage, want):
+    """Unset max_num_seqs / max_num_batched_tokens take vLLM's defaults for the card
+    (1,024 sequences on 70 GiB or more other than an A100; 16,384 tokens offline there),
+    and the graphs' default largest batch follows max_num_seqs up to 1,024."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pagedllm.config import batch_defaults, default_capture_size
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(
+        total_memory=memory_gib << 30, name=name))
+    seqs, tokens = batch_defaults("cuda", usage)
+    assert (seqs, tokens, default_capture_size(seqs)) == want
+    assert batch_defaults("cpu", usage) == (128, 2048)
+
+
+def test_unset_token_budget_covers_a_larger_max_num_seqs(tiny_llama):
+    from pagedllm.config import EngineArgs
+
+    config = EngineArgs(model=tiny_llama, device="cpu", max_num_seqs=4096).create_engine_config()
+    assert config.scheduler.max_num_batched_tokens == 4096
+    with pytest.raises(ValueError, match="usage must be one of offline, server"):
+        EngineArgs(model=tiny_llama, device="cpu").create_engine_config(usage="batch")

@@ -83,7 +83,7 @@ class AsyncLLM:
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> AsyncLLM:
-        return cls(engine_args.create_engine_config())
+        return cls(engine_args.create_engine_config(usage="server"))
 
     @property
     def core_pid(self) -> int:

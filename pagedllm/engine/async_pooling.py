@@ -37,7 +37,7 @@ class AsyncPoolingEngine:
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> AsyncPoolingEngine:
-        return cls(engine_args.create_engine_config())
+        return cls(engine_args.create_engine_config(usage="server"))
 
     async def encode(
         self,

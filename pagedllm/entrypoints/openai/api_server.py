@@ -449,7 +449,7 @@ def run_server(args: argparse.Namespace) -> int:
         output_parsers(args)  # unknown parser names fail before the model loads
         clock.mark(PHASES[0])
         engine_args = engine_args_from(args)
-        engine_config = engine_args.create_engine_config()
+        engine_config = engine_args.create_engine_config(usage="server")
         clock.mark(PHASES[1])
         if count > 1 and engine_config.model.runner == "pooling":
             raise ValueError("--api-server-count > 1 serves generative models only; pooling "
