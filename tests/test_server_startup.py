@@ -97,32 +97,35 @@ def test_freeze_startup_heap_takes_what_is_alive_now_out_of_gc_scans():
     assert gc.get_freeze_count() == 0
 
 
-def test_offline_step_loop_runs_with_the_heap_frozen(tiny_llama):
-    """`LLM.generate` freezes the heap alive at its start for its step loop (a full
-    collection there would scan torch and the model between two device steps) and gives it
-    back afterwards; a heap frozen by the caller stays frozen and is not unfrozen."""
+def test_offline_step_loop_holds_full_collections(tiny_llama):
+    """`LLM.generate` runs its step loop with the heap alive at its start frozen and no
+    automatic full collection (a full pass would scan torch and the model between two
+    device steps), and restores both afterwards; a heap the caller froze stays frozen."""
     import gc
 
     from pagedllm import LLM, SamplingParams
+    from pagedllm.utils import HELD_FULL_COLLECTIONS
 
     llm = LLM(tiny_llama, device="cpu", skip_tokenizer_init=True, max_model_len=64)
     inner = llm.engine.step
-    seen: list[int] = []
+    seen: list[tuple[int, int]] = []
 
     def step():
-        seen.append(gc.get_freeze_count())
+        seen.append((gc.get_freeze_count(), gc.get_threshold()[2]))
         return inner()
 
     llm.engine.step = step
+    thresholds = gc.get_threshold()
     params = SamplingParams(max_tokens=3, ignore_eos=True, detokenize=False)
     llm.generate([{"prompt_token_ids": [1, 2, 3]}], params, use_tqdm=False)
-    assert seen and all(count > 0 for count in seen)
-    assert gc.get_freeze_count() == 0
+    assert seen and all(frozen > 0 and gen2 == HELD_FULL_COLLECTIONS for frozen, gen2 in seen)
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
     try:
         gc.freeze()
         seen.clear()
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], params, use_tqdm=False)
-        assert seen and all(count > 0 for count in seen)
+        assert seen and all(frozen > 0 for frozen, _ in seen)
         assert gc.get_freeze_count() > 0  # the caller's freeze is left in place
+        assert gc.get_threshold() == thresholds
     finally:
         gc.unfreeze()

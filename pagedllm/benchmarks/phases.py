@@ -53,6 +53,7 @@ class StepTimeline:
     host_end: list[float] = field(default_factory=list)
     events: list[tuple[Any, Any]] = field(default_factory=list)
     host_calls: list[HostCall] = field(default_factory=list)
+    frozen_at_full: set[int] = field(default_factory=set)  # gc.get_freeze_count() then
 
 
 def _step_kind(out: Any) -> str:
@@ -84,7 +85,7 @@ def _wrap_timeline(executor: Any, timeline: StepTimeline) -> None:
     executor.execute = timed
 
 
-def _time_collections(calls: list[HostCall]) -> None:
+def _time_collections(timeline: StepTimeline) -> None:
     import gc
 
     started: list[float] = []
@@ -93,7 +94,10 @@ def _time_collections(calls: list[HostCall]) -> None:
         if phase == "start":
             started.append(time.perf_counter())
         elif started:
-            calls.append((f"gc gen {info['generation']}", started.pop(), time.perf_counter()))
+            timeline.host_calls.append((f"gc gen {info['generation']}", started.pop(),
+                                        time.perf_counter()))
+            if info["generation"] == 2:
+                timeline.frozen_at_full.add(gc.get_freeze_count())
 
     gc.callbacks.append(callback)
 
@@ -137,7 +141,7 @@ def instrument(llm: Any) -> PhaseTimes:
         times.timeline = StepTimeline()
         times.allocator_start = allocator_counts()
         calls = times.timeline.host_calls
-        _time_collections(calls)
+        _time_collections(times.timeline)
     _wrap(engine.scheduler, "schedule", "schedule", totals, calls)
     _wrap(engine.executor, "execute", "launch", totals)
     _wrap(engine.executor, "fetch", "wait", totals, calls)
@@ -200,6 +204,9 @@ def timeline_report(timeline: StepTimeline, worst: int = 5) -> str:
     all_gaps = sum(gap for gap, _ in each_gap)
     lines.append(f"  all: span {sum(spans.values()):.3f} + gaps {all_gaps:.3f} "
                  f"= {sum(spans.values()) + all_gaps:.3f}")
+    if timeline.frozen_at_full:
+        lines.append("  objects frozen (gc.freeze) at the full collections: "
+                     + ", ".join(str(n) for n in sorted(timeline.frozen_at_full)))
     for gap, i in sorted(each_gap, reverse=True)[:worst]:
         if gap <= 2e-3:
             break

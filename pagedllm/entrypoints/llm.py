@@ -15,7 +15,7 @@ from pagedllm.config import EngineArgs
 from pagedllm.engine.input_processor import PromptType, read_chat_template
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
-from pagedllm.utils import heap_frozen
+from pagedllm.utils import steady_gc
 
 ChatMessage = dict[str, Any]
 
@@ -122,7 +122,7 @@ class LLM:
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
                    dynamic_ncols=True)
         try:
-            with heap_frozen():
+            with steady_gc():
                 while self.engine.has_unfinished_requests():
                     for out in self.engine.step():
                         if out.finished:
@@ -180,7 +180,7 @@ class LLM:
                 "encode()/embed() need a pooling model; load it with runner='pooling' (or an "
                 "embedding model such as a sentence-transformers folder)."
             )
-        with heap_frozen():
+        with steady_gc():
             return self.engine.encode(prompts, pooling_params, use_tqdm=use_tqdm)
 
     def embed(self, prompts: PromptType | Sequence[PromptType], pooling_params: Any = None,
