@@ -50,7 +50,8 @@ def steady_gc() -> Iterator[None]:
     (young collections go on; cycles that outlive them are collected afterwards). A full
     collection there scans the heap (torch, the model, the caller's objects): on an H200 host
     each took ~0.3 s with the device idle, 6-10 times per 1,000-request run. Thresholds come
-    back on exit, and the freeze is undone unless the caller had frozen objects already."""
+    back on exit, and the freeze is undone unless the caller had frozen objects already
+    (then what was alive on entry stays frozen with them)."""
     thresholds = gc.get_threshold()
     undo_freeze = gc.get_freeze_count() == 0
     gc.freeze()
