@@ -12,8 +12,12 @@ per step.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import random
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -21,6 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 from pagedllm import LLM, SamplingParams
 from pagedllm.benchmarks.phases import allocator_counts, allocator_delta
 from pagedllm.benchmarks.presets import PRESET_QUANTIZATION, preset_folder
+
+T = TypeVar("T")
 
 
 def main() -> None:
@@ -83,20 +89,13 @@ def main() -> None:
         print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows,
                           max_name_column_width=60))
     elif args.host_profile:  # the host side of the prefill steps
-        import cProfile
-        import pstats
-
         before = allocator_counts()
-        host = cProfile.Profile()
         start = time.perf_counter()
-        host.enable()
-        steps = fill()
-        torch.cuda.synchronize()
-        host.disable()
+        steps, stats = host_profiled(fill)
         print(f"prefill: {steps} steps in {time.perf_counter() - start:.3f} s (cProfile); "
               f"allocator during them: {allocator_delta(before)}")
-        pstats.Stats(host).sort_stats("tottime").print_stats(args.rows)
-        pstats.Stats(host).sort_stats("cumulative").print_stats(args.rows)
+        stats.sort_stats("tottime").print_stats(args.rows)
+        stats.sort_stats("cumulative").print_stats(args.rows)
     else:
         fill()
     for _ in range(5):
@@ -116,16 +115,19 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows,
                                     max_name_column_width=60))
     if args.host_profile:
-        import cProfile
-        import pstats
+        _, stats = host_profiled(lambda: [engine.step() for _ in range(args.steps)])
+        stats.sort_stats("tottime").print_stats(args.rows)
 
-        host = cProfile.Profile()
-        host.enable()
-        for _ in range(args.steps):
-            engine.step()
-        torch.cuda.synchronize()
-        host.disable()
-        pstats.Stats(host).sort_stats("tottime").print_stats(args.rows)
+
+def host_profiled(run: Callable[[], T]) -> tuple[T, pstats.Stats]:
+    """run() under cProfile, the device drained before the profile stops; its result and
+    the host's stats."""
+    host = cProfile.Profile()
+    host.enable()
+    result = run()
+    torch.cuda.synchronize()
+    host.disable()
+    return result, pstats.Stats(host)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pagedllm.benchmarks.phases import StepTimeline, timeline_report
+from pagedllm.benchmarks.phases import PhaseTimes, StepRecord, StepTimeline, report, timeline_report
 
 
 class FakeEvent:
@@ -19,11 +19,8 @@ def test_spans_and_gaps_per_step_kind():
     timeline = StepTimeline()
     # prefill 0-100 ms, gap 5, decode 105-135, gap 300 (a stall), decode 435-465
     for kind, begin, end in [("prefill", 0, 100), ("decode", 105, 135), ("decode", 435, 465)]:
-        timeline.kinds.append(kind)
-        timeline.batch.append(8)
-        timeline.host_begin.append(begin / 1e3)
-        timeline.host_end.append(begin / 1e3 + 0.01)
-        timeline.events.append((FakeEvent(begin), FakeEvent(end)))
+        timeline.steps.append(StepRecord(kind, 8, begin / 1e3, begin / 1e3 + 0.01,
+                                         FakeEvent(begin), FakeEvent(end)))
     timeline.host_calls += [("schedule", 0.12, 0.13), ("gc gen 2", 0.13, 0.43),
                             ("update", 0.5, 0.51)]  # the last one after the launch
     text = timeline_report(timeline)
@@ -33,3 +30,4 @@ def test_spans_and_gaps_per_step_kind():
     assert "all: span 0.160 + gaps 0.305 = 0.465" in text, text
     assert "gap 300.0 ms before step 2 (decode, 8 requests); host between the launches " \
            "320.0 ms: gc gen 2 300.0, schedule 10.0" in text, text
+    assert report(PhaseTimes(timeline=timeline)).endswith(text)  # after the phase times

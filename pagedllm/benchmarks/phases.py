@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 HostCall = tuple[str, float, float]  # (phase or "gc gen N", start, end), perf_counter seconds
 
@@ -42,24 +42,24 @@ def _wrap(obj: Any, name: str, key: str, totals: Counter,
     setattr(obj, name, timed)
 
 
+class StepRecord(NamedTuple):
+    """One launched step: its kind, its number of requests, the host interval of its
+    `execute` (perf_counter seconds) and the device events recorded at its start and end."""
+    kind: str
+    batch: int
+    host_begin: float
+    host_end: float
+    begin: Any
+    end: Any
+
+
 @dataclass
 class StepTimeline:
-    """Per launched step: its kind, number of requests, host interval of `execute` and its
-    two device events; and every timed host call and garbage collection, to name what the
-    host was doing while the device waited."""
-    kinds: list[str] = field(default_factory=list)
-    batch: list[int] = field(default_factory=list)
-    host_begin: list[float] = field(default_factory=list)
-    host_end: list[float] = field(default_factory=list)
-    events: list[tuple[Any, Any]] = field(default_factory=list)
+    """The launched steps, and every timed host call and garbage collection (to name what
+    the host was doing while the device waited)."""
+    steps: list[StepRecord] = field(default_factory=list)
     host_calls: list[HostCall] = field(default_factory=list)
     frozen_at_full: set[int] = field(default_factory=set)  # gc.get_freeze_count() then
-
-
-def _step_kind(out: Any) -> str:
-    """"decode" when every request computes one token, else "prefill" (mixed steps too)."""
-    tokens = getattr(out, "num_scheduled_tokens", None) or []
-    return "decode" if tokens and max(tokens) == 1 else "prefill"
 
 
 def _wrap_timeline(executor: Any, timeline: StepTimeline) -> None:
@@ -71,16 +71,16 @@ def _wrap_timeline(executor: Any, timeline: StepTimeline) -> None:
         if getattr(out, "is_empty", False):
             return inner(out, *args, **kwargs)
         begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-        timeline.host_begin.append(time.perf_counter())
+        host_begin = time.perf_counter()
         begin.record()
         try:
             return inner(out, *args, **kwargs)
         finally:
             end.record()
-            timeline.host_end.append(time.perf_counter())
-            timeline.kinds.append(_step_kind(out))
-            timeline.batch.append(len(getattr(out, "num_scheduled_tokens", None) or []))
-            timeline.events.append((begin, end))
+            tokens = getattr(out, "num_scheduled_tokens", None) or []
+            kind = "decode" if tokens and max(tokens) == 1 else "prefill"  # mixed: prefill
+            timeline.steps.append(StepRecord(kind, len(tokens), host_begin,
+                                             time.perf_counter(), begin, end))
 
     executor.execute = timed
 
@@ -168,7 +168,7 @@ def report(times: PhaseTimes) -> str:
     parts = [f"{key} {1e3 * value / steps:.3f}" for key, value in totals.items()
              if key != "steps"]
     text = f"ms per step over {steps} steps: " + ", ".join(parts)
-    if times.timeline is not None and times.timeline.events:
+    if times.timeline is not None and times.timeline.steps:
         text += "\n" + timeline_report(times.timeline)
     if times.allocator_start is not None:
         text += "\nallocator: " + allocator_delta(times.allocator_start)
@@ -184,13 +184,14 @@ def timeline_report(timeline: StepTimeline, worst: int = 5) -> str:
     gaps: dict[str, list[float]] = {}
     counts: Counter = Counter()
     each_gap: list[tuple[float, int]] = []
-    for i, (kind, (begin, end)) in enumerate(zip(timeline.kinds, timeline.events)):
-        counts[kind] += 1
-        spans[kind] += begin.elapsed_time(end) / 1e3
-        host[kind] += timeline.host_end[i] - timeline.host_begin[i]
+    steps = timeline.steps
+    for i, step in enumerate(steps):
+        counts[step.kind] += 1
+        spans[step.kind] += step.begin.elapsed_time(step.end) / 1e3
+        host[step.kind] += step.host_end - step.host_begin
         if i:
-            gap = timeline.events[i - 1][1].elapsed_time(begin) / 1e3
-            gaps.setdefault(kind, []).append(gap)
+            gap = steps[i - 1].end.elapsed_time(step.begin) / 1e3
+            gaps.setdefault(step.kind, []).append(gap)
             each_gap.append((gap, i))
     lines = ["device timeline (s): kind, steps, span (launch to end on the device), gap before "
              "(device idle), host execute"]
@@ -210,12 +211,12 @@ def timeline_report(timeline: StepTimeline, worst: int = 5) -> str:
     for gap, i in sorted(each_gap, reverse=True)[:worst]:
         if gap <= 2e-3:
             break
-        w0, w1 = timeline.host_end[i - 1], timeline.host_begin[i]
+        w0, w1 = steps[i - 1].host_end, steps[i].host_begin
         busy = sorted(((min(end, w1) - max(start, w0), name)
                        for name, start, end in timeline.host_calls
                        if start < w1 and end > w0), reverse=True)[:4]
         doing = ", ".join(f"{name} {1e3 * d:.1f}" for d, name in busy)
-        lines.append(f"  gap {1e3 * gap:.1f} ms before step {i} ({timeline.kinds[i]}, "
-                     f"{timeline.batch[i]} requests); host between the launches "
+        lines.append(f"  gap {1e3 * gap:.1f} ms before step {i} ({steps[i].kind}, "
+                     f"{steps[i].batch} requests); host between the launches "
                      f"{1e3 * (w1 - w0):.1f} ms: {doing}")
     return "\n".join(lines)

@@ -122,14 +122,11 @@ class BatchState:
             temperature[i], top_p[i], min_p[i] = p.temperature, p.top_p, p.min_p
             top_k[i] = p.top_k if p.top_k > 0 else self.vocab_size
 
-        def to_device(values: np.ndarray) -> torch.Tensor:
-            return to_device_async(values, device)
-
         return SamplingMetadata(
-            to_device(temperature),
-            to_device(top_k) if (top_k < self.vocab_size).any() else None,
-            to_device(top_p) if (top_p < 1.0).any() else None,
-            to_device(min_p) if (min_p > 0.0).any() else None,
+            to_device_async(temperature, device),
+            to_device_async(top_k, device) if (top_k < self.vocab_size).any() else None,
+            to_device_async(top_p, device) if (top_p < 1.0).any() else None,
+            to_device_async(min_p, device) if (min_p > 0.0).any() else None,
             not (temperature >= _EPS).any(), generators)
 
 
