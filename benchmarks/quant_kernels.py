@@ -3,20 +3,22 @@ Llama-3-8B shape at M = 1, 8, 64, 256, 4096 rows, for
   bf16        torch (cuBLAS) x @ W^T;
   fp8-mm      per-token quantization + torch._scaled_mm (Fp8Weight's large-M path);
   fp8-mm-fast the same with use_fast_accum; fp8-mm-only: _scaled_mm alone (x quantized
-              beforehand);
+              beforehand, as the norm / SiLU kernels hand it over), fp8-mm-only-fast: the
+              same with use_fast_accum (the engine's default on CUDA);
   fp8-gemv    the Triton weight-only GEMV (fp8_gemv; M = 1), its default
               configuration and a few alternatives (the best is printed);
   int4-old    the W4A16 dequant-GEMM of int4_kernels (both its decode and GEMM configs);
   int4-gemv   the W4A16 GEMV (int4_gemv; M = 1), default and alternatives;
-  *-gemv+silu the gate_up GEMVs with SiLU-mul fused (the gated kernels, half the output).
+  *-gemv+silu the gate_up GEMVs with SiLU-mul fused (the gated kernels, half the output);
+  bf16-gemv   the FP8 GEMV's kernel streaming the bf16 weight itself (unit scales; M = 1).
 Prints microseconds per call and the achieved GB/s (weight + activation + output bytes)
 against the HBM ceiling (--peak-gbs, 4800 for an H200), the path each layer's dispatcher
 takes, and an estimate of the linears' time per decoded token at M = 1 (32 layers).
 
-Decode sizes (M <= 16) run as CUDA graphs of many calls (launch gaps as a graph replays
-them); larger M through triton.testing.do_bench (L2 flushed between runs). Every call of
-a graph reads another copy of the weight, so that the copies together exceed the L2 cache
-(~50 MB) and each call streams its weight from HBM as a model's layers do.
+Every size runs as a CUDA graph of many calls (launch gaps as a graph replays them, as
+the engine's decode graphs do; the host's launch cost is not timed). Every call of a graph
+reads another copy of the weight, so that the copies together exceed the L2 cache (~50 MB)
+and each call streams its weight from HBM as a model's layers do.
 
   python benchmarks/quant_kernels.py [--json out.json] [--m 1 8 64 256 4096]
   TRITON_INTERPRET=1 python benchmarks/quant_kernels.py --dry-run   # plumbing, on the CPU
@@ -43,6 +45,9 @@ from pagedllm.quantization.int4_kernels import int4_matmul
 
 LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
            "down": (4096, 14336)}  # name: (N out, K in), Llama-3-8B
+# Qwen3-30B-A3B's attention projections and router (its batch-1 decode reads them through
+# cuBLAS at ~1.9 TB/s): selectable with --linears, not in the per-token summary
+MOE_LINEARS = {"a3b_qkv": (5120, 2048), "a3b_o": (2048, 4096), "a3b_router": (128, 2048)}
 DRY_RUN_LINEARS = {"qkv": (96, 256), "o": (64, 256), "gate_up": (448, 256),
                    "down": (64, 512)}  # --dry-run: tiny shapes under the Triton interpreter
 LAYERS = 32
@@ -101,9 +106,7 @@ def _time(make: Callable[[int], Callable[[], object]], copies: int, m: int) -> f
         t0 = time.perf_counter()
         calls[0]()
         return 1e6 * (time.perf_counter() - t0)
-    if m <= 16:
-        return _time_graph(calls, max(1, 240 // copies))
-    return 1000.0 * triton.testing.do_bench(calls[0], warmup=10, rep=60)
+    return _time_graph(calls, max(1, (240 if m <= 16 else 24) // copies))
 
 
 class _Weights:
@@ -140,9 +143,13 @@ def _paths(w: _Weights, x: torch.Tensor, m: int, alternatives: bool
         "fp8-mm": ("fp8", lambda i: lambda: _fp8_mm(w.mode, *w.fp8[i], x, w.dtype)),
         "fp8-mm-fast": ("fp8", lambda i: lambda: _fp8_mm(w.mode, *w.fp8[i], x, w.dtype, True)),
         "fp8-mm-only": ("fp8", _fp8_mm_only(w, x)),
+        "fp8-mm-only-fast": ("fp8", _fp8_mm_only(w, x, fast_accum=True)),
         "int4-old": ("int4", lambda i: lambda: int4_matmul(x, *w.int4[i], GROUP)),
     }
     if m <= SMALL_M_MAX:
+        for vec in (8, 16):
+            cfg = {**fp8_gemv_config(m, w.n, w.k, _sms()), "VEC": vec}
+            paths[f"bf16-gemv/VEC={vec}"] = ("bf16", _bf16_gemv_call(w, x, cfg))
         fp8_alts = ({},) + (FP8_ALTERNATIVES if alternatives else ())
         base = fp8_gemv_config(m, w.n, w.k, _sms())
         for alt in fp8_alts:
@@ -175,16 +182,23 @@ def _fp8_mm(mode: str, codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor
     return scaled_mm(mode, xq, codes, sx, scale, dtype, fast_accum)
 
 
-def _fp8_mm_only(w: _Weights, x: torch.Tensor) -> Callable:
+def _fp8_mm_only(w: _Weights, x: torch.Tensor, fast_accum: bool = False) -> Callable:
     """_scaled_mm on activations quantized once beforehand: the GEMM without the
-    quantization launch (what fusing it into the norm before would leave)."""
+    quantization launch (what the norm / SiLU kernels' FP8 outputs leave)."""
     xq, sx = quantize_tokens(x)
-    return lambda i: lambda: scaled_mm(w.mode, xq, w.fp8[i][0], sx, w.fp8[i][1], w.dtype)
+    return lambda i: lambda: scaled_mm(w.mode, xq, w.fp8[i][0], sx, w.fp8[i][1], w.dtype,
+                                       fast_accum)
 
 
 def _fp8_call(w: _Weights, x: torch.Tensor, cfg: dict, gated: bool = False) -> Callable:
     scratch = _scratch(w, cfg, gated, x.device)
     return lambda i: lambda: fp8_gemv(x, *w.fp8[i], w.dtype, cfg, gated, scratch)
+
+
+def _bf16_gemv_call(w: _Weights, x: torch.Tensor, cfg: dict) -> Callable:
+    scratch = _scratch(w, cfg, False, x.device)
+    ones = torch.ones(1, w.n, device=x.device)
+    return lambda i: lambda: fp8_gemv(x, w.bf16[i], ones, w.dtype, cfg, False, scratch)
 
 
 def _int4_call(w: _Weights, x: torch.Tensor, cfg: dict, gated: bool = False) -> Callable:
@@ -212,7 +226,8 @@ def _sms() -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 8, 64, 256, 4096])
-    ap.add_argument("--linears", nargs="+", default=list(LINEARS), choices=list(LINEARS))
+    ap.add_argument("--linears", nargs="+", default=list(LINEARS),
+                    choices=list(LINEARS) + list(MOE_LINEARS))
     ap.add_argument("--peak-gbs", type=float, default=4800.0)
     ap.add_argument("--no-alternatives", action="store_true",
                     help="only the default configurations of the skinny GEMMs")
@@ -222,7 +237,7 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cpu" if args.dry_run else "cuda")
     dtype = torch.float16 if args.dry_run else torch.bfloat16  # interpreter: no bf16 dot
-    linears = DRY_RUN_LINEARS if args.dry_run else LINEARS
+    linears = DRY_RUN_LINEARS if args.dry_run else {**LINEARS, **MOE_LINEARS}
     device_name = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
     mode = scaled_mm_mode(dev, dtype)
     print(f"{device_name}, {_sms()} SMs, torch {torch.__version__}, "

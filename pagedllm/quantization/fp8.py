@@ -15,6 +15,7 @@ the same products.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -32,6 +33,7 @@ SCALED_MM_MODES = ("rowwise", "rowwise-bf16", "tensor")
 # Rows up to which CUDA runs the weight-only GEMV (fp8_gemv): one, where an H200 measured it
 # faster than per-token quantization + _scaled_mm (benchmarks/RESULTS.md).
 GEMV_MAX_M = 1
+FAST_ACCUM_ENV = "PAGEDLLM_FP8_FAST_ACCUM"  # "0": float32 promotion inside the FP8 GEMMs
 
 
 class Fp8Activation(NamedTuple):
@@ -81,6 +83,14 @@ def quantize_tokens(x: torch.Tensor, static_scale: torch.Tensor | None = None) -
     return quantize_tokens_reference(x)
 
 
+def fast_accum_default(device: torch.device) -> bool:
+    """Whether FP8 GEMMs accumulate in the tensor cores' own precision throughout (no
+    periodic promotion to float32): on CUDA, as vLLM's Hopper FP8 kernels do (their
+    `...FP8FastAccum` schedules); off with PAGEDLLM_FP8_FAST_ACCUM=0. The error it adds is
+    far below e4m3's own rounding (tests/gpu/test_quant_kernels.py)."""
+    return device.type == "cuda" and os.environ.get(FAST_ACCUM_ENV, "1") != "0"
+
+
 def scaled_mm_mode(device: torch.device, out_dtype: torch.dtype) -> str:
     """Which `_scaled_mm` form works here (see the module docstring); raises RuntimeError
     when none does."""
@@ -123,7 +133,9 @@ class Fp8Weight(GatedGemvWeight):
     is quantized to e4m3 per token, or with `input_scale` (a checkpoint's static scale)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
-                 mode: str, input_scale: torch.Tensor | None = None) -> None:
+                 mode: str, input_scale: torch.Tensor | None = None,
+                 fast_accum: bool = False) -> None:
+        """fast_accum: `_scaled_mm`'s use_fast_accum (see `fast_accum_default`)."""
         super().__init__()
         if codes.dtype != FP8_DTYPE or codes.dim() != 2:
             raise ValueError(f"FP8 weight codes must be a 2-D {FP8_DTYPE} tensor, got "
@@ -133,6 +145,7 @@ class Fp8Weight(GatedGemvWeight):
         self.out_features, self.in_features = codes.shape
         self.dtype = dtype
         self.mode = mode
+        self.fast_accum = fast_accum
         self.num_sms = sm_count(codes.device)
         self.register_buffer("codes", codes.contiguous(), persistent=False)
         self.register_buffer("scale", scale.float().reshape(1, -1).contiguous(),
@@ -161,7 +174,7 @@ class Fp8Weight(GatedGemvWeight):
         if isinstance(x, Fp8Activation):
             lead = x.codes.shape[:-1]
             y = _mm(self.mode, x.codes.reshape(-1, self.in_features), self.codes,
-                    x.scales.reshape(-1, 1), self.scale, self.dtype)
+                    x.scales.reshape(-1, 1), self.scale, self.dtype, self.fast_accum)
             return y.view(*lead, self.out_features)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -169,7 +182,7 @@ class Fp8Weight(GatedGemvWeight):
             y = self._gemv(x2, gated=False)
         else:
             xq, sx = quantize_tokens(x2, self.input_scale)
-            y = _mm(self.mode, xq, self.codes, sx, self.scale, self.dtype)
+            y = _mm(self.mode, xq, self.codes, sx, self.scale, self.dtype, self.fast_accum)
         return y.view(*lead, self.out_features)
 
     def _gemv(self, x2: torch.Tensor, gated: bool) -> torch.Tensor:
@@ -190,4 +203,6 @@ class Fp8Weight(GatedGemvWeight):
 
     def extra_repr(self) -> str:
         static = ", static input scale" if self.input_scale is not None else ""
-        return f"e4m3, out={self.out_features}, in={self.in_features}, {self.mode}{static}"
+        fast = ", fast accumulation" if self.fast_accum else ""
+        return (f"e4m3, out={self.out_features}, in={self.in_features}, "
+                f"{self.mode}{static}{fast}")

@@ -38,7 +38,13 @@ from pagedllm.models.layers.linear import (
 )
 from pagedllm.models.layers.quantized import attach_packed
 from pagedllm.quantization import int4
-from pagedllm.quantization.fp8 import FP8_DTYPE, Fp8Weight, quantize_rows, scaled_mm_mode
+from pagedllm.quantization.fp8 import (
+    FP8_DTYPE,
+    Fp8Weight,
+    fast_accum_default,
+    quantize_rows,
+    scaled_mm_mode,
+)
 from pagedllm.quantization.kv_cache import KVScaleLoader
 from pagedllm.quantization.spec import QuantSpec
 
@@ -97,6 +103,7 @@ class QuantizedLoader:
         self.layers: dict[str, _Layer] = {}
         self.built = 0
         self.mode = None if spec.dequantize else self._mode()
+        self.fast_accum = fast_accum_default(device)
         for name, module in model.named_modules():
             if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
                 continue
@@ -303,7 +310,7 @@ class QuantizedLoader:
                 static = (torch.tensor([max(layer.input_scales)], device=self.device)
                           if self.spec.activation == "static" else None)
                 packed: nn.Module = Fp8Weight(t["codes"], t["scale"].reshape(-1), self.dtype,
-                                              self.mode, static)
+                                              self.mode, static, self.fast_accum)
         else:
             g_idx = t.get("g_idx")
             if self.spec.dequantize:
@@ -319,7 +326,8 @@ class QuantizedLoader:
 
     def _build_online(self, name: str, layer: _Layer) -> None:
         codes, scale = quantize_rows(layer.module.weight.data)
-        attach_packed(layer.module, Fp8Weight(codes, scale, self.dtype, self.mode))
+        attach_packed(layer.module, Fp8Weight(codes, scale, self.dtype, self.mode,
+                                              fast_accum=self.fast_accum))
         del self.layers[name]
         self.built += 1
 

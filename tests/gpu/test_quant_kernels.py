@@ -26,6 +26,9 @@ FP8 = torch.float8_e4m3fn
 # 2^-5.5 rms); a product of two such operands over random data measures ~3.8% relative
 # (Frobenius) error. Bound:
 FP8_GEMM_REL_ERROR = 0.05
+# Fast accumulation (no periodic float32 promotion in the tensor cores) against the
+# promoted product of the same codes: a quarter of e4m3's own error at most.
+FAST_ACCUM_REL_ERROR = 0.01
 # FP8 K/V under softmax attention over random data: ~2-3% measured; bound:
 FP8_KV_REL_ERROR = 0.05
 
@@ -282,6 +285,12 @@ def test_fp8_gemm_against_bf16(m: int) -> None:
         ref = x.float() @ w.float().t()
         err = _rel_err(y.float(), ref)
         assert err < FP8_GEMM_REL_ERROR, (m, n, k, mode, err)
+        # fast accumulation (the engine's default on CUDA): the same bound against bf16, and
+        # within FAST_ACCUM_REL_ERROR of the float32-promoted product on the same codes
+        fast = Fp8Weight(codes, scale, torch.bfloat16, mode, fast_accum=True)(x)
+        assert _rel_err(fast.float(), ref) < FP8_GEMM_REL_ERROR, (m, n, k, mode, "fast")
+        drift = _rel_err(fast.float(), y.float())
+        assert drift < FAST_ACCUM_REL_ERROR, (m, n, k, mode, drift)
 
 
 @gpu_fp8
