@@ -7,7 +7,7 @@ bandwidth of the expert weights read (distinct experts x their bytes / time), fo
   - routing: torch (softmax, topk, renormalize) vs the one-kernel Triton routing;
   - above 64 pairs, the alignment's torch ops (the reference) vs its three Triton kernels;
   - the experts' grouped GEMM (`triton_moe`) at its default tiles, and at one token the
-    one-token GEMV path (`moe_gemv`);
+    one-token GEMV path (`moe_gemv`; with --gemv-sweep under each of GEMV_CONFIGS);
   - at --gemm-tokens, the grouped GEMM under each of GEMM_CONFIGS.
 
     python benchmarks/moe_kernels.py [--tokens 1 2 4 8] [--layers 16] [--gemm-tokens 1 8]
@@ -78,6 +78,33 @@ def bench_tokens(T: int, args: argparse.Namespace, w13: list[torch.Tensor],
             lambda i: triton_experts(x, w13[i], w2[i], *routes[i], gemv_max_tokens=1), L)
         line += f"; experts (one-token GEMV) {gemv_us:.2f} us = {mb / gemv_us:.2f} TB/s"
     print(line)
+    if T == 1 and args.gemv_sweep:
+        sweep_gemv(x, routes, w13, w2, mb, L)
+
+
+GEMV_CONFIGS = [  # overrides of triton_moe.GEMV_CONFIG
+    dict(UP_BLOCK_N=1), dict(UP_BLOCK_N=4), dict(UP_BLOCK_K=1024), dict(UP_BLOCK_K=2048),
+    dict(UP_BLOCK_N=4, UP_BLOCK_K=1024), dict(DOWN_BLOCK_N=1), dict(DOWN_BLOCK_N=4),
+    dict(DOWN_BLOCK_K=512), dict(DOWN_BLOCK_K=1024), dict(DOWN_BLOCK_N=1, DOWN_BLOCK_K=1024),
+    dict(num_warps=8), dict(num_warps=2), dict(VEC=4), dict(VEC=16)]
+
+
+def sweep_gemv(x: torch.Tensor, routes: list, w13: list[torch.Tensor],
+               w2: list[torch.Tensor], mb: float, layers: int) -> None:
+    """The one-token GEMV under each of GEMV_CONFIGS (the default's first)."""
+    found = []
+    out = torch.empty_like(x)
+    for cfg in [{}, *GEMV_CONFIGS]:
+        try:
+            us = graph_time_us(lambda i, cfg=cfg: triton_moe.moe_gemv(
+                x, w13[i], w2[i], *routes[i], out, cfg), layers)
+        except Exception as e:  # a tile the compiler refuses
+            print(f"one-token GEMV {cfg}: {type(e).__name__}")
+            continue
+        found.append((us, str(cfg) if cfg else "default"))
+        print(f"one-token GEMV {cfg or 'default'}: {us:.2f} us = {mb / us:.2f} TB/s")
+    found.sort()
+    print("one-token GEMV best: " + "; ".join(f"{name} {us:.2f} us" for us, name in found[:3]))
 
 
 GEMM_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
@@ -132,6 +159,8 @@ def main() -> None:
     ap.add_argument("--inter", type=int, default=768)
     ap.add_argument("--gemm-tokens", type=int, nargs="*", default=[1, 8, 64, 256, 8192],
                     help="token counts at which to sweep the grouped GEMM's tiles")
+    ap.add_argument("--gemv-sweep", action="store_true",
+                    help="at one token, also time the GEMV under each of GEMV_CONFIGS")
     args = ap.parse_args()
     dev, dtype = "cuda", torch.bfloat16
     E, k, H, inter, L = args.experts, args.top_k, args.hidden, args.inter, args.layers

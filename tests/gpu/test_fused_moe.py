@@ -105,7 +105,7 @@ def test_fused_moe_matches_reference_bf16(experts, top_k, tokens):
 
 @pytest.mark.parametrize("experts,top_k,hidden,inter", [
     (128, 8, 2048, 768), (8, 2, 4096, 14336), (60, 4, 2048, 1408), (8, 1, 200, 72),
-    (16, 8, 96, 40)])
+    (16, 8, 96, 40), (64, 6, 2048, 768)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_moe_gemv_matches_reference(experts, top_k, hidden, inter, dtype):
     check_moe_gemv("cuda", dtype, experts, top_k, hidden, inter)
@@ -263,6 +263,7 @@ def run_interpreter_smoke() -> int:
     check_moe_gemv("cpu", torch.float32, 16, 4, 96, 40)
     check_moe_gemv("cpu", torch.float16, 8, 2, 64, 32)
     check_moe_gemv("cpu", torch.float32, 8, 1, 50, 24)  # K not a multiple of 8
+    check_moe_gemv("cpu", torch.float32, 16, 6, 64, 40)  # top-k not a power of two
     check_routing_non_finite("cpu")
     check_sum_expert_rows("cpu", torch.float16, 2, 2, 1500)
     check_alignment("cpu", 37, 16, 4, 16)

@@ -12,9 +12,9 @@
 3. The same kernel, plain: y[p] = weight[p] * inter[p] W2[e]^T; then the k rows of each
    token are summed (`sum_expert_rows`, one launch).
 
-One token (decode at batch 1) can instead take `moe_gemv` (up to GEMV_MAX_TOKENS): two
-GEMV launches that read each chosen expert's rows directly, with no alignment, no padded
-blocks and the top-k sum inside the down kernel.
+One token (decode at batch 1) takes `moe_gemv` instead (up to GEMV_MAX_TOKENS): two GEMV
+launches that read each chosen expert's rows directly, with no alignment, no padded blocks
+and the top-k sum inside the down kernel.
 
 Each program owns one BLOCK_M x BLOCK_N output tile of one expert and streams that expert's
 weight tile along K; blocks past the padded total exit at once. Block sizes come from
@@ -154,66 +154,75 @@ def sum_expert_rows(down: torch.Tensor, top_k: int, out: torch.Tensor) -> torch.
 
 
 @triton.jit
-def _expert_rows_dot(x_ptr, rows, row_mask, k_hi, offs_k, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, EVEN: tl.constexpr):
-    """[BLOCK_N] float32: the weight rows `rows` ([BLOCK_N, 1, 1] pointers) times x over
-    K in [BLOCK_N, BLOCK_K / VEC, VEC] tiles, each thread summing its VEC products first."""
-    acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
-    for k0 in range(0, k_hi, BLOCK_K):
+def _moe_gemv_up_kernel(x_ptr, w13_ptr, ids_ptr, act_ptr, inter, K, stride_we, stride_wn,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+                        EVEN: tl.constexpr, PDL: tl.constexpr):
+    """Program (slot j, n tile) of one token: act[j, n] = silu(x W1[e]^T) * (x W3[e]^T)
+    for its expert e = ids[j]. Its gate rows n and up rows inter + n are one tile
+    [2 * BLOCK_N, BLOCK_K / VEC, VEC] (row 2i gate, 2i + 1 up), so both stream at once."""
+    pdl_wait(PDL)
+    pdl_trigger(PDL)
+    j = tl.program_id(0)
+    r = tl.arange(0, 2 * BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + r // 2
+    row_mask = (offs_n < inter)[:, None, None]
+    offs_k = (tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None]
+    expert = tl.load(ids_ptr + j).to(tl.int64)
+    rows = (w13_ptr + expert * stride_we
+            + (offs_n + (r % 2) * inter)[:, None, None].to(tl.int64) * stride_wn)
+    acc = tl.zeros([2 * BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         if EVEN:
             w = tl.load(rows + k, mask=row_mask, other=0.0)
             x = tl.load(x_ptr + k)
         else:
-            w = tl.load(rows + k, mask=row_mask & (k < k_hi), other=0.0)
-            x = tl.load(x_ptr + k, mask=k < k_hi, other=0.0)
+            w = tl.load(rows + k, mask=row_mask & (k < K), other=0.0)
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0)
         acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=2)
-    return tl.sum(acc, axis=1)
-
-
-@triton.jit
-def _moe_gemv_up_kernel(x_ptr, w13_ptr, ids_ptr, act_ptr, inter, K, stride_we, stride_wn,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-                        EVEN: tl.constexpr, PDL: tl.constexpr):
-    """Program (slot j, n tile) of one token: act[j, n] = silu(x W1[e]^T) * (x W3[e]^T)
-    for its expert e = ids[j] (gate rows n, up rows inter + n of w13[e])."""
-    pdl_wait(PDL)
-    pdl_trigger(PDL)
-    j = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < inter
-    offs_k = (tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None]
-    expert = tl.load(ids_ptr + j).to(tl.int64)
-    rows = w13_ptr + expert * stride_we + offs_n[:, None, None].to(tl.int64) * stride_wn
-    row_mask = n_mask[:, None, None]
-    gate = _expert_rows_dot(x_ptr, rows, row_mask, K, offs_k, BLOCK_N, BLOCK_K, VEC, EVEN)
-    up = _expert_rows_dot(x_ptr, rows + inter * stride_wn, row_mask, K, offs_k, BLOCK_N,
-                          BLOCK_K, VEC, EVEN)
+    gate, up = tl.split(tl.reshape(tl.sum(acc, axis=1), [BLOCK_N, 2]))
     act = gate / (1.0 + tl.exp(-gate)) * up
-    tl.store(act_ptr + j * inter + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_mask)
+    offs_out = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(act_ptr + j * inter + offs_out, act.to(act_ptr.dtype.element_ty),
+             mask=offs_out < inter)
 
 
 @triton.jit
 def _moe_gemv_down_kernel(act_ptr, w2_ptr, ids_ptr, weights_ptr, out_ptr, hidden, inter,
-                          stride_we, stride_wn, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, VEC: tl.constexpr, EVEN: tl.constexpr,
-                          PDL: tl.constexpr):
+                          stride_we, stride_wn, TOP_K: tl.constexpr, SLOTS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+                          EVEN: tl.constexpr, PDL: tl.constexpr):
     """Program (n tile) of one token: out[n] = sum over slots j of weights[j] * act[j]
-    W2[ids[j]]^T, in float32, rounded once (the top-k sum in the same kernel)."""
+    W2[ids[j]]^T, in float32, rounded once (the top-k sum in the same kernel). The rows of
+    all slots are one tile [SLOTS * BLOCK_N, BLOCK_K / VEC, VEC] (SLOTS: TOP_K padded to a
+    power of two), so every expert's rows stream at once."""
     pdl_wait(PDL)
     pdl_trigger(PDL)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < hidden
+    r = tl.arange(0, SLOTS * BLOCK_N)
+    slot = r // BLOCK_N
+    offs_n = tl.program_id(0) * BLOCK_N + r % BLOCK_N
+    live = (slot < TOP_K) & (offs_n < hidden)
+    row_mask = live[:, None, None]
+    expert = tl.load(ids_ptr + slot, mask=slot < TOP_K, other=0).to(tl.int64)
+    rows = (w2_ptr + expert[:, None, None] * stride_we
+            + offs_n[:, None, None].to(tl.int64) * stride_wn)
+    acts = act_ptr + slot[:, None, None] * inter
     offs_k = (tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None]
-    row_mask = n_mask[:, None, None]
-    out = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        expert = tl.load(ids_ptr + j).to(tl.int64)
-        rows = w2_ptr + expert * stride_we + offs_n[:, None, None].to(tl.int64) * stride_wn
-        dot = _expert_rows_dot(act_ptr + j * inter, rows, row_mask, inter, offs_k, BLOCK_N,
-                               BLOCK_K, VEC, EVEN)
-        out += tl.load(weights_ptr + j) * dot
-    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+    acc = tl.zeros([SLOTS * BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        k = k0 + offs_k
+        if EVEN:
+            w = tl.load(rows + k, mask=row_mask, other=0.0)
+            a = tl.load(acts + k, mask=row_mask, other=0.0)
+        else:
+            w = tl.load(rows + k, mask=row_mask & (k < inter), other=0.0)
+            a = tl.load(acts + k, mask=row_mask & (k < inter), other=0.0)
+        acc += tl.sum(w.to(tl.float32) * a.to(tl.float32), axis=2)
+    weight = tl.load(weights_ptr + slot, mask=slot < TOP_K, other=0.0)
+    dots = tl.reshape(tl.sum(acc, axis=1) * weight, [SLOTS, BLOCK_N])
+    out = tl.sum(dots, axis=0)
+    offs_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + offs_out, out.to(out_ptr.dtype.element_ty), mask=offs_out < hidden)
 
 
 def _gemv_block_k(k: int, limit: int, vec: int) -> int:
@@ -224,11 +233,20 @@ def _gemv_block_k(k: int, limit: int, vec: int) -> int:
     return block_k if k % block_k == 0 else limit
 
 
+# moe_gemv's tiles: rows per program and K limit of the gate-up and the down kernel, products
+# summed per thread (VEC); the best of benchmarks/moe_kernels.py --gemv-sweep on an H200
+GEMV_CONFIG = dict(UP_BLOCK_N=2, UP_BLOCK_K=512, DOWN_BLOCK_N=2, DOWN_BLOCK_K=256, VEC=16,
+                   num_warps=4)
+
+
 def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-             topk_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+             topk_ids: torch.Tensor, out: torch.Tensor,
+             config: dict[str, int] | None = None) -> torch.Tensor:
     """One token's experts as two GEMV launches (no alignment, no padded blocks): the gated
     gate / up product of each of its top-k experts, then their down products weighted and
-    summed in one kernel. x [1, H] contiguous, w13 [E, 2I, H], w2 [E, H, I]."""
+    summed in one kernel. x [1, H] contiguous, w13 [E, 2I, H], w2 [E, H, I]; `config`
+    overrides GEMV_CONFIG's entries (benchmarks)."""
+    cfg = {**GEMV_CONFIG, **(config or {})}
     top_k = topk_ids.shape[1]
     hidden = x.shape[1]
     inter = w13.shape[1] // 2
@@ -236,17 +254,17 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
     weights = topk_weights.reshape(-1).to(torch.float32)
     act = torch.empty(top_k, inter, dtype=x.dtype, device=x.device)
     pdl = pdl_enabled(x.device)
-    block_n, vec = 2, 8
-    up_k = _gemv_block_k(hidden, 512, vec)
-    _moe_gemv_up_kernel[(top_k, triton.cdiv(inter, block_n))](
+    vec, warps = cfg["VEC"], cfg["num_warps"]
+    up_n, up_k = cfg["UP_BLOCK_N"], _gemv_block_k(hidden, cfg["UP_BLOCK_K"], vec)
+    _moe_gemv_up_kernel[(top_k, triton.cdiv(inter, up_n))](
         x, w13, ids, act, inter, hidden, w13.stride(0), w13.stride(1),
-        BLOCK_N=block_n, BLOCK_K=up_k, VEC=vec, EVEN=hidden % up_k == 0, PDL=pdl,
-        num_warps=4, **launch_options(pdl))
-    down_k = _gemv_block_k(inter, 1024, vec)
-    _moe_gemv_down_kernel[(triton.cdiv(hidden, block_n),)](
+        BLOCK_N=up_n, BLOCK_K=up_k, VEC=vec, EVEN=hidden % up_k == 0, PDL=pdl,
+        num_warps=warps, **launch_options(pdl))
+    down_n, down_k = cfg["DOWN_BLOCK_N"], _gemv_block_k(inter, cfg["DOWN_BLOCK_K"], vec)
+    _moe_gemv_down_kernel[(triton.cdiv(hidden, down_n),)](
         act, w2, ids, weights, out, hidden, inter, w2.stride(0), w2.stride(1), TOP_K=top_k,
-        BLOCK_N=block_n, BLOCK_K=down_k, VEC=vec, EVEN=inter % down_k == 0, PDL=pdl,
-        num_warps=4, **launch_options(pdl))
+        SLOTS=triton.next_power_of_2(top_k), BLOCK_N=down_n, BLOCK_K=down_k, VEC=vec,
+        EVEN=inter % down_k == 0, PDL=pdl, num_warps=warps, **launch_options(pdl))
     return out
 
 
@@ -317,9 +335,9 @@ def _align_place_kernel(ids_ptr, sorted_ids_ptr, offsets_ptr, num_pairs,
 
 _SMALL_PAIRS = 64  # up to this many (token, expert) pairs align in one program
 _ALIGN_CHUNK = 1024  # pairs (and sorted_ids slots) per program of the three-launch path
-# Tokens served by moe_gemv (at most 1). 0 until it is measured against the grouped GEMM
-# on a GPU (benchmarks/moe_kernels.py prints both); its tests run it explicitly.
-GEMV_MAX_TOKENS = 0
+# Tokens served by moe_gemv (at most 1): on an H200 at Qwen3-30B-A3B's shapes it took
+# 29.2 us per layer against the grouped GEMM's 33.1 (with alignment and top-k sum).
+GEMV_MAX_TOKENS = 1
 
 
 def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int
