@@ -58,6 +58,9 @@ def main() -> None:
     p.add_argument("--output-len", type=int, nargs=2, default=(100, 1024))
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   help="the step's token budget (default: the engine's CPU default; the "
+                   "H200's offline default is 16384)")
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
 
@@ -67,7 +70,9 @@ def main() -> None:
     max_len = max(i + o for i, o in reqs)
     llm = LLM(tiny_folder(args.vocab), device="cpu", load_format="dummy",
               skip_tokenizer_init=True, max_model_len=max_len, max_num_seqs=args.max_num_seqs,
-              num_gpu_blocks_override=sum((i + o) // 16 + 2 for i, o in reqs))
+              num_gpu_blocks_override=sum((i + o) // 16 + 2 for i, o in reqs),
+              **({} if args.max_num_batched_tokens is None else
+                 {"max_num_batched_tokens": args.max_num_batched_tokens}))
     stub_model(llm, args.vocab)
     prompts = [{"prompt_token_ids": [rng.randrange(args.vocab) for _ in range(i)]}
                for i, _ in reqs]

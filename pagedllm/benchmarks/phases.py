@@ -3,18 +3,23 @@
 `instrument(llm)` wraps the phases of a live LLM's engine with timers; `report(...)` prints
 milliseconds per step for each. "launch" is `execute` (inputs, forward, sampler queued; with
 a grammar or penalties also collecting the previous step), "wait" is `fetch`, waiting for the
-device; "forward_launch", "logits_pipeline" and "grammar_fill" (the bitmask rows, host side)
-are parts of "launch".
+device; "prepare_host_inputs", "device_inputs" (the inputs' copies queued), "forward_launch",
+"lm_head", "logits_pipeline", "grammar_fill" (the bitmask rows, host side),
+"sampling_metadata", "sample" and "result_copy" (the results' copy to the host queued) are
+parts of "launch".
 
 On CUDA, `instrument` also records two events per step on the device's stream, at the start
 and at the end of `execute`: `timeline_report(...)` splits the device's time into each step
 kind's span (start to end, the step's work plus any wait for its own launches) and the gaps
 between steps (the device idle until the host launched the next step), and names what the
-host did during the longest gaps (the timed phases and garbage collections in that window).
+host did during the longest gaps (the timed phases and garbage collections in that window)
+and, per step kind, where the host's `execute` time went (a part that waits for the device
+shows there).
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,13 +49,29 @@ def _wrap(obj: Any, name: str, key: str, totals: Counter,
 
 class StepRecord(NamedTuple):
     """One launched step: its kind, its number of requests, the host interval of its
-    `execute` (perf_counter seconds) and the device events recorded at its start and end."""
+    `execute` (perf_counter seconds), the device events recorded at its start and end, and
+    the pinned host blocks its `execute` made torch's host allocator create (new CUDA host
+    allocations, which may wait for the device) with their milliseconds."""
     kind: str
     batch: int
     host_begin: float
     host_end: float
     begin: Any
     end: Any
+    pinned_blocks: int = 0
+    pinned_alloc_ms: float = 0.0
+
+
+def pinned_counts() -> tuple[int, float]:
+    """torch's pinned host allocator so far: blocks created and milliseconds in their CUDA
+    allocations ((0, 0.0) where this torch does not report them)."""
+    import torch
+
+    stats_of = getattr(torch.cuda, "host_memory_stats", None)
+    if stats_of is None:
+        return 0, 0.0
+    stats = stats_of()
+    return int(stats.get("num_host_alloc", 0)), stats.get("host_alloc_time.total", 0) / 1e3
 
 
 @dataclass
@@ -71,16 +92,19 @@ def _wrap_timeline(executor: Any, timeline: StepTimeline) -> None:
         if getattr(out, "is_empty", False):
             return inner(out, *args, **kwargs)
         begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        blocks, alloc_ms = pinned_counts()
         host_begin = time.perf_counter()
         begin.record()
         try:
             return inner(out, *args, **kwargs)
         finally:
             end.record()
+            host_end = time.perf_counter()
+            blocks_now, alloc_ms_now = pinned_counts()
             tokens = getattr(out, "num_scheduled_tokens", None) or []
             kind = "decode" if tokens and max(tokens) == 1 else "prefill"  # mixed: prefill
-            timeline.steps.append(StepRecord(kind, len(tokens), host_begin,
-                                             time.perf_counter(), begin, end))
+            timeline.steps.append(StepRecord(kind, len(tokens), host_begin, host_end, begin,
+                                             end, blocks_now - blocks, alloc_ms_now - alloc_ms))
 
     executor.execute = timed
 
@@ -146,10 +170,16 @@ def instrument(llm: Any) -> PhaseTimes:
     _wrap(engine.executor, "execute", "launch", totals)
     _wrap(engine.executor, "fetch", "wait", totals, calls)
     if runner is not None:
-        _wrap(runner, "prepare_host_inputs", "prepare_host_inputs", totals)
-        _wrap(runner, "run_model", "forward_launch", totals)
-        _wrap(runner, "_logits_pipeline", "logits_pipeline", totals)
-        _wrap(runner, "_sampling_metadata", "sampling_metadata", totals)
+        _wrap(runner, "prepare_host_inputs", "prepare_host_inputs", totals, calls)
+        _wrap(runner, "device_inputs", "device_inputs", totals, calls)
+        _wrap(runner, "run_model", "forward_launch", totals, calls)
+        _wrap(runner, "_logits_pipeline", "logits_pipeline", totals, calls)
+        _wrap(runner, "_sampling_metadata", "sampling_metadata", totals, calls)
+        _wrap(runner, "_start_copy", "result_copy", totals, calls)
+        if hasattr(runner, "model"):
+            _wrap(runner.model, "compute_logits", "lm_head", totals, calls)
+        if hasattr(getattr(runner, "sampler", None), "sample"):
+            _wrap(runner.sampler, "sample", "sample", totals, calls)
     if times.timeline is not None:
         _wrap_timeline(engine.executor, times.timeline)
     core = getattr(engine, "core", None)
@@ -158,6 +188,24 @@ def instrument(llm: Any) -> PhaseTimes:
     _wrap(engine.scheduler, "update", "update", totals, calls)
     _wrap(engine.output_processor, "process", "output_processing", totals, calls)
     return times
+
+
+def _execute_parts(timeline: StepTimeline) -> dict[str, Counter]:
+    """Per step kind, seconds of each timed host call inside the steps' `execute` intervals
+    (its parts), and "other" for the rest of those intervals."""
+    calls = sorted(timeline.host_calls, key=lambda call: call[1])
+    starts = [call[1] for call in calls]
+    parts: dict[str, Counter] = {}
+    for step in timeline.steps:
+        kind = parts.setdefault(step.kind, Counter())
+        inside = 0.0
+        for name, start, end in calls[bisect.bisect_left(starts, step.host_begin):
+                                      bisect.bisect_right(starts, step.host_end)]:
+            if end <= step.host_end and not name.startswith("gc "):
+                kind[name] += end - start
+                inside += end - start
+        kind["other"] += max(0.0, step.host_end - step.host_begin - inside)
+    return parts
 
 
 def report(times: PhaseTimes) -> str:
@@ -181,6 +229,8 @@ def timeline_report(timeline: StepTimeline, worst: int = 5) -> str:
     (synchronized) when it is called."""
     spans: Counter = Counter()
     host: Counter = Counter()
+    pinned: Counter = Counter()
+    pinned_ms: Counter = Counter()
     gaps: dict[str, list[float]] = {}
     counts: Counter = Counter()
     each_gap: list[tuple[float, int]] = []
@@ -189,6 +239,8 @@ def timeline_report(timeline: StepTimeline, worst: int = 5) -> str:
         counts[step.kind] += 1
         spans[step.kind] += step.begin.elapsed_time(step.end) / 1e3
         host[step.kind] += step.host_end - step.host_begin
+        pinned[step.kind] += step.pinned_blocks
+        pinned_ms[step.kind] += step.pinned_alloc_ms
         if i:
             gap = steps[i - 1].end.elapsed_time(step.begin) / 1e3
             gaps.setdefault(step.kind, []).append(gap)
@@ -201,7 +253,11 @@ def timeline_report(timeline: StepTimeline, worst: int = 5) -> str:
         lines.append(f"  {kind}: {counts[kind]} steps, span {spans[kind]:.3f}, gap "
                      f"{sum(before):.3f} (median {1e3 * before[len(before) // 2]:.2f} ms, "
                      f"max {1e3 * before[-1]:.1f} ms, {len(long)} over 2 ms: {sum(long):.3f}), "
-                     f"host {host[kind]:.3f}")
+                     f"host {host[kind]:.3f}; pinned blocks created {pinned[kind]} "
+                     f"({pinned_ms[kind]:.1f} ms)")
+    for kind, parts in sorted(_execute_parts(timeline).items()):
+        listed = ", ".join(f"{name} {seconds:.3f}" for name, seconds in parts.most_common())
+        lines.append(f"  {kind} execute by part (s): {listed}")
     all_gaps = sum(gap for gap, _ in each_gap)
     lines.append(f"  all: span {sum(spans.values()):.3f} + gaps {all_gaps:.3f} "
                  f"= {sum(spans.values()) + all_gaps:.3f}")
@@ -216,7 +272,11 @@ def timeline_report(timeline: StepTimeline, worst: int = 5) -> str:
                        for name, start, end in timeline.host_calls
                        if start < w1 and end > w0), reverse=True)[:4]
         doing = ", ".join(f"{name} {1e3 * d:.1f}" for d, name in busy)
+        prev = steps[i - 1]
         lines.append(f"  gap {1e3 * gap:.1f} ms before step {i} ({steps[i].kind}, "
                      f"{steps[i].batch} requests); host between the launches "
-                     f"{1e3 * (w1 - w0):.1f} ms: {doing}")
+                     f"{1e3 * (w1 - w0):.1f} ms: {doing}; the step before: execute "
+                     f"{1e3 * (prev.host_end - prev.host_begin):.1f} ms of its "
+                     f"{prev.begin.elapsed_time(prev.end):.1f} ms span, pinned blocks "
+                     f"created {prev.pinned_blocks} ({prev.pinned_alloc_ms:.1f} ms)")
     return "\n".join(lines)
