@@ -263,6 +263,23 @@ def test_fp8_and_int4_paths_by_rows() -> None:
     assert fp8.path(1, False) == "scaled_mm" and int4.path(1, False) == "torch"
 
 
+def test_fast_accumulation_on_cuda_only_and_switched_off_by_env(monkeypatch) -> None:
+    """The FP8 GEMMs' fast accumulation: on for CUDA weights unless
+    PAGEDLLM_FP8_FAST_ACCUM=0, never on the CPU; a weight shows it in its repr."""
+    from pagedllm.quantization.fp8 import FAST_ACCUM_ENV, fast_accum_default
+
+    monkeypatch.delenv(FAST_ACCUM_ENV, raising=False)
+    assert fast_accum_default(torch.device("cuda")) is True
+    assert fast_accum_default(torch.device("cpu")) is False
+    monkeypatch.setenv(FAST_ACCUM_ENV, "0")
+    assert fast_accum_default(torch.device("cuda")) is False
+    fp8 = Fp8Weight(*quantize_rows(torch.randn(64, 32)), torch.bfloat16, "rowwise",
+                    fast_accum=True)
+    assert fp8.fast_accum and "fast accumulation" in repr(fp8)
+    assert "fast accumulation" not in repr(
+        Fp8Weight(*quantize_rows(torch.randn(64, 32)), torch.bfloat16, "rowwise"))
+
+
 def test_skinny_gemm_configs_fill_the_sms() -> None:
     """Configurations from shapes only: Llama-3-8B's FP8 linears need no K split (an N
     tile per SM at least); a narrow layer is split over K, never beyond its K
