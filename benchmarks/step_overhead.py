@@ -20,6 +20,7 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.benchmarks.phases import instrument, report
+from pagedllm.utils import steady_gc
 
 
 def tiny_folder(vocab: int) -> str:
@@ -88,9 +89,10 @@ def main() -> None:
     start = time.perf_counter()
     if profiler:
         profiler.enable()
-    while engine.has_unfinished_requests():
-        engine.step()
-        steps += 1
+    with steady_gc():  # as LLM.generate runs its step loop
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
     if profiler:
         profiler.disable()
     elapsed = time.perf_counter() - start
