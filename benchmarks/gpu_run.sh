@@ -2,7 +2,7 @@
 # One device call: GPU tests, then the throughput workloads and the decode microbenchmark.
 # First, on the development machine: bash benchmarks/device_prep.sh (wheels, tokenizer).
 # Usage (repo root, on the GPU machine):
-#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|serve-c1|flash|moe|moe-tput|moe-graphs|moe-tpot|moe-kernels|so|spec|quant|quant-kernels|quant-gemv|moe-graphs-30b|quant-b1-awq]...
+#   OUT=/some/dir bash benchmarks/gpu_run.sh [tests|w1|8b|kernel|serve|serve-c1|flash|moe|moe-tput|moe-graphs|moe-tpot|moe-kernels|so|spec|quant|quant-kernels|quant-gemv|moe-graphs-30b|quant-b1-awq|fp8-tput]...
 # so (issue 16): Llama-3-8B shape, 512 requests, none / half held to 8 JSON schemas
 #   (TOKENIZER_DIR=a tokenizer folder, e.g. SmolLM2's saved with save_pretrained).
 # serve: served vs offline (issue 14), 0.5B at concurrency 256 and 1024 and the 8B shape at
@@ -12,6 +12,8 @@
 # (one part per device call keeps each under the 10-minute limit; moe-tput vs 8b: MoE vs dense)
 # quant (issue 20): quantization GPU tests, then FP8 / FP8 KV / W4A16 against bf16
 #   (benchmarks/quant.py; about 8 minutes in all)
+# fp8-tput (issue 20): bf16 then FP8 + FP8 KV, 1000 x 256/256 with the device timeline
+#   (spans, gaps, the parts of each step kind's execute, pinned host blocks created)
 # quant-kernels (issue 20): each Llama-3-8B linear per path and M (benchmarks/quant_kernels.py),
 #   then benchmarks/quant.py (under 8 minutes in all; no tests)
 # Two GPUs (issue 9): OUT=/some/dir bash benchmarks/gpu_run.sh tp-tests tp tp-small
@@ -82,6 +84,11 @@ for part in $parts; do
              --num-prompts 1000 --input-len 256 256 --output-len 256 256 --skip-hf \
              --max-num-seqs 1024 --max-cudagraph-capture-size 1024 --phase-times \
              --json "$OUT/qwen3-30b-a3b_graphs1024.json" 2>&1 | tee -a "$OUT/moe_graphs.log" | tail -3 ;;
+    fp8-tput) for q in "" "--quantization fp8 --kv-cache-dtype fp8"; do  # issue 20, same call
+           timeout 120 python benchmarks/throughput.py --preset llama-3-8b --device cuda \
+             --num-prompts 1000 --input-len 256 256 --output-len 256 256 --skip-hf --phase-times \
+             $q 2>&1 | tee -a "$OUT/fp8_tput.log" | grep -E "^pagedllm|  [a-z]+: |execute by"
+         done ;;
     quant-b1-awq) timeout 150 python benchmarks/quant.py --out "$OUT" --timeout 70 \
              --rows b1-bf16 b1-awq 2>&1 | tee "$OUT/quant_bench.log" ;;
     moe-tpot) timeout 400 python benchmarks/moe_decode.py --preset qwen3-30b-a3b \
@@ -91,7 +98,7 @@ for part in $parts; do
           timeout 300 python benchmarks/spec_decode.py --preset llama-3-8b --device cuda \
             --batch-sizes 1 8 2>&1 | tee "$OUT/spec_bench.log" | tail -30 ;;
     moe-kernels) timeout 100 python -m pytest tests/gpu/test_fused_moe.py -q -p no:cacheprovider \
-            -k "gemv or chunked or alignment" 2>&1 | tail -3  # the paths still off (issue 19)
+            -k "gemv or alignment" 2>&1 | tail -3  # the one-token GEMV and the alignment (issue 19)
           timeout 300 python benchmarks/moe_kernels.py --tokens 1 8 256 1024 --gemm-tokens 1 8 256 \
             2>&1 | tee "$OUT/moe_kernels.log" | tail -30  # issue 19
           timeout 150 python benchmarks/moe_decode.py --preset qwen3-30b-a3b --profile 32 \
