@@ -147,9 +147,11 @@ def _paths(w: _Weights, x: torch.Tensor, m: int, alternatives: bool
         "int4-old": ("int4", lambda i: lambda: int4_matmul(x, *w.int4[i], GROUP)),
     }
     if m <= SMALL_M_MAX:
+        ones = torch.ones(1, w.n, device=x.device)  # the bf16 weight streamed as it is
         for vec in (8, 16):
             cfg = {**fp8_gemv_config(m, w.n, w.k, _sms()), "VEC": vec}
-            paths[f"bf16-gemv/VEC={vec}"] = ("bf16", _bf16_gemv_call(w, x, cfg))
+            paths[f"bf16-gemv/VEC={vec}"] = ("bf16", _fp8_call(
+                w, x, cfg, weights=[(dense, ones) for dense in w.bf16]))
         fp8_alts = ({},) + (FP8_ALTERNATIVES if alternatives else ())
         base = fp8_gemv_config(m, w.n, w.k, _sms())
         for alt in fp8_alts:
@@ -190,15 +192,12 @@ def _fp8_mm_only(w: _Weights, x: torch.Tensor, fast_accum: bool = False) -> Call
                                        fast_accum)
 
 
-def _fp8_call(w: _Weights, x: torch.Tensor, cfg: dict, gated: bool = False) -> Callable:
+def _fp8_call(w: _Weights, x: torch.Tensor, cfg: dict, gated: bool = False,
+              weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Callable:
+    """fp8_gemv over copy i of `weights` ((codes, scales) pairs; default the FP8 copies)."""
+    weights = w.fp8 if weights is None else weights
     scratch = _scratch(w, cfg, gated, x.device)
-    return lambda i: lambda: fp8_gemv(x, *w.fp8[i], w.dtype, cfg, gated, scratch)
-
-
-def _bf16_gemv_call(w: _Weights, x: torch.Tensor, cfg: dict) -> Callable:
-    scratch = _scratch(w, cfg, False, x.device)
-    ones = torch.ones(1, w.n, device=x.device)
-    return lambda i: lambda: fp8_gemv(x, w.bf16[i], ones, w.dtype, cfg, False, scratch)
+    return lambda i: lambda: fp8_gemv(x, *weights[i], w.dtype, cfg, gated, scratch)
 
 
 def _int4_call(w: _Weights, x: torch.Tensor, cfg: dict, gated: bool = False) -> Callable:
