@@ -132,3 +132,35 @@ def test_inverse_cdf_sampling_matches_the_running_sum_and_skips_zero_probabiliti
     for edge in (0.0, 1 - 1e-16):
         ids = inverse_cdf_sample(probs, torch.full((6, 1), edge, dtype=torch.float64))
         assert (probs[torch.arange(6), ids] > 0).all(), (edge, ids)
+
+
+def test_warm_up_runs_the_step_tail_at_every_row_count(tiny_llama):
+    """The start-up warm-up (run on CUDA, where a kernel's first launch waits for the device
+    to drain) sends 1 to max_num_seqs rows through the LM head and the fused sampler, and a
+    few counts through the torch sampler with top-k / top-p / min-p."""
+    llm = LLM(tiny_llama, device="cpu", block_size=16, max_num_seqs=9)
+    runner = llm.engine.executor.runner
+    seen: dict[str, list[int]] = {"head": [], "fused": [], "torch": []}
+    head, sample, full = runner.model.compute_logits, runner.sampler.sample, runner.sampler
+
+    def record(key, inner, rows_of):
+        def call(*args):
+            seen[key].append(rows_of(*args))
+            return inner(*args)
+        return call
+
+    runner.model.compute_logits = record("head", head, lambda h: h.shape[0])
+    runner.sampler = type("Recorded", (), {
+        "sample": staticmethod(record("fused", sample, lambda lg, md: lg.shape[0])),
+        "__call__": staticmethod(record("torch", full, lambda lg, md: md.top_p.shape[0])),
+    })()
+    try:
+        runner._warm_up_step_tail()
+    finally:
+        runner.model.compute_logits, runner.sampler = head, full
+    assert seen["head"] == list(range(1, 10))
+    assert seen["fused"] == list(range(1, 10))
+    assert seen["torch"] == [1, 2, 3, 8]
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}],
+                       SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3

@@ -579,13 +579,39 @@ class ModelRunner:
         step.add_packed(torch.cat(packed), entries, prompt=True)
 
     @torch.inference_mode()
-    def _warm_up_sampler(self) -> None:
-        """One greedy and one temperature row through the fast sampler."""
-        vocab = self.config.model.vocab_size
-        logits = torch.zeros(2, vocab, dtype=self.dtype, device=self.device)
-        temperature = torch.tensor([0.0, 1.0], device=self.device)
-        self.sampler.sample(logits, SamplingMetadata(temperature, None, None, None, False, {}))
-        torch.cuda.synchronize(self.device)
+    def _warm_up_step_tail(self) -> None:
+        """Run a step's tail (its sampled rows gathered, the LM head, the sampler) once at
+        every row count a step samples, 1 to max_num_seqs.
+
+        On CUDA a kernel's module loads at its first launch, and that load waits for the
+        device to drain. cuBLAS picks the LM head's GEMM kernel by row count, and the fused
+        sampler its vocabulary split. So the first step with a new count would hold the
+        host until the device had finished that step's forward, and the device would then
+        idle while the host scheduled. An H200 showed 170-400 ms waits in most prefill steps
+        of a 1,000-request run. The torch sampler (top-k / top-p / min-p rows) runs at a
+        few counts only: sorting the vocabulary at every count would take seconds, and at
+        max_num_seqs rows its buffers would take memory the KV cache was given. Every
+        tensor-parallel rank runs the LM head (it all-gathers); rank 0 samples."""
+        rows = self.config.scheduler.max_num_seqs
+        hidden = torch.zeros(rows, self.config.model.hf_config.hidden_size, dtype=self.dtype,
+                             device=self.device)
+        index = torch.arange(rows, device=self.device)
+        temperature = (torch.arange(rows, device=self.device) % 2).float()  # greedy, T = 1
+        general = {1, 2, 3, 8, 64, 257}  # the torch sampler's few counts
+        for n in range(1, rows + 1):
+            logits = self.model.compute_logits(hidden.index_select(0, index[:n]))
+            if self.tp.rank != 0:
+                continue
+            self.sampler.sample(logits, SamplingMetadata(temperature[:n], None, None, None,
+                                                         False, {}))
+            if n in general:
+                top_k = torch.full((n,), 5, dtype=torch.long, device=self.device)
+                top_p = torch.full((n,), 0.9, device=self.device)
+                min_p = torch.full((n,), 0.05, device=self.device)
+                self.sampler(logits, SamplingMetadata(temperature[:n], top_k, top_p, min_p,
+                                                      False, {}))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy KV blocks src -> dst in every layer (copy-on-write for forked samples)."""
@@ -596,13 +622,13 @@ class ModelRunner:
             self.backend.copy_blocks(self.drafter.kv_caches, src, dst)
 
     def warm_up(self) -> None:
-        """On CUDA: compile the sampling kernel and capture CUDA graphs for decode batches
-        and, when speculating, verify batches (unless enforce_eager), for the target and the
-        draft model, so that no compilation happens while serving."""
+        """On CUDA: load the step tail's kernels at every row count, and capture CUDA graphs
+        for decode batches and, when speculating, verify batches (unless enforce_eager), for
+        the target and the draft model, so that no compilation or module load happens while
+        serving."""
         if self.device.type != "cuda":
             return
-        if self.tp.rank == 0:  # only rank 0 samples
-            self._warm_up_sampler()
+        self._warm_up_step_tail()
         if self.config.device.enforce_eager or not self.backend.supports_cuda_graphs():
             return
         if self.tp.world_size > 1 and self.tp.communicator is None:
