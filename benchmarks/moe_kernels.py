@@ -86,7 +86,7 @@ GEMV_CONFIGS = [  # overrides of triton_moe.GEMV_CONFIG
     dict(UP_BLOCK_N=1), dict(UP_BLOCK_N=4), dict(UP_BLOCK_K=1024), dict(UP_BLOCK_K=2048),
     dict(UP_BLOCK_N=4, UP_BLOCK_K=1024), dict(DOWN_BLOCK_N=1), dict(DOWN_BLOCK_N=4),
     dict(DOWN_BLOCK_K=512), dict(DOWN_BLOCK_K=1024), dict(DOWN_BLOCK_N=1, DOWN_BLOCK_K=1024),
-    dict(num_warps=8), dict(num_warps=2), dict(VEC=4), dict(VEC=16)]
+    dict(num_warps=8), dict(num_warps=2), dict(VEC=4), dict(VEC=8)]
 
 
 def sweep_gemv(x: torch.Tensor, routes: list, w13: list[torch.Tensor],
