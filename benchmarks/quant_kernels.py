@@ -66,7 +66,7 @@ FP8_GATED_ALTERNATIVES = tuple(
 INT4_ALTERNATIVES = ({"BLOCK_N": 16, "BLOCK_K": 1024}, {"BLOCK_N": 64, "BLOCK_K": 256},
                      {"BLOCK_N": 128, "BLOCK_K": 128}, {"BLOCK_N": 32, "BLOCK_K": 256},
                      {"BLOCK_N": 32, "BLOCK_K": 1024}, {"BLOCK_N": 64, "BLOCK_K": 64},
-                     {"num_warps": 8}, {"num_stages": 3}, {"num_stages": 1},
+                     {"num_warps": 4}, {"num_warps": 16},
                      {"split": 2}, {"split": 8})
 
 
@@ -168,7 +168,8 @@ def _paths(w: _Weights, x: torch.Tensor, m: int, alternatives: bool
             gated4 = int4_gemv_config(m, w.n, w.k, GROUP, _sms(), True)
             paths["int4-gemv+silu"] = ("int4", _int4_call(w, x, gated4, gated=True))
             for alt in ({"BLOCK_N": 32, "BLOCK_K": 256}, {"BLOCK_N": 16, "BLOCK_K": 1024},
-                        {"BLOCK_N": 8, "BLOCK_K": 1024}, {"num_warps": 8}):
+                        {"BLOCK_N": 8, "BLOCK_K": 1024}, {"num_warps": 4},
+                        {"num_warps": 16}):
                 paths[f"int4-gemv+silu/{_label(alt)}"] = ("int4", _int4_call(
                     w, x, {**gated4, **alt}, gated=True))
             gated8 = fp8_gemv_config(m, w.n, w.k, _sms(), True)
