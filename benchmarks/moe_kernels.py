@@ -4,7 +4,9 @@ Qwen3-30B-A3B's expert shapes (128 experts, top-8, hidden 2048, moe_intermediate
 bf16, several layers' weights in turn so that L2 holds none of them, each variant captured
 in a CUDA graph (as decode runs) and timed per layer. Prints microseconds per layer and the
 bandwidth of the expert weights read (distinct experts x their bytes / time), for:
-  - routing: torch (softmax, topk, renormalize) vs the one-kernel Triton routing;
+  - routing: torch (softmax, topk, renormalize) vs the one-kernel Triton routing; at one
+    token also the router's product + routing (cuBLAS, then Triton) vs the one launch of
+    `router_topk_one_token`;
   - above 64 pairs, the alignment's torch ops (the reference) vs its three Triton kernels;
   - the experts' grouped GEMM (`triton_moe`) at its default tiles, and at one token the
     one-token GEMV path (`moe_gemv`; with --gemv-sweep under each of GEMV_CONFIGS);
@@ -28,7 +30,11 @@ from pagedllm.models.layers.fused_moe import triton_moe  # noqa: E402
 from pagedllm.models.layers.fused_moe.reference import torch_align_tokens  # noqa: E402
 from pagedllm.models.layers.fused_moe.routing import torch_select_experts  # noqa: E402
 from pagedllm.models.layers.fused_moe.triton_moe import align_tokens, triton_experts  # noqa: E402
-from pagedllm.models.layers.fused_moe.triton_routing import triton_select_experts  # noqa: E402
+from pagedllm.models.layers.fused_moe.triton_routing import (  # noqa: E402
+    RouterScratch,
+    router_topk_one_token,
+    triton_select_experts,
+)
 
 
 def graph_time_us(fn: Callable[[int], None], layers: int, reps: int = 20) -> float:
@@ -77,15 +83,24 @@ def bench_tokens(T: int, args: argparse.Namespace, w13: list[torch.Tensor],
         gemv_us = graph_time_us(
             lambda i: triton_experts(x, w13[i], w2[i], *routes[i], gemv_max_tokens=1), L)
         line += f"; experts (one-token GEMV) {gemv_us:.2f} us = {mb / gemv_us:.2f} TB/s"
+        routers = [torch.randn(E, H, device=dev, dtype=dtype) / H ** 0.5 for _ in range(L)]
+        scratch = [RouterScratch(E, dtype, x.device) for _ in range(L)]
+        two_us = graph_time_us(lambda i: triton_select_experts(
+            torch.nn.functional.linear(x, routers[i]), k, True), L)
+        one_us = graph_time_us(
+            lambda i: router_topk_one_token(x, routers[i], k, True, scratch[i]), L)
+        line += (f"; router + routing: cuBLAS + Triton {two_us:.2f} us, one launch "
+                 f"{one_us:.2f} us")
     print(line)
     if T == 1 and args.gemv_sweep:
         sweep_gemv(x, routes, w13, w2, mb, L)
 
 
 GEMV_CONFIGS = [  # overrides of triton_moe.GEMV_CONFIG
-    dict(UP_BLOCK_N=1), dict(UP_BLOCK_N=4), dict(UP_BLOCK_K=1024), dict(UP_BLOCK_K=2048),
-    dict(UP_BLOCK_N=4, UP_BLOCK_K=1024), dict(DOWN_BLOCK_N=1), dict(DOWN_BLOCK_N=4),
+    dict(UP_BLOCK_N=2), dict(UP_BLOCK_N=4), dict(UP_BLOCK_K=1024), dict(UP_BLOCK_K=2048),
+    dict(UP_BLOCK_K=256), dict(DOWN_BLOCK_N=1), dict(DOWN_BLOCK_N=4),
     dict(DOWN_BLOCK_K=512), dict(DOWN_BLOCK_K=1024), dict(DOWN_BLOCK_N=1, DOWN_BLOCK_K=1024),
+    dict(DOWN_BLOCK_N=1, UP_BLOCK_K=2048), dict(DOWN_BLOCK_N=1, DOWN_BLOCK_K=512),
     dict(num_warps=8), dict(num_warps=2), dict(VEC=4), dict(VEC=8)]
 
 

@@ -41,7 +41,7 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False).requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts(x, self.gate(x))
+        out = self.experts.forward_with_router(x, self.gate.weight)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return self.tp.all_reduce(out)

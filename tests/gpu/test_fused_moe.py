@@ -184,6 +184,64 @@ def test_routing_kernel_non_finite_logits():
     check_routing_non_finite("cuda")
 
 
+def check_router_one_token(device: str, experts: int, top_k: int, renormalize: bool,
+                           hidden: int, dtype: torch.dtype, launches: int = 3) -> None:
+    """The router product and the selection in one launch: the experts of select_experts on
+    the router linear's logits (as sets, weights within float32 rounding of the logits'
+    dtype), over `launches` launches on one scratch (its counter back to zero each time)."""
+    from pagedllm.models.layers.fused_moe.triton_routing import (
+        RouterScratch,
+        router_topk_one_token,
+    )
+
+    gen = torch.Generator().manual_seed(experts * 7 + top_k + hidden)
+    w = (torch.randn(experts, hidden, generator=gen) / hidden ** 0.5).to(device, dtype)
+    scratch = RouterScratch(experts, dtype, torch.device(device))
+    for _ in range(launches):
+        x = (3 * torch.randn(1, hidden, generator=gen)).to(device, dtype)
+        weights, ids = router_topk_one_token(x, w, top_k, renormalize, scratch)
+        assert int(scratch.count.item()) == 0
+        logits = (x.float() @ w.float().t()).to(dtype)
+        ref_w, ref_i = torch_select_experts(logits, top_k, renormalize)
+        assert weights.shape == ids.shape == (1, top_k) and ids.dtype == torch.int64
+        assert (weights[:, :-1] >= weights[:, 1:]).all()
+        assert (ids.sort(dim=1).values == ref_i.sort(dim=1).values).all(), (ids, ref_i)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # a logit one rounding step apart
+        torch.testing.assert_close(weights, ref_w, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="one token"):
+        router_topk_one_token(torch.zeros(2, hidden, device=device, dtype=dtype), w, top_k,
+                              renormalize, scratch)
+
+
+@pytest.mark.parametrize("experts,top_k,hidden", [(128, 8, 2048), (8, 2, 4096), (60, 4, 2048),
+                                                  (8, 1, 200), (256, 8, 7168)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_router_one_token_matches_select_experts(experts, top_k, hidden, renormalize):
+    check_router_one_token("cuda", experts, top_k, renormalize, hidden, torch.float32)
+    check_router_one_token("cuda", experts, top_k, renormalize, hidden, torch.bfloat16)
+
+
+def test_moe_layer_one_token_router_in_cuda_graph():
+    """FusedMoE.forward_with_router at one token: captured once, replayed on new inputs, the
+    output of forward(x, x W^T) (the fused router's launch inside the graph)."""
+    from pagedllm.models.layers.fused_moe import FusedMoE
+
+    layer = FusedMoE(128, 8, 256, 64, renormalize=True).to("cuda", torch.bfloat16)
+    layer.w13_weight.data.normal_(0, 0.05)
+    layer.w2_weight.data.normal_(0, 0.05)
+    router = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16) / 16
+    x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    layer.forward_with_router(x, router)  # warm-up: compiles, makes the scratch
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer.forward_with_router(x, router)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        ref = layer(x, torch.nn.functional.linear(x, router))
+        assert _rel_err(out, ref) < 1e-2
+
+
 @pytest.mark.parametrize("tokens", [5, 700])
 def test_fused_moe_float32(tokens):
     check_experts("cuda", torch.float32, tokens, 16, 2)
@@ -265,6 +323,8 @@ def run_interpreter_smoke() -> int:
     check_moe_gemv("cpu", torch.float32, 8, 1, 50, 24)  # K not a multiple of 8
     check_moe_gemv("cpu", torch.float32, 16, 6, 64, 40)  # top-k not a power of two
     check_routing_non_finite("cpu")
+    check_router_one_token("cpu", 16, 4, True, 96, torch.float32)
+    check_router_one_token("cpu", 8, 2, False, 40, torch.float16)  # hidden under one VEC tile
     check_sum_expert_rows("cpu", torch.float16, 2, 2, 1500)
     check_alignment("cpu", 37, 16, 4, 16)
     check_alignment("cpu", 1, 128, 8, 16)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.group import SINGLE_PROCESS, TensorParallelGroup
-from pagedllm.models.layers.fused_moe.experts import fused_experts
+from pagedllm.models.layers.fused_moe.experts import fused_experts, triton_usable
 from pagedllm.models.layers.fused_moe.routing import select_experts
 
 # Per-expert checkpoint piece -> shard of the stacked weights (0 gate, 1 up, None down).
@@ -44,9 +45,11 @@ class FusedMoE(nn.Module):
     """Routed experts: w13 [E, 2 * I/tp, H] (gate rows, then up rows) and w2 [E, H, I/tp].
 
     forward(x, router_logits) routes each token to its top_k experts and returns the weighted
-    sum of their outputs; with tensor parallelism each rank computes its slice of the FFN
-    dimension and the partial sums are all-reduced once (unless reduce_results=False, when
-    the caller adds more partial sums, e.g. a shared expert, before one reduction)."""
+    sum of their outputs; forward_with_router(x, router_weight) does the same from the
+    router's weight (at one token on CUDA its product and the selection are one launch).
+    With tensor parallelism each rank computes its slice of the FFN dimension and the
+    partial sums are all-reduced once (unless reduce_results=False, when the caller adds
+    more partial sums, e.g. a shared expert, before one reduction)."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  renormalize: bool, tp: TensorParallelGroup = SINGLE_PROCESS,
@@ -73,6 +76,7 @@ class FusedMoE(nn.Module):
         self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, inter),
                                       requires_grad=False)
         self._loaded: set[tuple[int, int | None]] = set()
+        self._router_scratch = None  # RouterScratch of the one-token router, made on first use
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
                       shard_id: ShardId | None = None) -> None:
@@ -128,5 +132,28 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+        return self._run_experts(x, weights, ids)
+
+    def forward_with_router(self, x: torch.Tensor, router_weight: torch.Tensor
+                            ) -> torch.Tensor:
+        """forward(x, x @ router_weight^T), router_weight [E, H] in x's dtype."""
+        if (x.shape[0] == 1 and triton_usable(x) and router_weight.dtype == x.dtype
+                and router_weight.stride(1) == 1):
+            from pagedllm.models.layers.fused_moe.triton_routing import (
+                RouterScratch,
+                router_topk_one_token,
+            )
+
+            scratch = self._router_scratch
+            if scratch is None or not scratch.fits(self.num_experts, x.dtype, x.device):
+                scratch = self._router_scratch = RouterScratch(self.num_experts, x.dtype,
+                                                               x.device)
+            weights, ids = router_topk_one_token(x, router_weight, self.top_k,
+                                                 self.renormalize, scratch)
+            return self._run_experts(x, weights, ids)
+        return self.forward(x, F.linear(x, router_weight))
+
+    def _run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+                     ) -> torch.Tensor:
         out = fused_experts(x, self.w13_weight, self.w2_weight, weights, ids)
         return self.tp.all_reduce(out) if self.reduce_results else out

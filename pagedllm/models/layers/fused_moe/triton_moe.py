@@ -235,7 +235,8 @@ def _gemv_block_k(k: int, limit: int, vec: int) -> int:
 
 # moe_gemv's tiles: rows per program and K limit of the gate-up and the down kernel, products
 # summed per thread (VEC); the best of benchmarks/moe_kernels.py --gemv-sweep on an H200
-GEMV_CONFIG = dict(UP_BLOCK_N=2, UP_BLOCK_K=512, DOWN_BLOCK_N=2, DOWN_BLOCK_K=256, VEC=16,
+# (UP_BLOCK_N 1: 26.01 against 29.03 us at 2, Qwen3-30B-A3B's experts, RESULTS.md)
+GEMV_CONFIG = dict(UP_BLOCK_N=1, UP_BLOCK_K=512, DOWN_BLOCK_N=2, DOWN_BLOCK_K=256, VEC=16,
                    num_warps=4)
 
 
