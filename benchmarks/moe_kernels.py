@@ -97,10 +97,9 @@ def bench_tokens(T: int, args: argparse.Namespace, w13: list[torch.Tensor],
 
 
 GEMV_CONFIGS = [  # overrides of triton_moe.GEMV_CONFIG
-    dict(UP_BLOCK_N=2), dict(UP_BLOCK_N=4), dict(UP_BLOCK_K=1024), dict(UP_BLOCK_K=2048),
-    dict(UP_BLOCK_K=256), dict(DOWN_BLOCK_N=1), dict(DOWN_BLOCK_N=4),
-    dict(DOWN_BLOCK_K=512), dict(DOWN_BLOCK_K=1024), dict(DOWN_BLOCK_N=1, DOWN_BLOCK_K=1024),
-    dict(DOWN_BLOCK_N=1, UP_BLOCK_K=2048), dict(DOWN_BLOCK_N=1, DOWN_BLOCK_K=512),
+    dict(UP_BLOCK_N=2, UP_BLOCK_K=512, DOWN_BLOCK_N=2),  # the tiles before
+    dict(UP_BLOCK_N=2), dict(UP_BLOCK_K=512), dict(UP_BLOCK_K=1024), dict(DOWN_BLOCK_N=2),
+    dict(DOWN_BLOCK_N=4), dict(DOWN_BLOCK_K=512), dict(DOWN_BLOCK_K=1024),
     dict(num_warps=8), dict(num_warps=2), dict(VEC=4), dict(VEC=8)]
 
 
